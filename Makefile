@@ -1,0 +1,32 @@
+# Everything a fresh machine needs: `make demo` runs the main job, `make test` runs the tests.
+# Each target creates the virtual environment in $(VENV) and installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SYSPY ?= python3
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test lint format bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(SYSPY) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/rlhfkit sft --output runs/demo/sft
+
+test: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(PY) -m pytest -q
+
+format: setup
+	$(VENV)/bin/ruff check --fix src tests bench
+	$(VENV)/bin/ruff format src tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
