@@ -1,0 +1,130 @@
+"""Checkpoints that survive crashes and load without unpickling anything.
+
+A checkpoint is a directory `checkpoints/step-00000042/` holding:
+  model.safetensors    the trainable parameters (all weights, or only the LoRA adapters)
+  state.safetensors    every other tensor of the training state (optimizer moments, RNG states, ...)
+  state.json           everything else (step, scheduler, controller, RNG of Python/NumPy, ...), with
+                       {"__tensor__": key} placeholders pointing into state.safetensors
+It is written into a temporary directory, every file and the directory are fsynced, and only then is it
+renamed into place: a rename is atomic, so a crash leaves either the old set of checkpoints or the new
+one, never a half-written checkpoint. Loading uses safetensors and json only (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Split a nested state into JSON-able data and a flat dict of tensors (tuples become lists)."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def walk(value: Any, key: str) -> Any:
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.detach().cpu().contiguous()
+            return {"__tensor__": key}
+        if isinstance(value, dict):
+            return {"__dict__": [[walk(k, f"{key}.k{i}"), walk(v, f"{key}.{i}")]
+                                 for i, (k, v) in enumerate(value.items())]}  # fmt: skip
+        if isinstance(value, list | tuple):
+            return [walk(v, f"{key}.{i}") for i, v in enumerate(value)]
+        if value is None or isinstance(value, bool | int | float | str):
+            return value
+        raise TypeError(f"cannot checkpoint a value of type {type(value).__name__} at {key}")
+
+    return walk(obj, "s"), tensors
+
+
+def unflatten_state(data: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of flatten_state (sequences come back as lists; dict keys keep their types)."""
+    if isinstance(data, dict):
+        if "__tensor__" in data:
+            return tensors[data["__tensor__"]]
+        return {unflatten_state(k, tensors): unflatten_state(v, tensors) for k, v in data["__dict__"]}
+    if isinstance(data, list):
+        return [unflatten_state(v, tensors) for v in data]
+    return data
+
+
+def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
+    """Finished checkpoints under root, oldest first."""
+    if not root.is_dir():
+        return []
+    found = []
+    for child in root.iterdir():
+        match = _STEP_DIR.match(child.name)
+        if match and child.is_dir() and (child / "state.json").is_file():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1][1] if found else None
+
+
+def write_checkpoint(
+    root: Path, step: int, model_tensors: dict[str, torch.Tensor], state: dict[str, Any], keep: int
+) -> Path:
+    """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
+    try:
+        data, tensors = flatten_state(state)
+        save_file({k: v.detach().cpu().contiguous() for k, v in model_tensors.items()},
+                  str(tmp / "model.safetensors"))  # fmt: skip
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "state.json").write_text(json.dumps(data), encoding="utf-8")
+        for name in ("model.safetensors", "state.safetensors", "state.json"):
+            _fsync_file(tmp / name)
+        _fsync_dir(tmp)
+        if final.exists():  # a leftover from a run that crashed after this step: replace it
+            shutil.rmtree(final)
+        tmp.rename(final)
+        _fsync_dir(root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for _, old in list_checkpoints(root)[: -max(keep, 1)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(model tensors, training state) of a checkpoint directory."""
+    model_tensors = load_file(str(path / "model.safetensors"))
+    tensors = load_file(str(path / "state.safetensors"))
+    state = unflatten_state(json.loads((path / "state.json").read_text(encoding="utf-8")), tensors)
+    return model_tensors, state
+
+
+def clean_partial(root: Path) -> None:
+    """Remove temporary directories left by a crash in the middle of a checkpoint write."""
+    if root.is_dir():
+        for child in root.iterdir():
+            if child.name.startswith(".tmp-step-"):
+                shutil.rmtree(child, ignore_errors=True)

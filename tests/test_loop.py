@@ -1,0 +1,178 @@
+"""The shared training loop: exact resume, accumulation and DDP equivalence, guards, atomic checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tests.test_sft import sft_config
+
+from rlhfkit.checkpoint import list_checkpoints, read_checkpoint
+from rlhfkit.errors import ConfigError, NonFiniteLossError
+from rlhfkit.trainers.sft import SFTTrainer, prepare_sft, run_sft
+
+STEPS = ["train.max_steps=8", "train.lr=3e-3", "train.warmup_steps=2", "train.batch_size=4"]
+
+
+def max_diff(a: Path, b: Path) -> float:
+    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert wa.keys() == wb.keys()
+    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+
+
+def train_steps(out: Path) -> list[int]:
+    return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+class Stop(Exception):
+    pass
+
+
+def test_resume_after_crash_equals_uninterrupted(tiny_model: Path, memory_data: Path, tmp_path: Path):
+    reference = tmp_path / "reference"
+    run_sft(sft_config(tiny_model, memory_data, reference, *STEPS))
+
+    out = tmp_path / "resumed"
+    cfg = sft_config(tiny_model, memory_data, out, *STEPS, "train.save_every=3")
+    trainer = SFTTrainer(cfg, *prepare_sft(cfg))
+
+    def crash(loop, metrics):
+        if loop.step == 5:  # checkpoint at step 3 exists; steps 4 and 5 are lost with the process
+            raise Stop
+
+    trainer.callbacks.append(crash)
+    with pytest.raises(Stop):
+        trainer.run()
+    assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3]
+    assert not (out / "model.safetensors").exists()
+    run_sft(cfg)  # the same command again: resumes from step 3 with model, optimizer, RNG, data position
+    assert max_diff(reference, out) <= 1e-6
+    assert train_steps(out) == list(range(1, 9))  # no duplicated metric lines for the redone steps
+
+
+def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(
+    tiny_model: Path, memory_data: Path, tmp_path: Path
+):
+    sets = ["train.max_steps=60", "train.lr=3e-3", "train.batch_size=4", "train.save_every=5"]
+    reference = tmp_path / "reference"
+    run_sft(sft_config(tiny_model, memory_data, reference, *sets))
+
+    out = tmp_path / "killed"
+    flags = [a for s in [*sets, "eval_fraction=0"] for a in ("--set", s)]
+    cmd = [sys.executable, "-m", "rlhfkit.cli", "sft", "--model", str(tiny_model), "--data", str(memory_data),
+           "--output", str(out), *flags]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / "checkpoints" / "step-00000010").exists() and time.time() < deadline:
+        time.sleep(0.005)
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up: maybe in the middle of a checkpoint write
+    proc.wait()
+    assert not (out / "trainer_state.json").exists(), "the run finished before it could be killed"
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert max_diff(reference, out) <= 1e-6
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+
+
+def test_gradient_accumulation_equivalence(tiny_model: Path, memory_data: Path, tmp_path: Path):
+    # batch 8 x 1 micro-batch == batch 8 as 4 micro-batches of 2 (the loss is normalised by the tokens of
+    # the whole global batch, not averaged per micro-batch, so the sequences' different lengths cancel)
+    sets = ["train.max_steps=4", "train.lr=3e-3", "train.batch_size=8"]
+    run_sft(sft_config(tiny_model, memory_data, tmp_path / "a", *sets, "train.grad_accum=1"))
+    run_sft(sft_config(tiny_model, memory_data, tmp_path / "b", *sets, "train.grad_accum=4"))
+    assert max_diff(tmp_path / "a", tmp_path / "b") <= 1e-5
+    assert max_diff(tmp_path / "a", tiny_model) > 1e-3  # and the weights did move
+
+
+def test_ddp_two_processes_gloo_equals_one_process(tiny_model: Path, memory_data: Path, tmp_path: Path):
+    sets = ["train.max_steps=4", "train.lr=3e-3", "train.batch_size=8", "eval_fraction=0"]
+    base = ["sft", "--model", str(tiny_model), "--data", str(memory_data)]
+    flags = [a for s in sets for a in ("--set", s)]
+    subprocess.run([sys.executable, "-m", "rlhfkit.cli", *base, "--output", str(tmp_path / "one"), *flags],
+                   check=True, capture_output=True)  # fmt: skip
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    proc = subprocess.run([*launch, "-m", "rlhfkit.cli", *base, "--output", str(tmp_path / "two"), *flags],
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max_diff(tmp_path / "one", tmp_path / "two") <= 1e-5
+    assert max_diff(tmp_path / "one", tiny_model) > 1e-3
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(
+    tiny_model: Path, memory_data: Path, tmp_path: Path
+):
+    out = tmp_path / "nan"
+    cfg = sft_config(tiny_model, memory_data, out, *STEPS, "train.save_every=2")
+    trainer = SFTTrainer(cfg, *prepare_sft(cfg))
+    plain_loss = trainer.loss
+
+    def poisoned(model, batch):
+        loss, metrics = plain_loss(model, batch)
+        return (loss * float("nan") if trainer.step == 4 else loss), metrics
+
+    trainer.loss = poisoned
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 5 .*update was not applied"):
+        trainer.run()
+    tensors, state = read_checkpoint(out / "checkpoints" / "step-00000004")
+    assert state["step"] == 4
+    for name, param in trainer.model.named_parameters():  # the poisoned update was not applied
+        assert torch.equal(param.detach(), tensors[name]), name
+        assert torch.isfinite(param).all()
+
+
+def test_config_change_refuses_to_resume(tiny_model: Path, memory_data: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    run_sft(sft_config(tiny_model, memory_data, out, "train.max_steps=2"))
+    with pytest.raises(ConfigError, match=r"different configuration \(train.lr: 2e-05 -> 0.001\)"):
+        run_sft(sft_config(tiny_model, memory_data, out, "train.max_steps=2", "train.lr=1e-3"))
+    assert run_sft(sft_config(tiny_model, memory_data, out, "train.max_steps=2")) == {}  # finished: skipped
+
+
+def test_crash_during_checkpoint_write_leaves_previous_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from rlhfkit import checkpoint
+
+    root = tmp_path / "checkpoints"
+    weights = {"w": torch.arange(4.0)}
+    checkpoint.write_checkpoint(root, 1, weights, {"step": 1, "t": torch.ones(2)}, keep=2)
+
+    def broken(tensors, path):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.write_checkpoint(root, 2, weights, {"step": 2}, keep=2)
+    assert [s for s, _ in checkpoint.list_checkpoints(root)] == [1]
+    tensors, state = checkpoint.read_checkpoint(root / "step-00000001")
+    assert (
+        torch.equal(tensors["w"], weights["w"])
+        and state["step"] == 1
+        and torch.equal(state["t"], torch.ones(2))
+    )
+
+
+def test_state_round_trip_keeps_types():
+    from rlhfkit.checkpoint import flatten_state, unflatten_state
+
+    state = {
+        "a": 1,
+        "b": [1.5, None, "x"],
+        3: {"t": torch.tensor([1, 2])},
+        "g": torch.Generator().get_state(),
+    }
+    data, tensors = flatten_state(state)
+    json.dumps(data)  # JSON-able
+    back = unflatten_state(json.loads(json.dumps(data)), tensors)
+    assert (
+        back["a"] == 1 and back["b"] == [1.5, None, "x"] and torch.equal(back[3]["t"], torch.tensor([1, 2]))
+    )
+    assert torch.equal(back["g"], state["g"])
