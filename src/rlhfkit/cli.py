@@ -79,6 +79,71 @@ def sft(
     _run(go)
 
 
+@app.command()
+def rm(
+    model: Annotated[str | None, typer.Option(help="Start from: SFT model dir, registered name...")] = None,
+    data: Annotated[str | None, typer.Option(help="Preference pairs / rankings file.")] = None,
+    output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Step B: train a reward model on preference pairs and rankings."""
+    from rlhfkit.config import load_config
+    from rlhfkit.trainers.rm import RMConfig, run_rm
+
+    def go() -> None:
+        cfg = load_config(RMConfig, config, _overrides(set_, model=model, data=data, output=output))
+        metrics = run_rm(cfg)
+        if metrics:
+            err.print(
+                f"[bold]rm[/]: eval loss {metrics['loss']:.4f}, pairwise accuracy {metrics['accuracy']:.3f}; "
+                f"reward model saved to {cfg.output}"
+            )
+
+    _run(go)
+
+
+@app.command()
+def score(
+    reward: Annotated[str, typer.Option(help="Reward model directory (from `rlhfkit rm`).")],
+    data: Annotated[str, typer.Option(help="prompt/completion, messages, pair or ranking records.")],
+    output: Annotated[str | None, typer.Option(help="JSONL file to write (default: stdout).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+) -> None:
+    """Add normalised rewards to records: `reward`, or `reward_chosen` and `reward_rejected`, or `rewards`."""
+    from rlhfkit.rewards import score_file
+
+    def go() -> None:
+        n = score_file(reward, data, output, batch_size)
+        if output is not None:
+            err.print(f"[bold]score[/]: {n} records written to {output}")
+
+    _run(go)
+
+
+@app.command()
+def ppo(
+    policy: Annotated[str | None, typer.Option(help="Policy (and frozen reference): the SFT model.")] = None,
+    reward: Annotated[str | None, typer.Option(help="Reward model directory (from `rlhfkit rm`).")] = None,
+    reward_fn: Annotated[str | None, typer.Option(help="Or a Python reward: module:function.")] = None,
+    prompts: Annotated[str | None, typer.Option(help="RL prompts file (or bundled:NAME).")] = None,
+    output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Step C: PPO against the reward with a KL penalty to the reference model."""
+    from rlhfkit.config import load_config
+    from rlhfkit.trainers.ppo import PPOConfig, run_ppo
+
+    def go() -> None:
+        named = {"policy": policy, "reward": reward, "reward_fn": reward_fn, "prompts": prompts}
+        cfg = load_config(PPOConfig, config, _overrides(set_, output=output, **named))
+        run_ppo(cfg)
+        err.print(f"[bold]ppo[/]: policy saved to {cfg.output}")
+
+    _run(go)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     app(prog_name="rlhfkit")
 

@@ -127,6 +127,45 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     return fn
 
 
+def epoch_order(lengths: list[int], batch_size: int, window: int, seed: int, epoch: int) -> list[int]:
+    """A shuffled order of example indices for one epoch, grouped by length when window > 1: each window
+    of `window * batch_size` shuffled examples is sorted by length and cut into batches, and the batches
+    are shuffled, so a batch holds examples of similar length (little compute spent on padding)."""
+    rng = random.Random(f"{seed}-{epoch}")
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if window <= 1:
+        return order
+    span = window * batch_size
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return [i for batch in batches for i in batch]
+
+
+class EpochStream:
+    """The endless stream of shuffled epochs over a dataset; batch `step` holds stream positions
+    [step * B, (step + 1) * B). A pure function of the step, so a resumed run sees exactly the data an
+    uninterrupted run would have seen, with no replay; no example is dropped at an epoch's end."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 1) -> None:
+        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
+        self._orders: dict[int, list[int]] = {}
+
+    def _order(self, epoch: int) -> list[int]:
+        if epoch not in self._orders:
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}  # at most two cached
+            self._orders[epoch] = epoch_order(self.lengths, self.batch_size, self.window, self.seed, epoch)
+        return self._orders[epoch]
+
+    def batch(self, step: int) -> list[int]:
+        n = len(self.lengths)
+        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
+        return [self._order(pos // n)[pos % n] for pos in positions]
+
+
 class _Forward(torch.nn.Module):
     """Routes a trainer's loss function through one module call, so that DistributedDataParallel sees the
     forward pass (and synchronises gradients) even though trainers call sub-modules of the model."""

@@ -18,7 +18,6 @@ Shapes: B batch, T tokens, C hidden size, V vocabulary, N labelled positions.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 
 from rlhfkit.data import SFTRecord, load_sft, resolve_data_path, split_holdout
 from rlhfkit.encoding import SequenceExample, encode_pair, pad
-from rlhfkit.loop import TrainConfig, TrainLoop, set_seed
+from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
 from rlhfkit.models import DEFAULT_MODEL, LoraSettings, decoder_and_head, load_causal_lm, save_model
 
 
@@ -74,24 +73,6 @@ def encode_sft(records: list[SFTRecord], tokenizer: Any, cfg: SFTConfig) -> list
     return examples
 
 
-def epoch_order(lengths: list[int], batch_size: int, window: int, seed: int, epoch: int) -> list[int]:
-    """A shuffled order of example indices for one epoch, grouped by length when window > 1: each window
-    of `window * batch_size` shuffled examples is sorted by length and cut into batches, and the batches
-    are shuffled, so a batch holds examples of similar length."""
-    rng = random.Random(f"{seed}-{epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    if window <= 1:
-        return order
-    span = window * batch_size
-    batches = []
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return [i for batch in batches for i in batch]
-
-
 class SFTTrainer(TrainLoop):
     name = "sft"
 
@@ -103,8 +84,9 @@ class SFTTrainer(TrainLoop):
         self.tokenizer = tokenizer
         self.train_examples = train
         self.eval_examples = evals
-        self.lengths = [len(ex) for ex in train]
-        self._orders: dict[int, list[int]] = {}
+        self.stream = EpochStream(
+            [len(ex) for ex in train], cfg.train.batch_size, cfg.train.seed, cfg.group_window
+        )
 
     def total_steps(self) -> int:
         if self.cfg.max_steps:
@@ -112,18 +94,7 @@ class SFTTrainer(TrainLoop):
         return max(1, math.ceil(self.cfg.epochs * len(self.train_examples) / self.cfg.batch_size))
 
     def step_examples(self, step: int) -> list[SequenceExample]:
-        """Examples [step * B, (step + 1) * B) of the endless stream of epochs: a pure function of
-        `step`, so a resumed run sees exactly the data an uninterrupted run would have seen."""
-        n, size = len(self.train_examples), self.cfg.batch_size
-        out = []
-        for pos in range(step * size, (step + 1) * size):
-            epoch = pos // n
-            if epoch not in self._orders:
-                window = self.sft.group_window
-                self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-                self._orders[epoch] = epoch_order(self.lengths, size, window, self.cfg.seed, epoch)
-            out.append(self.train_examples[self._orders[epoch][pos % n]])
-        return out
+        return [self.train_examples[i] for i in self.stream.batch(step)]
 
     def example_length(self, example: SequenceExample) -> int:
         return len(example)

@@ -1,0 +1,257 @@
+"""Rewards for RL: one interface, `score(prompts, completions) -> tensor`, here over a trained reward model.
+
+    rlhfkit score --reward runs/rm --data samples.jsonl --output scored.jsonl
+
+    from rlhfkit.rewards import RewardModelScorer
+    scorer = RewardModelScorer("runs/rm")
+    scorer.score(prompts, completions)          # (B,) normalised rewards, in input order
+    scorer.score_token_ids(sequences)           # RL: prompt_ids + answer_ids, EOS or not
+
+A reward model is a plain transformers `AutoModelForSequenceClassification` directory with one output
+(written by `rlhfkit rm`). The score of prompt + answer is the head applied to the hidden state of the
+*last real token*: the EOS of a complete answer, the last generated token of a truncated one. We find that
+token from the attention mask (not from the pad id, as transformers does), so left padding, right padding
+and padding holes in the middle (a left-padded prompt followed by a right-padded rollout) all give the same
+value, and we apply the head to those N hidden states only, never to all (N, T) positions.
+
+Normalisation: the raw score r is turned into `(r - shift) / scale`, the constants being stored in the
+model's config.json as `rlhfkit_reward_shift` and `rlhfkit_reward_scale` (set by `rlhfkit rm` so that the
+reference policy's answers score mean 0, std 1 with `normalize: shift_scale`). Plain transformers ignores
+them and returns the RAW score in `logits`: Llama's head has no bias, so the shift cannot be folded into the
+weights without changing the architecture. Elsewhere, normalise by hand:
+    (model(**inputs).logits[:, 0] - config.rlhfkit_reward_shift) / config.rlhfkit_reward_scale
+
+Prompts and answers are tokenised exactly as in training (`encoding.prompt_answer_ids`).
+Shapes: N sequences, T tokens, C hidden size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from rlhfkit.data import (
+    PreferenceRecord,
+    RankingRecord,
+    SFTRecord,
+    load_preferences,
+    load_sft,
+    read_rows,
+    resolve_data_path,
+)
+from rlhfkit.encoding import pad, prompt_answer_ids
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import load_tokenizer, resolve_model, unwrap
+
+if TYPE_CHECKING:
+    from rlhfkit.data import PromptRecord
+    from rlhfkit.rollout import Rollout
+
+SHIFT_KEY = "rlhfkit_reward_shift"
+SCALE_KEY = "rlhfkit_reward_scale"
+
+
+# ------------------------------------------------------------------------------------------- the score
+def reward_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder stack -> hidden states, score head) of a sequence classifier (DDP and peft unwrapped)."""
+    base = unwrap(model)
+    head = getattr(base, "score", None)
+    if head is None:
+        raise RlhfkitError(f"{type(base).__name__} has no `score` head: not a causal-LM reward model")
+    return getattr(base, base.base_model_prefix), head
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of the last real token of each row, whatever the padding side (-1 for an empty row)."""
+    positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)  # (T,)
+    return torch.where(attention_mask.bool(), positions, -1).amax(dim=-1)  # (N,)
+
+
+def sequence_rewards(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Raw rewards (N,): one decoder pass, then the head on the hidden state of each row's last real token.
+
+    Equivalent to transformers' `model(input_ids, attention_mask).logits[:, 0]` for right-padded rows
+    (which computes (N, T, 1) logits and picks the last non-pad token). Position ids default to the count
+    of real tokens before each position, so left padding gives the same positions as no padding."""
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (N, T)
+    decoder, head = reward_parts(model)
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+    ).last_hidden_state  # (N, T, C)
+    last = last_token_index(attention_mask)  # (N,)
+    rows = torch.arange(hidden.shape[0], device=hidden.device)  # (N,)
+    return head(hidden[rows, last]).squeeze(-1)  # (N, C) -> (N,)
+
+
+@torch.no_grad()
+def score_sequences(
+    model: Any, sequences: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 16
+) -> torch.Tensor:
+    """Raw rewards (N,) of token sequences, run in batches of similar length, returned in input order."""
+    if any(len(s) == 0 for s in sequences):
+        raise ValueError("score_sequences: every sequence needs at least one token")
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = torch.zeros(len(sequences))  # (N,)
+    for start in range(0, len(order), batch_size):
+        index = order[start : start + batch_size]
+        ids, mask, pos = pad([list(sequences[i]) for i in index], pad_token_id)  # (b, T) each
+        out[index] = sequence_rewards(model, ids, mask, pos).float()
+    return out
+
+
+def normalization(config: Any) -> tuple[float, float]:
+    """(shift, scale) stored by `rlhfkit rm`; (0, 1) for a reward model trained elsewhere."""
+    return float(getattr(config, SHIFT_KEY, 0.0) or 0.0), float(getattr(config, SCALE_KEY, 1.0) or 1.0)
+
+
+# ------------------------------------------------------------------------------------------- loading
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars (we report what matters ourselves)."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load_reward_model(name_or_path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of a saved reward model, float32, in eval mode. Refuses anything that is not a
+    one-output sequence-classification checkpoint (transformers would silently add a random head)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        raise RlhfkitError(
+            f"{name_or_path}: not a reward model (architectures {architectures}, "
+            f"{config.num_labels} labels); train one with `rlhfkit rm`"
+        )
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
+
+
+class RewardModelScorer:
+    """Normalised rewards of a trained reward model; see the module docstring."""
+
+    def __init__(self, path: str | Path, batch_size: int = 16, trust_remote_code: bool = False) -> None:
+        self.model, self.tokenizer = load_reward_model(str(path), trust_remote_code)
+        self.batch_size = batch_size
+        self.shift, self.scale = normalization(self.model.config)
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        return (raw - self.shift) / self.scale  # (N,)
+
+    def encode(self, prompts: Sequence[Any], completions: Sequence[Any]) -> list[list[int]]:
+        """Token ids of each prompt + answer (strings or message lists), as in training."""
+        if len(prompts) != len(completions):
+            raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
+        pairs = (prompt_answer_ids(self.tokenizer, p, c) for p, c in zip(prompts, completions, strict=True))
+        return [p_ids + a_ids for p_ids, a_ids in pairs]
+
+    def score(self, prompts: Sequence[Any], completions: Sequence[Any]) -> torch.Tensor:
+        """Normalised rewards (N,) of prompt + completion pairs, in input order."""
+        return self.score_token_ids(self.encode(prompts, completions))
+
+    def score_token_ids(self, sequences: Sequence[Sequence[int]]) -> torch.Tensor:
+        """Normalised rewards (N,) of tokenised prompt + answer sequences (the RM's tokenizer); an answer
+        cut before its EOS (a truncated generation) is scored at its last token."""
+        return self.normalize(
+            score_sequences(self.model, sequences, self.tokenizer.pad_token_id, self.batch_size)
+        )
+
+    @torch.no_grad()
+    def score_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Normalised rewards (N,) of an already padded batch (N, T): any padding, holes allowed."""
+        return self.normalize(sequence_rewards(self.model, input_ids, attention_mask).float())
+
+
+def rollout_scorer(path: str | Path, batch_size: int = 16) -> Any:
+    """A PPO/GRPO scorer `(prompts, completions, rollout, records) -> (B,)` that scores the rollout's own
+    tokens (no decode/re-encode round trip); the policy must share the reward model's tokenizer."""
+    scorer = RewardModelScorer(path, batch_size)
+
+    def score(
+        prompts: list[str], completions: list[str], rollout: Rollout, records: list[PromptRecord]
+    ) -> torch.Tensor:
+        return scorer.score_padded(rollout.input_ids, rollout.attention_mask)
+
+    return score
+
+
+# ------------------------------------------------------------------------------------- `rlhfkit score`
+def _answers(rec: SFTRecord | PreferenceRecord | RankingRecord) -> list[Any]:
+    if isinstance(rec, SFTRecord):
+        return [rec.completion]
+    if isinstance(rec, RankingRecord):
+        return list(rec.completions)
+    return [rec.chosen, rec.rejected]
+
+
+def score_file(reward: str, data: str, output: str | None = None, batch_size: int = 16) -> int:
+    """Add rewards to every record of a data file; JSONL to `output` (atomically) or stdout.
+
+    prompt/completion or messages records get `reward`; preference pairs `reward_chosen` and
+    `reward_rejected`; rankings `rewards` (one per completion). Returns the number of records."""
+    path = resolve_data_path(data)
+    rows = [row for _, row in read_rows(path)]
+    preference = any(key in rows[0] for key in ("chosen", "rejected", "completions"))
+    records: Sequence[SFTRecord | PreferenceRecord | RankingRecord] = (
+        load_preferences(path) if preference else load_sft(path)
+    )  # every record is validated before the model is loaded
+    scorer = RewardModelScorer(reward, batch_size)
+    answers = [_answers(rec) for rec in records]
+    prompts = [rec.prompt for rec, group in zip(records, answers, strict=True) for _ in group]
+    flat = scorer.score(prompts, [a for group in answers for a in group]).tolist()  # (sum of K,)
+    lines, start = [], 0
+    for row, rec, group in zip(rows, records, answers, strict=True):
+        values = flat[start : start + len(group)]
+        start += len(group)
+        if isinstance(rec, SFTRecord):
+            extra: dict[str, Any] = {"reward": values[0]}
+        elif isinstance(rec, RankingRecord):
+            extra = {"rewards": values}
+        else:
+            extra = {"reward_chosen": values[0], "reward_rejected": values[1]}
+        lines.append(json.dumps({**row, **extra}, ensure_ascii=False) + "\n")
+    if output is None:
+        sys.stdout.writelines(lines)
+        sys.stdout.flush()
+    else:
+        target = Path(output)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "w", encoding="utf-8") as fh:
+                fh.writelines(lines)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return len(lines)

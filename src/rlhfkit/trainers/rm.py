@@ -1,0 +1,466 @@
+"""Step B: the reward model, learned from preference pairs and rankings of K answers.
+
+    rlhfkit rm --model runs/sft --data preferences.jsonl --output runs/rm
+
+Model: `AutoModelForSequenceClassification` with one output, built from any causal LM checkpoint (the SFT
+model in the pipeline): the decoder is kept, the new linear head is initialised with std 1/sqrt(C + 1) and
+bias 0 (lm-human-preferences, Ziegler et al. 2019) rather than transformers' 0.02, dropout is off and the
+pad token differs from EOS, so the saved directory loads as is with plain transformers and its score is
+read at the last real token (the EOS). See `rlhfkit.rewards` for how the score is computed and used.
+
+Loss (Bradley-Terry; Stiennon et al. 2020, Ouyang et al. 2022): one training example is one prompt with
+its K >= 2 answers; a pair is K = 2 with ranks (0, 1) and an optional Llama 2 margin. All answers of all
+prompts of a micro-batch run through ONE decoder pass (a flat batch of N sequences); every prompt's
+comparable pairs get weight 1 / n_pairs (`losses.pairwise_from_rankings`, ties form no pair), so each
+prompt counts once: InstructGPT's "all K-choose-2 pairs of a prompt in one batch element". Optional reward
+centering `centering_coef * mean((r_c + r_r)^2)` (Eisenstein et al. 2023). `train.batch_size` counts
+prompts; the loop's loss normaliser is the number of prompts, so batch 8 x 1 equals 2 x 4 accumulation.
+
+After training (lm-human-preferences; "N+ implementation details", Huang et al. 2024) the raw scores of a
+calibration set of reference-policy answers give `shift` = mean (and `scale` = population std with
+`normalize: shift_scale`); they are stored in config.json (`rlhfkit_reward_shift`, `rlhfkit_reward_scale`)
+and `rlhfkit score` / `RewardModelScorer` return (raw - shift) / scale. By default the calibration set is
+every answer of the preference data: in our pipeline those ARE samples of the reference (SFT) policy. If
+yours are not (human-written answers, another model's), pass `calibration_data`: a prompt/completion file
+sampled from the policy you will optimise.
+
+Where we depart from TRL's RewardTrainer and why:
+- the head runs on the N last-token hidden states only, found from the attention mask (TRL computes
+  (N, T, 1) logits and finds the last token from the pad id): same value, less work, and correct under
+  left padding;
+- rankings of K answers are trained (TRL has pairs only), all answers of a prompt in one pass;
+- prompts are grouped by length (as in SFT), so little compute goes into padding;
+- normalisation constants live in config.json instead of being folded into the head: Llama's
+  classification head has no bias.
+Metrics: train/eval loss, pairwise accuracy and mean margin (r_c - r_r); at the end a calibration table
+(predicted P(chosen preferred) = sigmoid(r_c - r_r) in 10 bins vs the observed frequency, over both
+orderings of every eval pair, so it is symmetric) is printed and written to metrics.jsonl.
+
+Shapes: N answers in a flat micro-batch, T tokens, C hidden size, P (better, worse) pairs.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from rlhfkit.data import (
+    PreferenceRecord,
+    RankingRecord,
+    load_preferences,
+    load_sft,
+    resolve_data_path,
+    split_holdout,
+)
+from rlhfkit.encoding import SequenceExample, encode_pair, pad
+from rlhfkit.errors import ConfigError, DataError, RlhfkitError
+from rlhfkit.loop import TrainConfig, TrainLoop, console, epoch_order, set_seed
+from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
+from rlhfkit.models import (
+    DEFAULT_MODEL,
+    LoraSettings,
+    disable_dropout,
+    load_tokenizer,
+    resolve_model,
+    save_model,
+    set_pad_token,
+    unwrap,
+)
+from rlhfkit.rewards import (
+    SCALE_KEY,
+    SHIFT_KEY,
+    quiet_transformers,
+    reward_parts,
+    score_sequences,
+    sequence_rewards,
+)
+
+SCORE_BATCH = 16  # sequences per forward pass when scoring without gradients (calibration)
+
+
+@dataclass
+class RMConfig:
+    """Settings of `rlhfkit rm`."""
+
+    model: str = DEFAULT_MODEL
+    """Start from a causal LM (the SFT model) or a reward model: registered name, directory or hub id."""
+    data: str = ""
+    """Preference pairs and/or rankings (.jsonl/.json/.parquet/.csv or a datasets directory)."""
+    output: str = "runs/rm"
+    """Output directory: the reward model (transformers format), metrics, checkpoints."""
+    eval_data: str | None = None
+    """Held-out preferences; if unset, `eval_fraction` of `data` is held out."""
+    eval_fraction: float = 0.05
+    """Fraction of `data` (records) held out for eval loss/accuracy/calibration when `eval_data` is unset."""
+    max_length: int = 512
+    """Longest prompt + answer in tokens."""
+    truncation: bool = False
+    """Cut over-long answers instead of stopping with an error (records left uninformative are dropped)."""
+    centering_coef: float = 0.0
+    """Reward centering: adds coef * mean((r_chosen + r_rejected)^2) to the loss (Eisenstein et al.: 0.01)."""
+    normalize: Literal["none", "shift", "shift_scale"] = "shift"
+    """After training: subtract the calibration mean ("shift"), also divide by the std ("shift_scale")."""
+    calibration_data: str | None = None
+    """Reference-policy samples (prompt/completion or messages) for the normalisation; default: every answer
+    of the preference data (train and eval), which in the pipeline are samples of the reference policy."""
+    calibration_samples: int = 1024
+    """Score at most this many calibration answers (a seeded random subset)."""
+    group_window: int = 16
+    """Length grouping: sort prompts within windows of this many batches (1 disables grouping)."""
+    trust_remote_code: bool = False
+    """Allow model code from the model directory (off: only transformers' own architectures)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters instead of full fine-tuning (the head is always trained in full)."""
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-5, batch_size=8, epochs=1.0, scheduler="linear")
+    )
+    """The shared training loop; `batch_size` counts prompts (a pair is one prompt with 2 answers)."""
+
+
+@dataclass(frozen=True)
+class RMExample:
+    """One prompt with its K >= 2 answers (prompt + answer token ids each), their rank levels and margin."""
+
+    answers: tuple[SequenceExample, ...]
+    ranks: tuple[int, ...]
+    margin: float = 0.0
+
+    @property
+    def length(self) -> int:
+        """The longest answer: the padded length this example brings into a batch."""
+        return max(len(a) for a in self.answers)
+
+
+# ------------------------------------------------------------------------------------------ model
+def init_head(head: torch.nn.Linear) -> None:
+    """N(0, 1/(C + 1)) weights and zero bias, as lm-human-preferences initialises its reward head: the
+    initial rewards then have about unit variance for unit-RMS hidden states."""
+    torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
+    if head.bias is not None:
+        torch.nn.init.zeros_(head.bias)
+
+
+def build_reward_model(
+    name_or_path: str, lora: LoraSettings | None = None, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """(model, tokenizer): a one-output sequence classifier from a causal LM (new head, seeded by the
+    caller) or from an existing reward model (head kept), float32, dropout off, pad != EOS."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model(name_or_path)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    try:
+        with quiet_transformers():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                use_safetensors=True, output_loading_info=True,
+            )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RlhfkitError(
+            f"cannot load '{name_or_path}' as a sequence-classification model: {first}"
+        ) from None
+    _, head = reward_parts(model)
+    if any(key.split(".")[0] == "score" for key in info["missing_keys"]):
+        init_head(head)
+    set_pad_token(tokenizer, model)
+    disable_dropout(model)
+    if lora is not None and lora.enabled:
+        model = _apply_lora(model, lora)
+    return model, tokenizer
+
+
+def _apply_lora(model: Any, lora: LoraSettings) -> Any:
+    """LoRA for a classifier: `models.apply_lora` builds a CAUSAL_LM peft model, which a sequence classifier
+    cannot be; here the task is SEQ_CLS and the head is a fully trained module (`modules_to_save`)."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        bias="none", task_type="SEQ_CLS", modules_to_save=["score"],
+    )  # fmt: skip
+    return get_peft_model(model, config)
+
+
+# ------------------------------------------------------------------------------------------ data
+def encode_preferences(
+    records: list[PreferenceRecord | RankingRecord], tokenizer: Any, cfg: RMConfig
+) -> list[RMExample]:
+    """Tokenise and length-check every record before training starts (errors name file:line:field)."""
+    examples, dropped = [], 0
+    for rec in records:
+        if isinstance(rec, PreferenceRecord):
+            answers, ranks, margin = (rec.chosen, rec.rejected), (0, 1), rec.margin
+            fields: tuple[str, ...] = ("chosen", "rejected")
+        else:
+            answers, ranks, margin = rec.completions, rec.ranks, 0.0
+            fields = tuple(f"completions[{i}]" for i in range(len(answers)))
+        encoded = [
+            _encode(tokenizer, cfg, rec, answer, name) for answer, name in zip(answers, fields, strict=True)
+        ]
+        clash = _same_ids(encoded, ranks)
+        if clash is not None or any(e is None for e in encoded):
+            if not cfg.truncation and clash is not None:
+                i, j = clash
+                message = f"tokenises to the same ids as '{fields[i]}', so the pair cannot be learned"
+                raise DataError(rec.source.path, rec.source.line, fields[j], message)
+            dropped += 1  # truncation left nothing to compare: no prompt fits, or the answers became equal
+            continue
+        examples.append(RMExample(tuple(encoded), tuple(ranks), margin))  # type: ignore[arg-type]
+    if dropped:
+        console.print(f"[bold]rm[/]: {dropped} record(s) dropped: nothing left to compare after truncation")
+    return examples
+
+
+def _encode(tokenizer: Any, cfg: RMConfig, rec: Any, answer: Any, name: str) -> SequenceExample | None:
+    return encode_pair(
+        tokenizer, rec.prompt, answer, max_length=cfg.max_length, truncation=cfg.truncation,
+        path=rec.source.path, line=rec.source.line, field=name,
+    )  # fmt: skip
+
+
+def _same_ids(encoded: list[SequenceExample | None], ranks: tuple[int, ...]) -> tuple[int, int] | None:
+    """The first (i, j) of differently ranked answers with identical token ids, if any."""
+    for j, b in enumerate(encoded):
+        for i, a in enumerate(encoded[:j]):
+            if a is not None and b is not None and ranks[i] != ranks[j] and a.input_ids == b.input_ids:
+                return i, j
+    return None
+
+
+def calibration_set(cfg: RMConfig, tokenizer: Any, examples: list[RMExample]) -> list[SequenceExample]:
+    """The answers whose raw scores set the normalisation: `calibration_data`, or every distinct answer of
+    the preference examples; at most `calibration_samples` of them (a seeded random subset)."""
+    if cfg.calibration_data:
+        records = load_sft(resolve_data_path(cfg.calibration_data))
+        found = [_encode(tokenizer, cfg, rec, rec.completion, rec.answer_field) for rec in records]
+        answers = [a for a in found if a is not None]
+    else:
+        answers = list({a.input_ids: a for ex in examples for a in ex.answers}.values())
+    if len(answers) > cfg.calibration_samples:
+        keep = sorted(random.Random(cfg.train.seed).sample(range(len(answers)), cfg.calibration_samples))
+        answers = [answers[i] for i in keep]
+    return answers
+
+
+def calibration_table(diffs: torch.Tensor, bins: int = 10) -> list[dict[str, Any]]:
+    """Reliability table of p = P(chosen preferred) = sigmoid(r_c - r_r). Every pair enters twice, as (p,
+    chosen won) and (1 - p, rejected won), so the table is symmetric and its observed frequencies are
+    comparable with the predictions in every bin. diffs: (P,) reward differences r_c - r_r."""
+    p = torch.sigmoid(diffs.double())  # (P,)
+    probs = torch.cat([p, 1.0 - p])  # (2P,)
+    won = torch.cat([torch.ones_like(p), torch.zeros_like(p)])  # (2P,)
+    which = (probs * bins).long().clamp(0, bins - 1)  # (2P,)
+    rows = []
+    for b in range(bins):
+        sel = which == b  # (2P,)
+        n = int(sel.sum())
+        rows.append({
+            "bin": b, "lo": b / bins, "hi": (b + 1) / bins, "count": n,
+            "predicted": float(probs[sel].mean()) if n else None,
+            "observed": float(won[sel].mean()) if n else None,
+        })  # fmt: skip
+    return rows
+
+
+def expected_calibration_error(rows: list[dict[str, Any]]) -> float:
+    """ECE = sum_b (n_b / n) |predicted_b - observed_b| (Guo et al. 2017) over a calibration table."""
+    total = sum(r["count"] for r in rows)
+    if not total:
+        return 0.0
+    return sum(r["count"] / total * abs(r["predicted"] - r["observed"]) for r in rows if r["count"])
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class RMTrainer(TrainLoop):
+    name = "rm"
+
+    def __init__(
+        self,
+        cfg: RMConfig,
+        train: list[RMExample],
+        evals: list[RMExample],
+        calibration: list[SequenceExample],
+    ) -> None:
+        set_seed(cfg.train.seed)  # the new head's initialisation
+        model, tokenizer = build_reward_model(
+            cfg.model, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code
+        )
+        super().__init__(cfg.train, model, cfg.output, cfg)
+        self.rm = cfg
+        self.tokenizer = tokenizer
+        self.train_examples = train
+        self.eval_examples = evals
+        self.calibration = calibration
+        self.lengths = [ex.length for ex in train]
+        self._orders: dict[int, list[int]] = {}
+        self._calibration_rows: list[dict[str, Any]] = []
+
+    def total_steps(self) -> int:
+        if self.cfg.max_steps:
+            return self.cfg.max_steps
+        return max(1, math.ceil(self.cfg.epochs * len(self.train_examples) / self.cfg.batch_size))
+
+    def step_examples(self, step: int) -> list[RMExample]:
+        """Prompts [step * B, (step + 1) * B) of the endless stream of length-grouped epochs (as SFT): a
+        pure function of `step`, so a resumed run sees exactly the data of an uninterrupted run."""
+        n, size = len(self.train_examples), self.cfg.batch_size
+        out = []
+        for pos in range(step * size, (step + 1) * size):
+            epoch = pos // n
+            if epoch not in self._orders:
+                self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+                self._orders[epoch] = epoch_order(
+                    self.lengths, size, self.rm.group_window, self.cfg.seed, epoch
+                )
+            out.append(self.train_examples[self._orders[epoch][pos % n]])
+        return out
+
+    def example_length(self, example: RMExample) -> int:
+        return example.length
+
+    def collate(self, examples: list[RMExample]) -> dict[str, Any]:
+        """A flat batch of the N answers of all prompts, plus the weighted (better, worse) pairs."""
+        sequences = [a.input_ids for ex in examples for a in ex.answers]
+        group = torch.tensor(
+            [g for g, ex in enumerate(examples) for _ in ex.answers]
+        )  # (N,) prompt of each answer
+        ranks = torch.tensor([r for ex in examples for r in ex.ranks])  # (N,)
+        input_ids, attention_mask, position_ids = pad(sequences, self.tokenizer.pad_token_id)  # (N, T) each
+        pairs = pairwise_from_rankings(group, ranks)
+        margins = torch.tensor([ex.margin for ex in examples])[group[pairs.chosen_index]]  # (P,)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "chosen_index": pairs.chosen_index,  # (P,)
+            "rejected_index": pairs.rejected_index,  # (P,)
+            "weights": pairs.weights,  # (P,) 1 / n_pairs(prompt): each prompt's weights sum to 1
+            "margin": margins,  # (P,)
+            "num_items": len(examples),  # prompts
+            "num_tokens": int(attention_mask.sum()),
+        }
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        rewards = sequence_rewards(
+            model, batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+        )  # (N,)
+        return self.pairwise(rewards, batch)
+
+    def pairwise(
+        self, rewards: torch.Tensor, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(sum over prompts of the prompt's mean pair loss, metric sums) from the flat rewards (N,)."""
+        chosen, rejected = rewards[batch["chosen_index"]], rewards[batch["rejected_index"]]  # (P,), (P,)
+        mean, metrics = bradley_terry_loss(
+            chosen,
+            rejected,
+            margin=batch["margin"],
+            weights=batch["weights"],
+            centering_coef=self.rm.centering_coef,
+        )  # mean over prompts
+        n = batch["num_items"]
+        sums = {
+            "accuracy": metrics["rewards/accuracy"] * n,
+            "margin": metrics["rewards/margin"] * n,
+            "reward_chosen": metrics["rewards/chosen"] * n,
+            "reward_rejected": metrics["rewards/rejected"] * n,
+        }
+        if self.rm.centering_coef:
+            sums["centering"] = metrics["loss/centering"] * n
+        return mean * n, sums
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        totals: dict[str, float] = {}
+        diffs = []
+        ordered = sorted(self.eval_examples, key=lambda ex: ex.length)
+        size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
+        for start in range(0, len(ordered), size):
+            batch = self.collate(ordered[start : start + size])
+            rewards = sequence_rewards(
+                self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"]
+            )
+            loss_sum, sums = self.pairwise(rewards, batch)
+            for key, value in {"loss": loss_sum, **sums}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+            diffs.append(rewards[batch["chosen_index"]] - rewards[batch["rejected_index"]])  # (P,)
+        self._calibration_rows = calibration_table(torch.cat(diffs))
+        metrics = {key: value / len(ordered) for key, value in totals.items()}
+        metrics["ece"] = expected_calibration_error(self._calibration_rows)
+        return metrics
+
+    @torch.no_grad()
+    def normalize(self) -> dict[str, float]:
+        """Set shift/scale in the model config from the raw scores of the calibration answers."""
+        if self.rm.normalize == "none" or not self.calibration:
+            shift, scale, raw = 0.0, 1.0, torch.zeros(0)
+        else:
+            sequences = [ex.input_ids for ex in self.calibration]
+            raw = score_sequences(
+                self.model, sequences, self.tokenizer.pad_token_id, SCORE_BATCH
+            ).double()  # (M,)
+            shift = float(raw.mean())
+            std = float(raw.std(unbiased=False))
+            scale = std if self.rm.normalize == "shift_scale" and std > 0 else 1.0
+        config = unwrap(self.model).config
+        setattr(config, SHIFT_KEY, shift)
+        setattr(config, SCALE_KEY, scale)
+        config.rlhfkit_reward_normalize = self.rm.normalize
+        stats = {"shift": shift, "scale": scale, "answers": len(raw)}
+        if len(raw):
+            stats["raw_std"] = float(raw.std(unbiased=False))
+        return stats
+
+    def save_final(self) -> None:
+        if self._calibration_rows:
+            for row in self._calibration_rows:
+                self.log("calibration", row)
+            print_calibration(self._calibration_rows)
+        self.log("normalization", self.normalize())
+        save_model(self.model, self.tokenizer, self.output_dir)
+
+
+def print_calibration(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    table = Table(title="reward model calibration (eval pairs, both orderings)")
+    for column in ("P(chosen) bin", "pairs", "predicted", "observed"):
+        table.add_column(column, justify="right")
+    for r in rows:
+        table.add_row(
+            f"{r['lo']:.1f}-{r['hi']:.1f}", str(r["count"]), fmt(r["predicted"]), fmt(r["observed"])
+        )
+    console.print(table)
+
+
+# ------------------------------------------------------------------------------------------ entry points
+def prepare_rm(cfg: RMConfig) -> tuple[list[RMExample], list[RMExample], list[SequenceExample]]:
+    """Read, validate and tokenise all data (nothing is written anywhere until this succeeds)."""
+    if not cfg.data:
+        raise ConfigError("data is not set: give the preference file with --data FILE")
+    records = load_preferences(resolve_data_path(cfg.data))
+    if cfg.eval_data:
+        train_records, eval_records = records, load_preferences(resolve_data_path(cfg.eval_data))
+    else:
+        train_records, eval_records = split_holdout(records, cfg.eval_fraction, cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    train = encode_preferences(train_records, tokenizer, cfg)
+    evals = encode_preferences(eval_records, tokenizer, cfg)
+    if not train:
+        raise ConfigError(f"{cfg.data}: no training example is left (check max_length and truncation)")
+    return train, evals, calibration_set(cfg, tokenizer, train + evals)
+
+
+def run_rm(cfg: RMConfig) -> dict[str, float]:
+    train, evals, calibration = prepare_rm(cfg)
+    return RMTrainer(cfg, train, evals, calibration).run()
