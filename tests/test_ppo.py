@@ -103,3 +103,19 @@ def test_ppo_resume_equals_uninterrupted(tiny_model: Path, tmp_path: Path):
     rows_b = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["kl_coef"] for r in rows_a] == [r["kl_coef"] for r in rows_b]  # controller state restored
     assert rows_a[0]["kl_coef"] != rows_a[-1]["kl_coef"]  # and it did adapt
+
+
+def test_ppo_with_lora_uses_the_adapter_free_policy_as_reference(tiny_model: Path, tmp_path: Path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    out = tmp_path / "lora"
+    sets = ["train.max_steps=2", "train.lr=1e-2", "rollout_batch=8", "max_new_tokens=8", "lora.enabled=true"]
+    run_ppo(ppo_config(tiny_model, prompts_file(tmp_path), out, *sets), function_scorer(count_target))
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["kl"] == 0.0  # iteration 1: the policy is still the reference (LoRA B starts at 0)
+    assert rows[1]["kl"] != 0.0  # after one update the adapters moved the policy away from it
+    policy = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
+    pairs = zip(policy.parameters(), base.parameters(), strict=True)
+    assert max(float((a - b).abs().max()) for a, b in pairs) > 0  # the adapters were merged in
+    AutoModelForSequenceClassification.from_pretrained(out / "value", dtype=torch.float32)

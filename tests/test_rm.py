@@ -77,6 +77,14 @@ def metrics(out: Path, split: str) -> list[dict]:
     return [x for x in lines if x["split"] == split]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    """`train.threads=1` sets torch's global thread count; give the next test module its default back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A reward model trained on the "good" rule, 25% of the pairs held out; (output dir, data file)."""

@@ -81,7 +81,7 @@ def sft(
 
 @app.command()
 def rm(
-    model: Annotated[str | None, typer.Option(help="Start from: SFT model dir, registered name...")] = None,
+    model: Annotated[str | None, typer.Option(help="Start from: SFT model dir, name or hub id.")] = None,
     data: Annotated[str | None, typer.Option(help="Preference pairs / rankings file.")] = None,
     output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
     config: ConfigOpt = None,

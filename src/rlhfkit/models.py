@@ -346,8 +346,11 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def apply_lora(model: Any, lora: LoraSettings) -> Any:
-    """Wrap a model with LoRA adapters (peft); only the adapters are trainable afterwards."""
+def apply_lora(
+    model: Any, lora: LoraSettings, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None
+) -> Any:
+    """Wrap a model with LoRA adapters (peft); only the adapters (and `modules_to_save`, trained in full,
+    e.g. the head of a sequence classifier with task_type "SEQ_CLS") are trainable afterwards."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -356,7 +359,8 @@ def apply_lora(model: Any, lora: LoraSettings) -> Any:
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
         bias="none",
-        task_type="CAUSAL_LM",
+        task_type=task_type,
+        modules_to_save=modules_to_save,
     )
     return get_peft_model(model, config)
 

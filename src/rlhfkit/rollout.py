@@ -395,10 +395,8 @@ class _LlamaBackend:
         self.k = [torch.empty(shape) for _ in self.layers]  # layers x (b, Hk, S, hd)
         self.v = [torch.empty(shape) for _ in self.layers]
 
-    def _prefill(
-        self, ids: torch.Tensor, pos: torch.Tensor, start: int, bias: torch.Tensor, rows: int
-    ) -> torch.Tensor:
-        """Run ids (b, L) through the layers into cache rows [0, b), slots [start, start + L).
+    def _prefill(self, ids: torch.Tensor, pos: torch.Tensor, start: int, bias: torch.Tensor) -> torch.Tensor:
+        """Run ids (b, L) through the layers, writing cache rows [0, b), slots [start, start + L).
 
         bias (b, 1, L, start + L) is additive; returns the last hidden state, normalised (b, L, D).
         """
@@ -411,7 +409,7 @@ class _LlamaBackend:
             qk = torch.view_as_complex(qkv[:, : (h + hk) * hd].reshape(b, n, h + hk, hd // 2, 2))
             qk = torch.view_as_real(qk * freqs).reshape(b, n, h + hk, hd)  # rotated
             v = qkv[:, (h + hk) * hd :].reshape(b, n, hk, hd)
-            kc, vc = self.k[i][:rows], self.v[i][:rows]  # (b, Hk, S, hd)
+            kc, vc = self.k[i][:b], self.v[i][:b]  # (b, Hk, S, hd)
             kc[:, :, start : start + n] = qk[:, :, h:].transpose(1, 2)
             vc[:, :, start : start + n] = v.transpose(1, 2)
             o = F.scaled_dot_product_attention(
@@ -472,7 +470,7 @@ class _LlamaBackend:
         self._refresh()
         b, n = ids.shape
         self._alloc(b, n)
-        y = self._prefill(ids, position_ids_from_mask(mask), 0, self._prefill_bias(mask, 0), b)
+        y = self._prefill(ids, position_ids_from_mask(mask), 0, self._prefill_bias(mask, 0))
         return self._head(y.reshape(b * n, -1)).reshape(b, n, -1)
 
     def start(
@@ -494,12 +492,12 @@ class _LlamaBackend:
         key_mask = torch.cat([torch.ones(u, shared, dtype=torch.long), smask], dim=1)  # (U, c + Ps)
         if shared:  # the prefix every prompt shares, once, then copied to every row
             pre = torch.tensor(uprompts[0][:shared])[None]  # (1, c)
-            self._prefill(pre, torch.arange(shared)[None], 0, self._prefill_bias(key_mask[:1, :shared], 0), 1)
+            self._prefill(pre, torch.arange(shared)[None], 0, self._prefill_bias(key_mask[:1, :shared], 0))
             for kc, vc in zip(self.k, self.v, strict=True):
                 kc[1:, :, :shared] = kc[:1, :, :shared]
                 vc[1:, :, :shared] = vc[:1, :, :shared]
         pos = position_ids_from_mask(key_mask)[:, shared:]  # (U, Ps)
-        y = self._prefill(sids, pos, shared, self._prefill_bias(key_mask, shared), u)  # (U, Ps, D)
+        y = self._prefill(sids, pos, shared, self._prefill_bias(key_mask, shared))  # (U, Ps, D)
         logits = self._head(y[:, -1].contiguous())  # (U, V)
         if u != len(prompts):  # one cache row per prompt row
             self.k = [kc.index_select(0, inverse) for kc in self.k]

@@ -39,14 +39,13 @@ from rlhfkit.models import (
     DEFAULT_MODEL,
     LoraSettings,
     decoder_and_head,
-    disable_dropout,
     eos_token_ids,
     load_causal_lm,
-    resolve_model,
     save_model,
     unwrap,
 )
 from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
+from rlhfkit.trainers.rm import build_reward_model
 
 # (prompts, completions, rollout, records) -> scores (B,)
 Scorer = Callable[[list[str], list[str], Rollout, list[PromptRecord]], torch.Tensor]
@@ -157,23 +156,13 @@ class PPOTrainer(TrainLoop):
     name = "ppo"
 
     def __init__(self, cfg: PPOConfig, records: list[PromptRecord], scorer: Scorer) -> None:
-        from transformers import AutoModelForSequenceClassification
-
         set_seed(cfg.train.seed)
         policy, tokenizer = load_causal_lm(cfg.policy, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
         value_source = cfg.value_model or cfg.reward or cfg.policy
-        value = AutoModelForSequenceClassification.from_pretrained(
-            resolve_model(value_source), num_labels=1, dtype=torch.float32, use_safetensors=True
-        )
-        value.config.pad_token_id = tokenizer.pad_token_id
-        disable_dropout(value)
+        # a sequence classifier (head kept from a reward model, new head from a causal LM); with LoRA its
+        # head is trained in full, and the reference is the policy with its adapters disabled
+        value, _ = build_reward_model(value_source, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
         if cfg.lora.enabled:
-            from rlhfkit.models import apply_lora
-
-            value = apply_lora(value, cfg.lora)
-            for name, param in value.named_parameters():  # the value head is trained in full
-                if name.endswith("score.weight"):
-                    param.requires_grad_(True)
             self.reference = None
         else:
             self.reference, _ = load_causal_lm(cfg.policy, trust_remote_code=cfg.trust_remote_code)

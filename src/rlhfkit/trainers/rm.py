@@ -63,6 +63,7 @@ from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
 from rlhfkit.models import (
     DEFAULT_MODEL,
     LoraSettings,
+    apply_lora,
     disable_dropout,
     load_tokenizer,
     resolve_model,
@@ -170,20 +171,9 @@ def build_reward_model(
     set_pad_token(tokenizer, model)
     disable_dropout(model)
     if lora is not None and lora.enabled:
-        model = _apply_lora(model, lora)
+        # a classifier: SEQ_CLS task, and the head is trained in full (`modules_to_save`)
+        model = apply_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score"])
     return model, tokenizer
-
-
-def _apply_lora(model: Any, lora: LoraSettings) -> Any:
-    """LoRA for a classifier: `models.apply_lora` builds a CAUSAL_LM peft model, which a sequence classifier
-    cannot be; here the task is SEQ_CLS and the head is a fully trained module (`modules_to_save`)."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(
-        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        bias="none", task_type="SEQ_CLS", modules_to_save=["score"],
-    )  # fmt: skip
-    return get_peft_model(model, config)
 
 
 # ------------------------------------------------------------------------------------------ data
