@@ -203,6 +203,8 @@ class TrainLoop:
                 f"train.batch_size={cfg.batch_size} is not divisible by grad_accum x processes = "
                 f"{cfg.grad_accum} x {self.world}"
             )
+        # Not fused=True: the fused kernel (0.11 s instead of 0.47 s per step here) updates parameters without
+        # bumping their version counters, which the rollout engine uses to know its weight cache is stale.
         self.optimizer = torch.optim.AdamW(
             self.params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
         )

@@ -58,7 +58,7 @@ from rlhfkit.data import (
 )
 from rlhfkit.encoding import SequenceExample, encode_pair, pad
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
-from rlhfkit.loop import TrainConfig, TrainLoop, console, epoch_order, set_seed
+from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, console, set_seed
 from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
 from rlhfkit.models import (
     DEFAULT_MODEL,
@@ -286,8 +286,8 @@ class RMTrainer(TrainLoop):
         self.train_examples = train
         self.eval_examples = evals
         self.calibration = calibration
-        self.lengths = [ex.length for ex in train]
-        self._orders: dict[int, list[int]] = {}
+        lengths = [ex.length for ex in train]
+        self.stream = EpochStream(lengths, cfg.train.batch_size, cfg.train.seed, cfg.group_window)
         self._calibration_rows: list[dict[str, Any]] = []
 
     def total_steps(self) -> int:
@@ -296,19 +296,7 @@ class RMTrainer(TrainLoop):
         return max(1, math.ceil(self.cfg.epochs * len(self.train_examples) / self.cfg.batch_size))
 
     def step_examples(self, step: int) -> list[RMExample]:
-        """Prompts [step * B, (step + 1) * B) of the endless stream of length-grouped epochs (as SFT): a
-        pure function of `step`, so a resumed run sees exactly the data of an uninterrupted run."""
-        n, size = len(self.train_examples), self.cfg.batch_size
-        out = []
-        for pos in range(step * size, (step + 1) * size):
-            epoch = pos // n
-            if epoch not in self._orders:
-                self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-                self._orders[epoch] = epoch_order(
-                    self.lengths, size, self.rm.group_window, self.cfg.seed, epoch
-                )
-            out.append(self.train_examples[self._orders[epoch][pos % n]])
-        return out
+        return [self.train_examples[i] for i in self.stream.batch(step)]
 
     def example_length(self, example: RMExample) -> int:
         return example.length
