@@ -464,7 +464,8 @@ class TrainLoop:
 
 
 def _round(value: Any) -> Any:
-    return round(value, 6) if isinstance(value, float) else value
+    """6 significant digits (not decimals: a learning rate of 3e-7 must not be logged as 0)."""
+    return float(f"{value:.6g}") if isinstance(value, float) else value
 
 
 def _tensorboard(out: Path) -> Any:
