@@ -112,8 +112,9 @@ def test_ppo_with_lora_uses_the_adapter_free_policy_as_reference(tiny_model: Pat
     sets = ["train.max_steps=2", "train.lr=1e-2", "rollout_batch=8", "max_new_tokens=8", "lora.enabled=true"]
     run_ppo(ppo_config(tiny_model, prompts_file(tmp_path), out, *sets), function_scorer(count_target))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert rows[0]["kl"] == 0.0  # iteration 1: the policy is still the reference (LoRA B starts at 0)
-    assert rows[1]["kl"] != 0.0  # after one update the adapters moved the policy away from it
+    # iteration 1: the policy is still the reference (LoRA B starts at 0), up to float summation order
+    assert abs(rows[0]["kl"]) < 1e-4
+    assert abs(rows[1]["kl"]) > 1e-2  # after one update the adapters moved the policy away from it
     policy = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)
     pairs = zip(policy.parameters(), base.parameters(), strict=True)
