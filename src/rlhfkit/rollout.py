@@ -43,6 +43,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from rlhfkit.encoding import pad
+from rlhfkit.losses import gather_logprobs
+
 __all__ = [
     "Rollout",
     "RolloutEngine",
@@ -106,14 +109,8 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 
 def left_pad(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token lists into ``ids`` and ``mask``, both (B, P) int64."""
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)  # (B, P)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)  # (B, P)
-    for i, s in enumerate(seqs):
-        if s:
-            ids[i, width - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, width - len(s) :] = 1
+    """Left-pad token lists into ``ids`` and ``mask``, both (B, P) int64 (``encoding.pad``, left side)."""
+    ids, mask, _ = pad(seqs, pad_token_id, side="left")  # (B, P) each
     return ids, mask
 
 
@@ -147,7 +144,7 @@ def sequence_logprobs(
     if temperature > 0 and temperature != 1.0:
         logits = logits / temperature
     target = input_ids[:, completion_start:]  # (B, T)
-    lp = logits.gather(-1, target.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)  # (B, T)
+    lp = gather_logprobs(logits, target)  # (B, T)
     if completion_mask is not None:
         lp = lp * completion_mask.to(lp.dtype)
     return lp
