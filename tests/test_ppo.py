@@ -10,7 +10,8 @@ import torch
 from tests.conftest import write_jsonl
 
 from rlhfkit.config import load_config
-from rlhfkit.trainers.ppo import PPOConfig, function_scorer, run_ppo
+from rlhfkit.rewards import function_scorer
+from rlhfkit.trainers.ppo import PPOConfig, run_ppo
 
 TARGET = "a"
 
@@ -58,7 +59,7 @@ def test_ppo_raises_programmatic_reward_with_bounded_kl(tiny_model: Path, tmp_pa
 def test_rollout_logprobs_equal_training_forward(tiny_model: Path):
     from rlhfkit.models import eos_token_ids, load_causal_lm
     from rlhfkit.rollout import RolloutEngine, SamplingConfig
-    from rlhfkit.trainers.ppo import completion_logprobs
+    from rlhfkit.trainers.rl import completion_logprobs
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     engine = RolloutEngine(model, tokenizer, eos_token_ids(tokenizer, model))

@@ -52,7 +52,11 @@ def _run(fn: Callable[[], T]) -> T:
 
 
 def _overrides(sets: list[str] | None, **explicit: Any) -> list[str]:
-    return [f"{k}={v}" for k, v in explicit.items() if v is not None] + list(sets or [])
+    """`key=value` strings for the config loader; lists are written as JSON (a YAML flow sequence)."""
+    import json
+
+    pairs = [(k, json.dumps(v) if isinstance(v, list) else v) for k, v in explicit.items() if v]
+    return [f"{k}={v}" for k, v in pairs] + list(sets or [])
 
 
 @app.command()
@@ -104,6 +108,27 @@ def rm(
 
 
 @app.command()
+def dpo(
+    policy: Annotated[str | None, typer.Option(help="Policy (and frozen reference): the SFT model.")] = None,
+    data: Annotated[str | None, typer.Option(help="Preference pairs / rankings file.")] = None,
+    output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Step C offline: DPO / IPO / conservative DPO on preference pairs, no reward model."""
+    from rlhfkit.config import load_config
+    from rlhfkit.trainers.dpo import DPOConfig, run_dpo
+
+    def go() -> None:
+        cfg = load_config(DPOConfig, config, _overrides(set_, policy=policy, data=data, output=output))
+        metrics = run_dpo(cfg)
+        summary = f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.3f}; " if metrics else ""
+        err.print(f"[bold]dpo[/]: {summary}policy saved to {cfg.output}")
+
+    _run(go)
+
+
+@app.command()
 def score(
     reward: Annotated[str, typer.Option(help="Reward model directory (from `rlhfkit rm`).")],
     data: Annotated[str, typer.Option(help="prompt/completion, messages, pair or ranking records.")],
@@ -121,25 +146,97 @@ def score(
     _run(go)
 
 
-@app.command()
-def ppo(
-    policy: Annotated[str | None, typer.Option(help="Policy (and frozen reference): the SFT model.")] = None,
-    reward: Annotated[str | None, typer.Option(help="Reward model directory (from `rlhfkit rm`).")] = None,
-    reward_fn: Annotated[str | None, typer.Option(help="Or a Python reward: module:function.")] = None,
-    prompts: Annotated[str | None, typer.Option(help="RL prompts file (or bundled:NAME).")] = None,
-    output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
+def _rl_command(name: str, module: str, config_class: str, runner: str, doc: str) -> None:
+    """Register `rlhfkit NAME`: the on-policy RL commands share their options."""
+
+    def command(
+        policy: Annotated[
+            str | None, typer.Option(help="Policy (and frozen reference): the SFT model.")
+        ] = None,
+        reward: Annotated[
+            list[str] | None,
+            typer.Option(help="Reward model directory (repeatable; weights: reward_weights)."),
+        ] = None,
+        reward_fn: Annotated[
+            list[str] | None, typer.Option(help="Python reward module:function (repeatable).")
+        ] = None,
+        prompts: Annotated[str | None, typer.Option(help="RL prompts file (or bundled:NAME).")] = None,
+        output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
+        config: ConfigOpt = None,
+        set_: SetOpt = None,
+    ) -> None:
+        import importlib
+
+        from rlhfkit.config import load_config
+
+        trainer = importlib.import_module(module)
+
+        def go() -> None:
+            named = {"policy": policy, "reward": reward, "reward_fn": reward_fn, "prompts": prompts}
+            cfg = load_config(
+                getattr(trainer, config_class), config, _overrides(set_, output=output, **named)
+            )
+            getattr(trainer, runner)(cfg)
+            err.print(f"[bold]{name}[/]: policy saved to {cfg.output}")
+
+        _run(go)
+
+    command.__doc__ = doc
+    app.command(name=name)(command)
+
+
+_rl_command(
+    "ppo", "rlhfkit.trainers.ppo", "PPOConfig", "run_ppo",
+    "Step C: PPO against the reward with a KL penalty to the reference model.",
+)  # fmt: skip
+_rl_command(
+    "grpo", "rlhfkit.trainers.grpo", "GRPOConfig", "run_grpo",
+    "Step C without a critic: GRPO (group-normalised advantages, k3 KL in the loss).",
+)  # fmt: skip
+_rl_command(
+    "rloo", "rlhfkit.trainers.grpo", "RLOOConfig", "run_rloo",
+    "Step C without a critic: RLOO (leave-one-out baseline, KL in the reward).",
+)  # fmt: skip
+
+
+@app.command("eval")
+def eval_(
+    policy: Annotated[str | None, typer.Option(help="Trained policy: model dir, name or hub id.")] = None,
+    reference: Annotated[str | None, typer.Option(help="Model to compare with: the SFT model.")] = None,
+    reward: Annotated[str | None, typer.Option(help="Reward model dir: adds RM scores and accuracy.")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Held-out prompts file (or bundled:NAME).")] = None,
+    output: Annotated[str | None, typer.Option(help="Output directory (eval.json, answers.jsonl).")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """Step C: PPO against the reward with a KL penalty to the reference model."""
+    """Gold win rate (95% CI), gold and RM scores, KL to the reference, lengths, RM accuracy vs gold."""
     from rlhfkit.config import load_config
-    from rlhfkit.trainers.ppo import PPOConfig, run_ppo
+    from rlhfkit.evaluate import EvalConfig, run_eval
 
     def go() -> None:
-        named = {"policy": policy, "reward": reward, "reward_fn": reward_fn, "prompts": prompts}
-        cfg = load_config(PPOConfig, config, _overrides(set_, output=output, **named))
-        run_ppo(cfg)
-        err.print(f"[bold]ppo[/]: policy saved to {cfg.output}")
+        named = {"policy": policy, "reference": reference, "reward": reward, "prompts": prompts}
+        cfg = load_config(EvalConfig, config, _overrides(set_, output=output, **named))
+        res = run_eval(cfg)
+        wr = res["win_rate"]
+        err.print(
+            f"[bold]eval[/]: win rate {wr['rate']:.3f} [{wr['low']:.3f}, {wr['high']:.3f}], "
+            f"gold {res['gold']['reference']:.3f} -> {res['gold']['policy']:.3f}, "
+            f"KL {res['kl']['mean']:.3f} nats; written to {cfg.output}"
+        )
+
+    _run(go)
+
+
+@app.command()
+def report(
+    run: Annotated[Path, typer.Option(help="Run directory (written by `rlhfkit pipeline`).")],
+    output: Annotated[Path | None, typer.Option(help="HTML file (default: RUN/report.html).")] = None,
+) -> None:
+    """Write a self-contained HTML report of a run: results, timings, curves, over-optimisation, answers."""
+    from rlhfkit.report import build_report
+
+    def go() -> None:
+        err.print(f"[bold]report[/]: written to {build_report(run, output)}")
 
     _run(go)
 

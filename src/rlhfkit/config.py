@@ -40,6 +40,8 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, args))}")
         return value
+    if origin in (list, tuple) and isinstance(value, str | int | float) and not isinstance(value, bool):
+        value = [value]  # `--set reward=runs/rm` for a list field: a list of one
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

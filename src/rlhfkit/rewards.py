@@ -31,7 +31,8 @@ import contextlib
 import json
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,12 +48,18 @@ from rlhfkit.data import (
     resolve_data_path,
 )
 from rlhfkit.encoding import pad, prompt_answer_ids
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.models import load_tokenizer, resolve_model, unwrap
 
 if TYPE_CHECKING:
     from rlhfkit.data import PromptRecord
     from rlhfkit.rollout import Rollout
+
+# (prompts, completions, rollout, records) -> scores (B,): what RL trainers call once per rollout batch
+Scorer = Callable[[list[str], list[str], "Rollout", list["PromptRecord"]], torch.Tensor]
+# a verifiable reward: (prompts, completions, **fields) -> one float per completion; fields are the extra
+# columns of the prompt data set (e.g. `answer`), one list each
+RewardFn = Callable[..., Sequence[float]]
 
 SHIFT_KEY = "rlhfkit_reward_shift"
 SCALE_KEY = "rlhfkit_reward_scale"
@@ -202,6 +209,86 @@ def rollout_scorer(path: str | Path, batch_size: int = 16) -> Any:
         return scorer.score_padded(rollout.input_ids, rollout.attention_mask)
 
     return score
+
+
+# ------------------------------------------------------------------------------ functions and mixtures
+def load_reward_function(spec: str) -> RewardFn:
+    """Import `module:function`."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep:
+        raise ConfigError(f"reward_fn {spec!r}: expected module:function")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"reward_fn {spec!r}: {exc}") from None
+
+
+def function_scorer(fn: RewardFn) -> Scorer:
+    """A Scorer over a Python reward function; extra prompt fields are passed as keyword lists."""
+
+    def score(
+        prompts: list[str], completions: list[str], rollout: Rollout, records: list[PromptRecord]
+    ) -> torch.Tensor:
+        keys = sorted({k for r in records for k in r.fields})
+        fields = {k: [r.fields.get(k) for r in records] for k in keys}
+        values = list(fn(prompts, completions, **fields))
+        if len(values) != len(prompts):
+            raise ValueError(f"reward function returned {len(values)} scores for {len(prompts)} answers")
+        return torch.tensor([float(v) for v in values], dtype=torch.float32)
+
+    return score
+
+
+@dataclass(frozen=True)
+class RewardComponent:
+    name: str
+    weight: float
+    scorer: Scorer
+
+
+class RewardMix:
+    """r = sum_i w_i r_i over reward models and functions; each component's scores are returned for logging.
+
+    Called like a Scorer, it returns (total (B,), {name: component scores (B,)})."""
+
+    def __init__(self, components: Sequence[RewardComponent]) -> None:
+        if not components:
+            raise ConfigError(
+                "RL needs a reward: --reward DIR (a reward model) or --reward-fn module:function"
+            )
+        names = [c.name for c in components]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"reward components need distinct names, got {names}")
+        self.components = list(components)
+
+    @classmethod
+    def from_specs(
+        cls, models: Sequence[str], functions: Sequence[str], weights: Sequence[float] = ()
+    ) -> RewardMix:
+        """Reward models first, then functions; `weights` (one per component) default to 1."""
+        specs = [("rm", m) for m in models] + [("fn", f) for f in functions]
+        if weights and len(weights) != len(specs):
+            raise ConfigError(
+                f"reward_weights has {len(weights)} entries for {len(specs)} reward components "
+                "(reward models first, then reward functions)"
+            )
+        components = []
+        for i, (kind, spec) in enumerate(specs):
+            scorer = rollout_scorer(spec) if kind == "rm" else function_scorer(load_reward_function(spec))
+            name = Path(spec).name if kind == "rm" else spec.rpartition(":")[2]
+            if any(c.name == name for c in components):
+                name = f"{name}_{i}"
+            components.append(RewardComponent(name, float(weights[i]) if weights else 1.0, scorer))
+        return cls(components)
+
+    def __call__(
+        self, prompts: list[str], completions: list[str], rollout: Rollout, records: list[PromptRecord]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        parts = {c.name: c.scorer(prompts, completions, rollout, records).float() for c in self.components}
+        total = sum(c.weight * parts[c.name] for c in self.components)  # (B,)
+        return torch.as_tensor(total), parts
 
 
 # ------------------------------------------------------------------------------------- `rlhfkit score`

@@ -1,0 +1,227 @@
+"""Step C without a critic: GRPO (and its DAPO / Dr. GRPO variants) and RLOO.
+
+    rlhfkit grpo --policy runs/sft --reward runs/rm --prompts prompts.jsonl --output runs/grpo
+    rlhfkit rloo --policy runs/sft --reward-fn my_rewards:exact_match --prompts math.jsonl --output runs/rloo
+
+One iteration (papers.md section 3):
+ 1. `prompts_per_step` prompts, each sampled `num_generations` = G times (one group per prompt); the
+    engine's per-token log-probs are the old log-probs, so no separate old-policy pass is needed;
+ 2. every answer is scored by the reward mixture (reward models and functions, with weights);
+ 3. advantages, one per answer:
+      GRPO (Shao et al. 2024):  A_i = (r_i - mean_group) / std   (std of the group, of the batch, or none)
+      RLOO (Ahmadian et al. 2024): A_i = r_i - mean of the other G - 1 rewards of the group, where the
+        reward already holds the KL penalty: r_i = score_i - beta * sum_t (log pi_old - log pi_ref)
+    `dynamic_sampling` drops the groups whose rewards are all equal (DAPO; their advantages are 0, so they
+    would only dilute the loss; we do not resample to refill the batch);
+ 4. `num_iterations` updates on the batch, each: clipped ratio loss with separate low/high clip (DAPO's
+    clip-higher), for GRPO plus beta x the k3 estimate of KL(pi || pi_ref) per token inside the loss,
+    aggregated per sequence ("grpo"), per token over the batch ("dapo") or by a constant length
+    ("dr_grpo", Liu et al. 2025). `mask_truncated` removes answers that never reached EOS from the loss.
+With beta = 0 no reference model is loaded and no reference pass is run.
+
+Shapes: B = prompts x G rollouts, P prompt tokens, T answer tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from rlhfkit import losses
+from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
+from rlhfkit.errors import ConfigError
+from rlhfkit.loop import TrainConfig
+from rlhfkit.models import load_tokenizer, save_model
+from rlhfkit.rewards import RewardMix, Scorer
+from rlhfkit.trainers.rl import RLConfig, RLTrainer, check_prompt_lengths, completion_logprobs, reward_mix
+
+AGGREGATION: dict[str, losses.Aggregation] = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
+
+
+@dataclass
+class GRPOConfig(RLConfig):
+    """Settings of `rlhfkit grpo` (the shared ones are documented in `RLConfig`)."""
+
+    prompts_per_step: int = 8
+    """Prompts per iteration; each is answered `num_generations` times."""
+    num_generations: int = 4
+    """G, the group size."""
+    advantage: Literal["grpo", "rloo"] = "grpo"
+    """Group-normalised advantages (GRPO) or the leave-one-out baseline (RLOO)."""
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    """GRPO: divide the centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
+    beta: float = 0.04
+    """KL coefficient: GRPO puts beta x k3 inside the loss, RLOO subtracts beta x sum_t k1 from the reward.
+    0: no reference model at all."""
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
+    """Loss aggregation: mean per sequence then over sequences, mean over all tokens, or sum / (B x
+    max_new_tokens)."""
+    clip_low: float = 0.2
+    """Lower ratio clip epsilon."""
+    clip_high: float = 0.2
+    """Upper ratio clip epsilon (DAPO's clip-higher: 0.28)."""
+    num_iterations: int = 1
+    """Updates per rollout batch (mu); the first has ratio 1, the later ones use importance ratios."""
+    micro_batch: int = 0
+    """Rollouts per forward/backward pass within an update (gradient accumulation; 0: all at once)."""
+    mask_truncated: bool = False
+    """Leave answers that never reached EOS out of the loss."""
+    dynamic_sampling: bool = False
+    """Drop groups whose rewards are all equal (DAPO)."""
+    output: str = "runs/grpo"
+    """Output directory: the final policy (transformers format), metrics, checkpoints."""
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-6, max_steps=50, scheduler="constant", save_every=10)
+    )
+    """The shared loop: `max_steps` = iterations."""
+
+
+@dataclass
+class RLOOConfig(GRPOConfig):
+    """Settings of `rlhfkit rloo`: GRPOConfig with the leave-one-out baseline and the KL in the reward."""
+
+    advantage: Literal["grpo", "rloo"] = "rloo"
+    """Group-normalised advantages (GRPO) or the leave-one-out baseline (RLOO)."""
+    beta: float = 0.05
+    """KL coefficient, subtracted from each answer's reward as beta x sum_t (log pi - log pi_ref)."""
+    output: str = "runs/rloo"
+    """Output directory: the final policy (transformers format), metrics, checkpoints."""
+
+
+class GRPOTrainer(RLTrainer):
+    name = "grpo"
+
+    def __init__(self, cfg: GRPOConfig, records: list[PromptRecord], reward: RewardMix | Scorer) -> None:
+        if cfg.num_generations < 2:
+            raise ConfigError(f"num_generations must be >= 2 for group baselines, got {cfg.num_generations}")
+        if cfg.num_iterations < 1:
+            raise ConfigError(f"num_iterations must be >= 1, got {cfg.num_iterations}")
+        self.grpo = cfg
+        self.group = cfg.num_generations
+        self.name = cfg.advantage
+        super().__init__(cfg, records, reward, need_reference=cfg.beta > 0)
+
+    def prompts_per_step(self) -> int:
+        return self.grpo.prompts_per_step
+
+    def total_updates(self) -> int:
+        return self.cfg.max_steps * self.grpo.num_iterations
+
+    @torch.no_grad()
+    def make_experience(self, indices: list[int]) -> tuple[dict[str, Any] | None, dict[str, float]]:
+        cfg = self.grpo
+        samples = self.sample(indices)
+        t1 = time.perf_counter()
+        rollout, cmask, scores = samples.rollout, samples.mask, samples.scores  # (B, T), (B, T), (B,)
+        old_logprobs = rollout.logprobs * cmask  # (B, T)
+        stats = dict(samples.stats)
+        ref_logprobs = None
+        rewards = scores  # (B,)
+        if self.need_reference:
+            ref_logprobs = self.reference_logprobs(rollout)  # (B, T)
+            seq_kl = (losses.kl_estimate(old_logprobs, ref_logprobs, "k1") * cmask).sum(-1)  # (B,)
+            stats["kl"] = float(seq_kl.mean())
+            if cfg.advantage == "rloo":
+                rewards = scores - cfg.beta * seq_kl  # (B,)
+        if cfg.advantage == "rloo":
+            advantages = losses.rloo_advantages(rewards, self.group)  # (B,)
+            zero_var = (advantages.view(-1, self.group) == 0).all(dim=1)  # (B/G,)
+        else:
+            advantages, zero_var = losses.group_advantages(rewards, self.group, cfg.scale_rewards)
+        stats.update(
+            total_reward=float(rewards.mean()),
+            reward_std_in_group=float(rewards.view(-1, self.group).std(dim=1).mean()),
+            zero_variance_groups=float(zero_var.float().mean()),
+        )
+        keep = torch.ones(len(rewards), dtype=torch.bool)  # (B,)
+        if cfg.dynamic_sampling:
+            keep = (~zero_var).repeat_interleave(self.group)  # (B,)
+        loss_mask = cmask * keep[:, None]  # (B, T)
+        if cfg.mask_truncated:
+            loss_mask = loss_mask * rollout.ended[:, None]  # (B, T)
+        stats["seconds_scoring"] += time.perf_counter() - t1
+        rows = keep.nonzero().squeeze(1)  # (B',)
+        if len(rows) == 0:
+            return None, stats
+        experience = {
+            "input_ids": rollout.input_ids[rows], "attention_mask": rollout.attention_mask[rows],
+            "position_ids": rollout.position_ids[rows], "start": rollout.completion_start,
+            "loss_mask": loss_mask[rows], "old_logprobs": old_logprobs[rows], "advantages": advantages[rows],
+            "ref_logprobs": None if ref_logprobs is None or cfg.advantage == "rloo" else ref_logprobs[rows],
+        }  # fmt: skip
+        return experience, stats
+
+    def grpo_loss(self, model: Any, mb: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Clipped policy loss (+ beta x k3 KL) of one micro-batch, scaled to a sum over the items the
+        aggregation averages over (tokens for "dapo", sequences otherwise), as the loop expects."""
+        cfg = self.grpo
+        ids, mask, pos, start, lmask = (
+            mb[k] for k in ("input_ids", "attention_mask", "position_ids", "start", "loss_mask")
+        )
+        logprobs, entropy = completion_logprobs(model, ids, mask, pos, start, cfg.temperature)  # (B, T)
+        agg = AGGREGATION[cfg.loss_type]
+        max_len = cfg.max_new_tokens
+        pg, m = losses.policy_loss(
+            logprobs, mb["old_logprobs"], mb["advantages"], lmask, cfg.clip_low, cfg.clip_high, agg, max_len
+        )
+        count = lmask.sum() if agg == "token" else torch.tensor(float(ids.shape[0]))
+        loss = pg
+        sums = {key: m[key] * count for key in ("clip_frac", "approx_kl", "ratio_mean")}
+        if mb["ref_logprobs"] is not None:
+            k3 = losses.kl_estimate(logprobs, mb["ref_logprobs"], "k3")  # (B, T)
+            kl = losses.aggregate_loss(k3, lmask, agg, max_len)
+            loss = loss + cfg.beta * kl
+            sums["kl_loss"] = kl.detach() * count
+        sums["policy_loss"] = pg.detach() * count
+        sums["entropy"] = losses.masked_mean(entropy, lmask) * count
+        return loss * count, sums
+
+    def train_step(self, step: int) -> dict[str, float]:
+        experience, stats = self.make_experience(self.batch_indices(step))
+        t0 = time.perf_counter()
+        out: dict[str, float] = {"skipped": 0.0}
+        if experience is None:  # every group had equal rewards: nothing to learn from
+            out["skipped"] = 1.0
+        else:
+            self.policy.train()
+            n = experience["input_ids"].shape[0]
+            size = self.grpo.micro_batch or n
+            agg = AGGREGATION[self.grpo.loss_type]
+            batches = []
+            for lo in range(0, n, size):
+                mb = {
+                    k: (v[lo : lo + size] if isinstance(v, torch.Tensor) else v)
+                    for k, v in experience.items()
+                }
+                mb["num_items"] = (
+                    float(mb["loss_mask"].sum()) if agg == "token" else float(len(mb["input_ids"]))
+                )
+                batches.append(mb)
+            totals: dict[str, float] = {}
+            for it in range(self.grpo.num_iterations):
+                metrics = self.optimize(batches, self.grpo_loss)
+                if it == 0:
+                    out["ratio_first_update"] = metrics["ratio_mean"]
+                for key, value in metrics.items():
+                    totals[key] = totals.get(key, 0.0) + value / self.grpo.num_iterations
+            out.update(totals)
+        out.update(stats)
+        out["seconds_training"] = time.perf_counter() - t0
+        return out
+
+    def save_final(self) -> None:
+        save_model(self.policy, self.tokenizer, self.output_dir)
+
+
+def run_grpo(cfg: GRPOConfig, reward: RewardMix | Scorer | None = None) -> dict[str, float]:
+    """Validate the prompts and the reward before anything is written, then train (GRPO or RLOO)."""
+    records = load_prompts(resolve_data_path(cfg.prompts))
+    tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
+    check_prompt_lengths(records, tokenizer, cfg.max_prompt_length)
+    return GRPOTrainer(cfg, records, reward or reward_mix(cfg)).run()
+
+
+run_rloo = run_grpo  # RLOOConfig carries the difference

@@ -1,0 +1,236 @@
+"""What the on-policy RL trainers (PPO, GRPO, RLOO) share: settings, sampling, scoring, reference log-probs.
+
+One iteration of any of them starts the same way:
+ 1. pick the iteration's prompts (a seeded epoch order, so a resumed run sees the same prompts), repeat
+    each `group` times (GRPO/RLOO groups; PPO uses 1) and sample answers with the rollout engine, keeping
+    the per-token log-probs of logits / temperature (the "old" log-probs of the first update);
+ 2. decode the answers and score them with the reward mixture: reward models and Python functions with
+    weights, each component logged on its own; answers that never reach EOS may get `no_eos_score`;
+ 3. the reference log-probs (the frozen start policy; with LoRA the policy with its adapters disabled, so
+    no second copy of the weights is held).
+What differs (advantages, losses, the critic) lives in each trainer.
+
+`gold` names a function that only watches: the mean gold score of each iteration's rollouts is logged as
+`gold` (for the over-optimisation curve of the report), never used as a reward.
+
+Shapes: B rollouts, P prompt tokens (left-padded), T answer tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rlhfkit import losses
+from rlhfkit.data import PromptRecord
+from rlhfkit.encoding import chat_prompt_text, prompt_ids
+from rlhfkit.errors import DataError
+from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
+from rlhfkit.models import DEFAULT_MODEL, LoraSettings, decoder_and_head, eos_token_ids, load_causal_lm
+from rlhfkit.rewards import RewardComponent, RewardMix, Scorer
+from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
+
+
+@dataclass
+class RLConfig:
+    """Settings every on-policy trainer has."""
+
+    policy: str = DEFAULT_MODEL
+    """Policy to optimise; also the frozen reference model (normally the SFT model)."""
+    reward: list[str] = field(default_factory=list)
+    """Reward model directories (from `rlhfkit rm`)."""
+    reward_fn: list[str] = field(default_factory=list)
+    """Python reward functions `module:function(prompts, completions, **fields) -> list[float]`."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward component, reward models first, then functions (empty: all 1)."""
+    gold: str | None = None
+    """Watch only: log the mean score of this `module:function` (or "default", the simulated annotators'
+    gold preference) over each iteration's rollouts as `gold`. Never a training signal."""
+    prompts: str = "bundled:prompts.jsonl"
+    """RL prompts: {"prompt": ...} records; extra fields go to reward functions."""
+    output: str = "runs/rl"
+    """Output directory: the final policy (transformers format), metrics, checkpoints."""
+    max_prompt_length: int = 256
+    """Prompts longer than this (in tokens) are an error naming the record."""
+    max_new_tokens: int = 64
+    """Longest answer."""
+    temperature: float = 0.7
+    """Sampling temperature (log-probs use logits / temperature everywhere)."""
+    top_p: float = 1.0
+    """Nucleus sampling."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    no_eos_score: float | None = None
+    """Score given to answers that never reach EOS (None: keep the reward's score)."""
+    sample_every: int = 10
+    """Append sample answers to samples.jsonl every N iterations (0: never)."""
+    trust_remote_code: bool = False
+    """Allow model code from model directories."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters on the policy (and the value model); the reference is then the adapter-free policy."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """The shared loop: `max_steps` = RL iterations."""
+
+
+@dataclass
+class Samples:
+    """One scored rollout batch, rows in groups of `group` answers to the same prompt."""
+
+    rollout: Rollout
+    records: list[PromptRecord]
+    prompts: list[str]  # display text of each row's prompt
+    completions: list[str]  # decoded answers
+    scores: torch.Tensor  # (B,) the reward used (after no_eos_score)
+    stats: dict[str, float]
+
+    @property
+    def mask(self) -> torch.Tensor:  # (B, T) float: 1 on real answer tokens including EOS
+        return self.rollout.completion_mask.float()
+
+
+def completion_logprobs(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, start: int, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probs, entropy) of the answer tokens ids[:, start:], both (B, T); the output layer runs only
+    on the answer positions."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state  # (B, P+T, C)
+    logits = head(hidden[:, start - 1 : -1]) / max(temperature, 1e-7)  # (B, T, V)
+    logprobs = losses.gather_logprobs(logits, ids[:, start:])  # (B, T)
+    with torch.no_grad():
+        entropy = losses.entropy_from_logits(logits)  # (B, T)
+    return logprobs, entropy
+
+
+def check_prompt_lengths(records: list[PromptRecord], tokenizer: Any, limit: int) -> None:
+    for rec in records:
+        n = len(prompt_ids(tokenizer, rec.prompt))
+        if n > limit:
+            raise DataError(
+                rec.source.path,
+                rec.source.line,
+                "prompt",
+                f"is {n} tokens, more than max_prompt_length={limit}",
+            )
+
+
+def as_reward_mix(reward: RewardMix | Scorer) -> RewardMix:
+    return reward if isinstance(reward, RewardMix) else RewardMix([RewardComponent("reward", 1.0, reward)])
+
+
+def reward_mix(cfg: RLConfig) -> RewardMix:
+    return RewardMix.from_specs(cfg.reward, cfg.reward_fn, cfg.reward_weights)
+
+
+class RLTrainer(TrainLoop):
+    """The shared half of PPO, GRPO and RLOO; subclasses build the trainable module and the update."""
+
+    group = 1  # answers sampled per prompt
+
+    def __init__(
+        self, cfg: RLConfig, records: list[PromptRecord], reward: RewardMix | Scorer, need_reference: bool
+    ) -> None:
+        set_seed(cfg.train.seed)
+        self.rl = cfg
+        policy, tokenizer = load_causal_lm(cfg.policy, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
+        self.reference = None
+        if need_reference and not cfg.lora.enabled:
+            self.reference, _ = load_causal_lm(cfg.policy, trust_remote_code=cfg.trust_remote_code)
+            self.reference.requires_grad_(False).eval()
+        self.need_reference = need_reference
+        self.policy, self.tokenizer = policy, tokenizer
+        super().__init__(cfg.train, self.build_model(policy), cfg.output, cfg)
+        self.records = records
+        self.prompt_ids = [prompt_ids(tokenizer, r.prompt) for r in records]
+        self.reward = as_reward_mix(reward)
+        self.rollout_engine = RolloutEngine(policy, tokenizer, eos_token_ids(tokenizer, policy))
+        self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * self.rank)
+        self.gold_fn = None
+        if cfg.gold:
+            from rlhfkit.judge import load_gold
+
+            self.gold_fn = load_gold(cfg.gold)
+
+    def build_model(self, policy: torch.nn.Module) -> torch.nn.Module:
+        """The module the optimizer trains and the checkpoint holds (PPO adds its value model)."""
+        return policy
+
+    def prompts_per_step(self) -> int:
+        raise NotImplementedError
+
+    def make_stream(self) -> EpochStream:
+        return EpochStream([0] * len(self.records), self.prompts_per_step(), self.cfg.seed)
+
+    def total_steps(self) -> int:
+        return self.cfg.max_steps
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state()}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.generator.set_state(state["generator"])
+
+    def batch_indices(self, step: int) -> list[int]:
+        """Prompt indices of iteration `step`, this process's share."""
+        if not hasattr(self, "_stream"):
+            self._stream = self.make_stream()
+        return self._stream.batch(step)[self.rank :: self.world]
+
+    @torch.no_grad()
+    def sample(self, indices: list[int]) -> Samples:
+        """Rollout (each prompt `group` times, consecutively) and reward of one iteration."""
+        rows = [i for i in indices for _ in range(self.group)]
+        t0 = time.perf_counter()
+        rollout = self.rollout_engine.generate([self.prompt_ids[i] for i in rows], self.sampling, self.generator)
+        t1 = time.perf_counter()
+        records = [self.records[i] for i in rows]
+        completions = [
+            self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
+            for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
+        ]
+        prompts = [chat_prompt_text(r.prompt) for r in records]
+        raw, parts = self.reward(prompts, completions, rollout, records)  # (B,), {name: (B,)}
+        scores = raw.float()
+        if self.rl.no_eos_score is not None:
+            scores = torch.where(rollout.ended, scores, torch.full_like(scores, self.rl.no_eos_score))  # (B,)
+        n_tokens = float(rollout.completion_mask.sum())
+        stats = {
+            "score": float(raw.mean()),
+            "score_used": float(scores.mean()),
+            "answer_length": float(rollout.lengths.float().mean()),
+            "eos_rate": float(rollout.ended.float().mean()),
+            "rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
+            "seconds_rollout": t1 - t0,
+        }
+        if len(parts) > 1:
+            stats.update({f"reward_{name}": float(v.mean()) for name, v in parts.items()})
+        if self.gold_fn is not None:
+            stats["gold"] = sum(self.gold_fn(p, c) for p, c in zip(prompts, completions, strict=True)) / len(
+                prompts
+            )
+        stats["seconds_scoring"] = time.perf_counter() - t1
+        self.tokens_seen += int(n_tokens)
+        if self.rl.sample_every and self.step % self.rl.sample_every == 0 and self.is_main:
+            self.log_samples(prompts, completions, scores)
+        return Samples(rollout, records, prompts, completions, scores, stats)
+
+    @torch.no_grad()
+    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+        """log pi_ref of each answer token (B, T), zero on padding."""
+        args = (rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.completion_start)
+        if self.reference is not None:
+            lp, _ = completion_logprobs(self.reference, *args, self.rl.temperature)
+        else:
+            with self.policy.disable_adapter():
+                lp, _ = completion_logprobs(self.policy, *args, self.rl.temperature)
+        return lp * rollout.completion_mask  # (B, T)
+
+    def log_samples(self, prompts: list[str], completions: list[str], scores: torch.Tensor) -> None:
+        with open(self.output_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
+            for p, c, s in list(zip(prompts, completions, scores.tolist(), strict=True))[:4]:
+                fh.write(json.dumps({"step": self.step, "prompt": p, "completion": c, "score": s}) + "\n")

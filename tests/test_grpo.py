@@ -1,0 +1,193 @@
+"""GRPO and RLOO on a tiny model: they learn a verifiable reward, and their switches do what they say."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tests.conftest import write_jsonl
+
+from rlhfkit.config import load_config
+from rlhfkit.rewards import RewardComponent, RewardMix, function_scorer
+from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, run_grpo
+from rlhfkit.trainers.rl import completion_logprobs
+
+
+def count_target(prompts: list[str], completions: list[str], target: list[str], **fields) -> list[float]:
+    """Verifiable reward: how many answer characters equal the prompt's own `target` field."""
+    return [float(c.count(t)) for c, t in zip(completions, target, strict=True)]
+
+
+def constant(prompts: list[str], completions: list[str], **fields) -> list[float]:
+    return [1.0] * len(completions)
+
+
+def prompts_file(tmp_path: Path, n: int = 16) -> Path:
+    rows = [
+        {"prompt": [{"role": "user", "content": f"Write {i}."}], "target": "a" if i % 2 else "e"}
+        for i in range(n)
+    ]
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+def config(cls: type[GRPOConfig], model: Path, prompts: Path, out: Path, *sets: str) -> GRPOConfig:
+    base = [
+        f"policy={model}", f"prompts={prompts}", f"output={out}", "max_new_tokens=16", "temperature=1.0",
+        "prompts_per_step=8", "num_generations=4", "sample_every=0", "train.save_every=0",
+        "reward_fn=tests.test_grpo:count_target",
+    ]  # fmt: skip
+    return load_config(cls, None, base + list(sets))
+
+
+def train_rows(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [GRPOConfig, RLOOConfig])
+def test_critic_free_rl_raises_a_verifiable_reward(cls: type[GRPOConfig], tiny_model: Path, tmp_path: Path):
+    out = tmp_path / "run"
+    cfg = config(cls, tiny_model, prompts_file(tmp_path), out, "train.max_steps=20", "train.lr=1e-2")
+    run_grpo(cfg)
+    rows = train_rows(out)
+    assert len(rows) == 20
+    # one update per rollout batch: the old log-probs are the sampler's, so the ratio is exactly 1
+    assert all(abs(r["ratio_first_update"] - 1.0) < 1e-4 for r in rows)
+    first = sum(r["score"] for r in rows[:3]) / 3
+    last = sum(r["score"] for r in rows[-3:]) / 3
+    # The random tiny model writes a given letter in ~1 of 100 characters: ~0.2 per 16-token answer.
+    # 2.0 per answer, on a mean over 3 x 32 answers, is ~10x chance: the policy learned the rule (with
+    # each prompt's own target letter coming from its `target` field).
+    assert first < 0.6 and last > 2.0, (first, last)
+    assert rows[-1]["kl"] > 0.1  # it had to move away from the reference to get there
+    if cls is RLOOConfig:  # the KL penalty is folded into the reward: total = score - beta x KL
+        for r in rows:
+            assert r["total_reward"] == pytest.approx(r["score_used"] - 0.05 * r["kl"], abs=1e-4)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # a plain transformers model
+
+
+def test_beta_zero_loads_no_reference(tiny_model: Path, tmp_path: Path):
+    from rlhfkit.data import load_prompts
+
+    prompts = prompts_file(tmp_path)
+    cfg = config(GRPOConfig, tiny_model, prompts, tmp_path / "b0", "beta=0", "train.max_steps=1")
+    trainer = GRPOTrainer(cfg, load_prompts(prompts), function_scorer(constant))
+    assert trainer.reference is None and not trainer.need_reference
+
+    def no_reference_pass(*args):
+        raise AssertionError("beta = 0 must not run a reference pass")
+
+    trainer.reference_logprobs = no_reference_pass
+    trainer.run()
+    assert "kl" not in train_rows(tmp_path / "b0")[0]
+
+
+def test_equal_rewards_give_no_update_with_dynamic_sampling(tiny_model: Path, tmp_path: Path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "flat"
+    sets = [
+        "reward_fn=tests.test_grpo:constant",
+        "dynamic_sampling=true",
+        "train.max_steps=2",
+        "train.lr=1e-2",
+    ]
+    run_grpo(config(GRPOConfig, tiny_model, prompts_file(tmp_path), out, *sets))
+    rows = train_rows(out)
+    assert [r["skipped"] for r in rows] == [1.0, 1.0]
+    assert all(r["zero_variance_groups"] == 1.0 for r in rows)
+    before, after = (
+        load_file(str(tiny_model / "model.safetensors")),
+        load_file(str(out / "model.safetensors")),
+    )
+    assert all(torch.equal(before[k], after[k]) for k in before)  # no optimizer step was taken
+
+
+def test_masked_truncated_answers_carry_no_gradient(tiny_model: Path, tmp_path: Path):
+    """With 4-token answers few rows reach EOS: mask_truncated zeroes exactly the others."""
+    from rlhfkit.data import load_prompts
+
+    prompts = prompts_file(tmp_path)
+    sets = ["max_new_tokens=4", "mask_truncated=true", "train.max_steps=1"]
+    cfg = config(GRPOConfig, tiny_model, prompts, tmp_path / "trunc", *sets)
+    trainer = GRPOTrainer(cfg, load_prompts(prompts), function_scorer(count_target))
+    experience, stats = trainer.make_experience(trainer.batch_indices(0))
+    assert experience is not None
+    lost = int((experience["loss_mask"].sum(-1) == 0).sum())
+    rows = experience["input_ids"].shape[0]
+    assert lost == round((1.0 - stats["eos_rate"]) * rows) and lost > 0
+    loss, _ = trainer.grpo_loss(trainer.policy, {**experience, "loss_mask": torch.zeros((rows, 4))})
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in trainer.policy.parameters())
+
+
+@pytest.mark.parametrize(("loss_type", "expected"), [("dapo", 7.0), ("grpo", 2.0), ("dr_grpo", 2.0)])
+def test_loss_is_summed_over_the_items_its_aggregation_averages(
+    loss_type: str, expected: float, tiny_model: Path, tmp_path: Path
+):
+    """The loop divides by `num_items`: tokens for "dapo", sequences for "grpo" and "dr_grpo"."""
+    from rlhfkit.data import load_prompts
+
+    prompts = prompts_file(tmp_path)
+    cfg = config(GRPOConfig, tiny_model, prompts, tmp_path / loss_type, f"loss_type={loss_type}", "beta=0")
+    trainer = GRPOTrainer(cfg, load_prompts(prompts), function_scorer(count_target))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 10]])  # 2-token prompts, 4-token answers
+    lmask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])  # 4 + 3 answer tokens
+    pos = torch.arange(6).expand(2, 6)
+    with torch.no_grad():
+        old, _ = completion_logprobs(trainer.policy, ids, torch.ones_like(ids), pos, 2, 1.0)
+    mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": pos, "start": 2,
+          "loss_mask": lmask, "old_logprobs": old, "advantages": torch.tensor([1.0, -1.0]),
+          "ref_logprobs": None}  # fmt: skip
+    loss_sum, sums = trainer.grpo_loss(trainer.policy, mb)
+    # ratio 1 everywhere: per-token loss is -A; the ratio sum is one per counted item
+    assert float(sums["ratio_mean"]) == pytest.approx(expected, abs=1e-5)
+    per_item = {"dapo": (-4 + 3) / 7, "grpo": (-1 + 1) / 2, "dr_grpo": (-4 + 3) / (2 * 16)}[loss_type]
+    assert float(loss_sum) == pytest.approx(per_item * expected, abs=1e-5)
+
+
+def test_reward_mix_weights_and_logs_each_component(tiny_model: Path, tmp_path: Path):
+    out = tmp_path / "mix"
+    mix = RewardMix(
+        [
+            RewardComponent("letters", 2.0, function_scorer(count_target)),
+            RewardComponent("flat", -0.5, function_scorer(constant)),
+        ]
+    )
+    cfg = config(GRPOConfig, tiny_model, prompts_file(tmp_path), out, "train.max_steps=1")
+    run_grpo(cfg, mix)
+    (row,) = train_rows(out)
+    assert row["score"] == pytest.approx(2.0 * row["reward_letters"] - 0.5 * row["reward_flat"], abs=1e-4)
+    assert row["reward_flat"] == 1.0
+
+
+def test_reward_weights_must_match_components(tmp_path: Path):
+    from rlhfkit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="reward_weights has 2 entries for 1 reward components"):
+        RewardMix.from_specs([], ["tests.test_grpo:constant"], [1.0, 2.0])
+    with pytest.raises(ConfigError, match="RL needs a reward"):
+        RewardMix.from_specs([], [])
+
+
+def test_cli_grpo_bad_prompt_names_the_line(tiny_model: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"question": "no prompt"}\n')
+    out = tmp_path / "never"
+    result = CliRunner().invoke(
+        app,
+        ["grpo", "--policy", str(tiny_model), "--prompts", str(bad), "--output", str(out),
+         "--reward-fn", "tests.test_grpo:constant"],
+    )  # fmt: skip
+    assert result.exit_code == 2
+    assert "bad.jsonl:2" in result.output and "prompt" in result.output
+    assert not out.exists()
