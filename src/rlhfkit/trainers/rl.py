@@ -186,7 +186,9 @@ class RLTrainer(TrainLoop):
         """Rollout (each prompt `group` times, consecutively) and reward of one iteration."""
         rows = [i for i in indices for _ in range(self.group)]
         t0 = time.perf_counter()
-        rollout = self.rollout_engine.generate([self.prompt_ids[i] for i in rows], self.sampling, self.generator)
+        rollout = self.rollout_engine.generate(
+            [self.prompt_ids[i] for i in rows], self.sampling, self.generator
+        )
         t1 = time.perf_counter()
         records = [self.records[i] for i in rows]
         completions = [
