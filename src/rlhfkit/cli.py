@@ -146,6 +146,31 @@ def score(
     _run(go)
 
 
+@app.command()
+def pipeline(
+    output: Annotated[str | None, typer.Option(help="Run directory (default runs/pipeline).")] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="The whole chain on a tiny random model, in a minute or two.")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """The main job: SFT -> simulated feedback -> reward model -> PPO/GRPO -> evaluation -> report."""
+    from rlhfkit.config import load_config
+    from rlhfkit.pipeline import QUICK, PipelineConfig, run_pipeline
+
+    def go() -> None:
+        sets = (QUICK if quick else []) + _overrides(set_, output=output)
+        cfg = load_config(PipelineConfig, config, sets)
+        state = run_pipeline(cfg)
+        err.print(
+            f"[bold]pipeline[/]: done in {state['total_seconds'] / 60:.1f} min; "
+            f"report: {cfg.output}/report.html"
+        )
+
+    _run(go)
+
+
 def _rl_command(name: str, module: str, config_class: str, runner: str, doc: str) -> None:
     """Register `rlhfkit NAME`: the on-policy RL commands share their options."""
 

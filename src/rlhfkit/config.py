@@ -91,7 +91,18 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     for key in data:
         if key not in names:
             raise ConfigError(f"unknown setting '{prefix}{key}' (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    kwargs = {}
+    for key, value in data.items():
+        default = fields[key].default_factory
+        if (
+            isinstance(value, dict)
+            and dataclasses.is_dataclass(hints[key])
+            and default is not dataclasses.MISSING
+        ):
+            # a section's own defaults (e.g. SFT's learning rate in its `train` section) stay unless set
+            value = _merge(to_dict(default()), value)
+        kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
     return cls(**kwargs)
 
 

@@ -1,0 +1,381 @@
+"""The main job: `rlhfkit pipeline`, RLHF end to end with simulated human feedback.
+
+    rlhfkit pipeline                      # the embedded default model and the bundled data
+    rlhfkit pipeline --quick              # the same chain on a tiny random model, in a minute or two
+    rlhfkit pipeline --set rl.algorithm=grpo --set gold=my_module:my_preference
+
+Stages, each in its own directory of the run (`runs/pipeline` by default):
+  sft/        A. supervised fine-tuning on the bundled demonstrations (the reference policy)
+  feedback/   the SFT model answers `feedback.k` times each of `feedback.num_prompts` prompts; a panel of
+              simulated annotators (rlhfkit.judge: the gold preference plus label noise) ranks each set
+  rm/         B. a reward model on those rankings (all K-choose-2 pairs of a prompt together)
+  rl/         C. PPO (or GRPO) against the reward model, KL-anchored to the SFT model; the gold score of
+              the rollouts is logged beside (never used as a reward) for the over-optimisation curve
+  eval/       the SFT and the final policy answer the held-out prompts; the gold judge compares them
+  report.html the numbers and plots
+
+A stage that finished is skipped when the command runs again; an interrupted one resumes from its last
+checkpoint (the trainers' exact resume), so killing the pipeline loses at most one checkpoint interval.
+`pipeline.json` records each stage's status and seconds. The pipeline's settings are saved in
+`config.yaml`; running again with different ones is refused, as for each trainer.
+
+The gold preference (`gold`, default: rlhfkit.judge.gold_score) labels the feedback and judges the
+evaluation, nothing else: the policy only ever sees the reward model, as with real people.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rlhfkit.config import config_diff, save_config, to_dict
+from rlhfkit.errors import ConfigError
+from rlhfkit.evaluate import EvalConfig, write_atomic
+from rlhfkit.loop import TrainConfig, console
+from rlhfkit.models import DEFAULT_MODEL
+from rlhfkit.trainers.grpo import GRPOConfig
+from rlhfkit.trainers.ppo import PPOConfig
+from rlhfkit.trainers.rm import RMConfig
+from rlhfkit.trainers.sft import SFTConfig
+
+STAGES = ("sft", "feedback", "rm", "rl", "eval", "report")
+
+
+@dataclass
+class FeedbackConfig:
+    """Simulated human feedback: K answers per prompt from the SFT model, ranked by a noisy panel."""
+
+    prompts: str = "bundled:prompts.jsonl"
+    """Prompts to collect answers for (the first `num_prompts`)."""
+    num_prompts: int = 96
+    """How many prompts are labelled."""
+    k: int = 4
+    """Answers per prompt (the annotators rank all K; duplicates are dropped)."""
+    max_new_tokens: int = 64
+    """Longest answer (as in RL, so the reward model sees answers like the ones it will score)."""
+    temperature: float = 1.0
+    """Sampling temperature: diverse answers make informative rankings."""
+    batch_size: int = 64
+    """Rollouts per generation batch."""
+    annotators: int = 4
+    """Size of the simulated panel; items are dealt round-robin."""
+    labels_per_item: int = 1
+    """How many annotators rank each item (> 1 gives inter-annotator agreement and repeated labels)."""
+    flip_prob: float = 0.25
+    """Each annotator swaps each adjacent pair of its ranking with this probability (AlpacaFarm: 0.25)."""
+    seed: int = 0
+    """Sampling and panel seed."""
+
+
+@dataclass
+class RLSection:
+    """Step C: which algorithm, and its settings (policy, reward and output are set by the pipeline)."""
+
+    algorithm: Literal["ppo", "grpo", "rloo"] = "ppo"
+    """PPO with a value model (default), or critic-free GRPO / RLOO."""
+    ppo: PPOConfig = field(
+        default_factory=lambda: PPOConfig(
+            rollout_batch=16,
+            ppo_epochs=2,
+            kl_coef=0.05,
+            sample_every=5,
+            train=TrainConfig(lr=2e-6, max_steps=12, scheduler="constant", save_every=4),
+        )
+    )
+    """PPO settings."""
+    grpo: GRPOConfig = field(
+        default_factory=lambda: GRPOConfig(
+            prompts_per_step=8,
+            num_generations=4,
+            beta=0.04,
+            sample_every=5,
+            train=TrainConfig(lr=2e-6, max_steps=12, scheduler="constant", save_every=4),
+        )
+    )
+    """GRPO / RLOO settings (`advantage` is set from `algorithm`)."""
+
+
+@dataclass
+class PipelineConfig:
+    """Settings of `rlhfkit pipeline`; each section is the config of its stage."""
+
+    model: str = DEFAULT_MODEL
+    """The pretrained model step A starts from."""
+    output: str = "runs/pipeline"
+    """Run directory (one sub-directory per stage)."""
+    gold: str = "default"
+    """The simulated people's preference: "default" (rlhfkit.judge.gold_score) or module:function
+    (prompt, answer) -> float. Labels the feedback and judges the evaluation; never a training reward."""
+    sft: SFTConfig = field(
+        default_factory=lambda: SFTConfig(train=TrainConfig(lr=2e-5, batch_size=8, epochs=1.0, save_every=10))
+    )
+    """Step A settings (model, output: set by the pipeline)."""
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    """Simulated feedback settings."""
+    rm: RMConfig = field(
+        default_factory=lambda: RMConfig(
+            normalize="shift_scale", train=TrainConfig(lr=1e-5, batch_size=8, epochs=1.0, save_every=10)
+        )
+    )
+    """Step B settings (model, data, output: set by the pipeline)."""
+    rl: RLSection = field(default_factory=RLSection)
+    """Step C settings."""
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(policy="", reference=""))
+    """Evaluation settings (policy, reference, reward, gold, output: set by the pipeline)."""
+
+
+# The --quick preset: the same chain on a tiny random model with small sizes (applied before --set).
+QUICK = [
+    "model=tiny-llama",
+    "output=runs/pipeline-quick",
+    "sft.train.max_steps=6",
+    "sft.train.save_every=0",
+    "feedback.num_prompts=24",
+    "feedback.k=3",
+    "feedback.max_new_tokens=16",
+    "rm.train.max_steps=6",
+    "rm.train.save_every=0",
+    "rm.calibration_samples=64",
+    "rl.ppo.rollout_batch=8",
+    "rl.ppo.max_new_tokens=16",
+    "rl.ppo.train.max_steps=3",
+    "rl.ppo.train.lr=1e-4",
+    "rl.ppo.train.save_every=0",
+    "rl.grpo.prompts_per_step=4",
+    "rl.grpo.max_new_tokens=16",
+    "rl.grpo.train.max_steps=3",
+    "rl.grpo.train.lr=1e-4",
+    "rl.grpo.train.save_every=0",
+    "eval.limit=16",
+    "eval.max_new_tokens=16",
+]
+
+
+# ---------------------------------------------------------------------------------------- feedback
+def ranking_json(levels: list[int]) -> list[Any]:
+    """Rank levels (0 = best, ties share a level) -> the data format's best-to-worst list with nested ties."""
+    out: list[Any] = []
+    for level in sorted(set(levels)):
+        group = [i for i, lv in enumerate(levels) if lv == level]
+        out.append(group[0] if len(group) == 1 else group)
+    return out
+
+
+def pair_agreement(a: list[int], b: list[int]) -> tuple[int, int]:
+    """(agreeing, compared) over the pairs that both rankings order strictly."""
+    agree = total = 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            if a[i] != a[j] and b[i] != b[j]:
+                total += 1
+                agree += (a[i] < a[j]) == (b[i] < b[j])
+    return agree, total
+
+
+def collect_feedback(
+    cfg: FeedbackConfig, policy_dir: str, out_dir: Path, gold: Callable[[str, str], float]
+) -> dict:
+    """Sample K answers per prompt with the policy, have the panel rank them; write rankings.jsonl."""
+    import torch
+
+    from rlhfkit.data import load_prompts, resolve_data_path
+    from rlhfkit.encoding import chat_prompt_text, prompt_ids
+    from rlhfkit.judge import gold_ranks, make_panel
+    from rlhfkit.loop import _progress
+    from rlhfkit.models import eos_token_ids, load_causal_lm
+    from rlhfkit.rollout import RolloutEngine, SamplingConfig
+
+    records = load_prompts(resolve_data_path(cfg.prompts))[: cfg.num_prompts]
+    model, tokenizer = load_causal_lm(policy_dir)
+    engine = RolloutEngine(model, tokenizer, eos_token_ids(tokenizer, model))
+    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    rows = [i for i in range(len(records)) for _ in range(cfg.k)]
+    answers: list[str] = []
+    with _progress(True) as progress:
+        task = progress.add_task("feedback: sampling", total=len(rows), status="")
+        for lo in range(0, len(rows), cfg.batch_size):
+            chunk = rows[lo : lo + cfg.batch_size]
+            rollout = engine.generate(
+                [prompt_ids(tokenizer, records[i].prompt) for i in chunk], sampling, generator
+            )
+            answers += [
+                tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
+                for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
+            ]
+            progress.update(task, completed=len(answers))
+    panel = make_panel(cfg.annotators, cfg.flip_prob, cfg.seed)
+    lines, skipped, agree, compared, gold_means = [], 0, [0, 0], [0, 0], []
+    for p, rec in enumerate(records):
+        text = chat_prompt_text(rec.prompt)
+        chat = isinstance(rec.prompt, list)  # answers take the prompt's form (the data format requires it)
+        unique = list(dict.fromkeys(a for a in answers[p * cfg.k : (p + 1) * cfg.k] if a))
+        scores = [gold(text, a) for a in unique]
+        gold_means += scores
+        levels = gold_ranks(scores)
+        if len(unique) < 2 or len(set(levels)) < 2:  # nothing to rank
+            skipped += 1
+            continue
+        labels = []
+        for n in range(cfg.labels_per_item):
+            annotator = panel[(p * cfg.labels_per_item + n) % len(panel)]
+            ranks = annotator.rank(scores)
+            a, c = pair_agreement(ranks, levels)
+            agree[0], compared[0] = agree[0] + a, compared[0] + c
+            for other in labels:
+                a, c = pair_agreement(ranks, other)
+                agree[1], compared[1] = agree[1] + a, compared[1] + c
+            labels.append(ranks)
+            if len(set(ranks)) < 2:
+                continue
+            completions = [[{"role": "assistant", "content": a}] for a in unique] if chat else unique
+            row = {"prompt": rec.prompt, "completions": completions, "ranking": ranking_json(ranks),
+                   "annotator": annotator.name, "gold": [round(s, 4) for s in scores]}  # fmt: skip
+            lines.append(json.dumps(row, ensure_ascii=False) + "\n")
+    if not lines:
+        raise ConfigError("feedback: no prompt got at least two answers the annotators could tell apart")
+    write_atomic(out_dir / "rankings.jsonl", "".join(lines))
+    stats = {
+        "items": len(lines),
+        "prompts_skipped": skipped,
+        "answers": len(answers),
+        "mean_answer_gold": sum(gold_means) / max(len(gold_means), 1),
+        "label_agreement_with_gold": agree[0] / max(compared[0], 1),
+        "inter_annotator_agreement": agree[1] / compared[1] if compared[1] else None,
+    }
+    write_atomic(out_dir / "feedback.json", json.dumps(stats, indent=2))
+    return stats
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.output)
+        self.dirs = {name: self.out / name for name in ("sft", "feedback", "rm", "rl", "eval")}
+        self.state_path = self.out / "pipeline.json"
+
+    # -- stage configs: the pipeline wires the paths; everything else comes from the sections
+    def sft_config(self) -> SFTConfig:
+        return dataclasses.replace(self.cfg.sft, model=self.cfg.model, output=str(self.dirs["sft"]))
+
+    def rm_config(self) -> RMConfig:
+        data = str(self.dirs["feedback"] / "rankings.jsonl")
+        return dataclasses.replace(
+            self.cfg.rm, model=str(self.dirs["sft"]), data=data, output=str(self.dirs["rm"])
+        )
+
+    def rl_config(self) -> PPOConfig | GRPOConfig:
+        section = self.cfg.rl
+        wiring = {"policy": str(self.dirs["sft"]), "reward": [str(self.dirs["rm"])], "reward_fn": [],
+                  "gold": self.cfg.gold, "output": str(self.dirs["rl"])}  # fmt: skip
+        if section.algorithm == "ppo":
+            return dataclasses.replace(section.ppo, **wiring)
+        return dataclasses.replace(section.grpo, advantage=section.algorithm, **wiring)
+
+    def eval_config(self) -> EvalConfig:
+        return dataclasses.replace(
+            self.cfg.eval, policy=str(self.dirs["rl"]), reference=str(self.dirs["sft"]),
+            reward=str(self.dirs["rm"]), gold=self.cfg.gold, output=str(self.dirs["eval"]),
+            max_new_tokens=self.rl_config().max_new_tokens,  # answers cut where training cut them
+        )  # fmt: skip
+
+    # -- stages
+    def stage_sft(self) -> None:
+        from rlhfkit.trainers.sft import run_sft
+
+        run_sft(self.sft_config())
+
+    def stage_feedback(self) -> None:
+        from rlhfkit.judge import load_gold
+
+        stats = collect_feedback(
+            self.cfg.feedback, str(self.dirs["sft"]), self.dirs["feedback"], load_gold(self.cfg.gold)
+        )
+        console.print(
+            f"feedback: {stats['items']} ranked items; labels agree with the gold preference on "
+            f"{stats['label_agreement_with_gold']:.1%} of pairs"
+        )
+
+    def stage_rm(self) -> None:
+        from rlhfkit.trainers.rm import run_rm
+
+        run_rm(self.rm_config())
+
+    def stage_rl(self) -> None:
+        cfg = self.rl_config()
+        if isinstance(cfg, PPOConfig):
+            from rlhfkit.trainers.ppo import run_ppo
+
+            run_ppo(cfg)
+        else:
+            from rlhfkit.trainers.grpo import run_grpo
+
+            run_grpo(cfg)
+
+    def stage_eval(self) -> None:
+        from rlhfkit.evaluate import run_eval
+
+        run_eval(self.eval_config())
+
+    def stage_report(self) -> None:
+        from rlhfkit.report import build_report
+
+        path = build_report(self.out)
+        console.print(f"report: {path}")
+
+    # -- orchestration
+    def check_config(self) -> None:
+        import yaml
+
+        saved = self.out / "config.yaml"
+        current = to_dict(self.cfg)
+        if saved.is_file():
+            diff = config_diff(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, current)
+            if diff:
+                raise ConfigError(
+                    f"{self.out} holds a pipeline with a different configuration ({'; '.join(diff[:3])}); "
+                    "use another --output or delete that directory"
+                )
+        else:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, saved)
+
+    def load_state(self) -> dict[str, Any]:
+        if self.state_path.is_file():
+            return json.loads(self.state_path.read_text(encoding="utf-8"))
+        return {
+            "model": self.cfg.model,
+            "algorithm": self.cfg.rl.algorithm,
+            "gold": self.cfg.gold,
+            "stages": {},
+        }
+
+    def run(self) -> dict[str, Any]:
+        self.check_config()
+        state = self.load_state()
+        for name in STAGES:
+            done = state["stages"].get(name, {}).get("status") == "done"
+            if done and name != "report":
+                console.print(
+                    f"[bold]pipeline[/]: {name} already done ({state['stages'][name]['seconds']:.0f} s)"
+                )
+                continue
+            console.rule(f"[bold]pipeline: {name}")
+            t0 = time.perf_counter()
+            previous = state["stages"].get(name, {}).get("seconds", 0.0) if not done else 0.0
+            getattr(self, f"stage_{name}")()
+            seconds = previous + time.perf_counter() - t0
+            state["stages"][name] = {"status": "done", "seconds": round(seconds, 1)}
+            state["total_seconds"] = round(sum(s["seconds"] for s in state["stages"].values()), 1)
+            write_atomic(self.state_path, json.dumps(state, indent=2))
+        return state
+
+
+def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
+    return Pipeline(cfg).run()

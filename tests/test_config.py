@@ -1,0 +1,34 @@
+"""Config loading: a section's own defaults survive a partial override."""
+
+from __future__ import annotations
+
+import pytest
+
+from rlhfkit.config import load_config
+from rlhfkit.errors import ConfigError
+from rlhfkit.pipeline import PipelineConfig
+from rlhfkit.trainers.sft import SFTConfig
+
+
+def test_setting_one_key_keeps_the_sections_other_defaults():
+    cfg = load_config(SFTConfig, None, ["train.max_steps=3"])
+    assert cfg.train.max_steps == 3
+    assert cfg.train.lr == 2e-5 and cfg.train.epochs == 2.0  # SFT's own defaults, not TrainConfig's
+
+
+def test_nested_sections_of_the_pipeline_keep_their_defaults():
+    default = PipelineConfig()
+    cfg = load_config(PipelineConfig, None, ["rl.ppo.train.max_steps=2", "rl.algorithm=grpo"])
+    assert cfg.rl.algorithm == "grpo"
+    assert cfg.rl.ppo.train.max_steps == 2
+    assert cfg.rl.ppo.train.lr == default.rl.ppo.train.lr
+    assert cfg.rl.ppo.ppo_epochs == default.rl.ppo.ppo_epochs != 4  # the pipeline's PPO, not PPOConfig()
+    assert cfg.sft.train.epochs == default.sft.train.epochs
+
+
+def test_scalar_for_a_list_setting_is_a_list_of_one_and_unknown_keys_fail():
+    from rlhfkit.trainers.grpo import GRPOConfig
+
+    assert load_config(GRPOConfig, None, ["reward=runs/rm"]).reward == ["runs/rm"]
+    with pytest.raises(ConfigError, match=r"unknown setting 'rl.ppo.epochs'"):
+        load_config(PipelineConfig, None, ["rl.ppo.epochs=3"])

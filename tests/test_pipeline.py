@@ -1,0 +1,89 @@
+"""`rlhfkit pipeline --quick`: the whole chain on a tiny model, every stage loadable in plain transformers."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from rlhfkit.cli import app
+from rlhfkit.pipeline import pair_agreement, ranking_json
+
+
+def short_is_better(prompt: str, answer: str) -> float:
+    """A user's own gold preference: fewer characters is better."""
+    return -float(len(answer))
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(app, ["pipeline", "--quick", *args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_ranking_json_and_pair_agreement():
+    assert ranking_json([1, 0, 2, 0]) == [[1, 3], 0, 2]
+    assert ranking_json([0, 1]) == [0, 1]
+    # pairs ordered strictly by both: (0,1) agree, (0,2) agree, (1,2) disagree; ties are not compared
+    assert pair_agreement([0, 1, 2], [0, 2, 1]) == (2, 3)
+    assert pair_agreement([0, 0, 1], [0, 1, 2]) == (2, 2)
+
+
+@pytest.mark.slow
+def test_quick_pipeline_end_to_end_and_resume(tmp_path: Path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhfkit.data import load_preferences
+
+    out = tmp_path / "run"
+    run("--output", str(out))
+    state = json.loads((out / "pipeline.json").read_text())
+    assert [s["status"] for s in state["stages"].values()] == ["done"] * 6
+    for name in ("sft", "rl"):
+        AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32)
+    AutoModelForSequenceClassification.from_pretrained(out / "rm", dtype=torch.float32)
+    rankings = load_preferences(out / "feedback" / "rankings.jsonl")  # the format `rlhfkit rm` reads
+    assert len(rankings) >= 12
+    rl_rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert all("gold" in r for r in rl_rows if r["split"] == "train")  # watched, for the report
+    evaluation = json.loads((out / "eval" / "eval.json").read_text())
+    assert evaluation["n_prompts"] == 16 and 0.0 <= evaluation["win_rate"]["rate"] <= 1.0
+    html = (out / "report.html").read_text()
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', html)) >= 3
+    assert len(list((out / "plots").glob("*.png"))) >= 3
+
+    # a second run skips every finished stage (the report is rebuilt) and keeps their timings
+    output = run("--output", str(out))
+    assert output.count("already done") == 5
+    again = json.loads((out / "pipeline.json").read_text())
+    assert {k: v["seconds"] for k, v in again["stages"].items() if k != "report"} == {
+        k: v["seconds"] for k, v in state["stages"].items() if k != "report"
+    }
+    # a different configuration in the same directory is refused, with nothing run
+    result = CliRunner().invoke(app, ["pipeline", "--quick", "--output", str(out), "--set", "feedback.k=2"])
+    assert result.exit_code == 2 and "different configuration" in result.output
+
+
+@pytest.mark.slow
+def test_quick_pipeline_with_a_users_gold_preference_and_grpo(tmp_path: Path):
+    out = tmp_path / "gold"
+    run(
+        "--output",
+        str(out),
+        "--set",
+        "gold=tests.test_pipeline:short_is_better",
+        "--set",
+        "rl.algorithm=grpo",
+    )
+    rows = [json.loads(x) for x in (out / "feedback" / "rankings.jsonl").read_text().splitlines()]
+    for row in rows:  # the labels come from the user's preference: gold = -length of each answer
+        answers = [c[0]["content"] for c in row["completions"]]
+        assert row["gold"] == [-float(len(a)) for a in answers]
+    answers = [json.loads(x) for x in (out / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert all(a["policy_gold"] == -float(len(a["policy_answer"])) for a in answers)
+    assert json.loads((out / "pipeline.json").read_text())["algorithm"] == "grpo"
+    assert (out / "rl" / "config.yaml").read_text().count("advantage: grpo") == 1
