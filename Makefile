@@ -1,11 +1,11 @@
-# Everything a fresh machine needs: `make demo` runs the main job, `make test` runs the tests.
+# Everything a fresh machine needs: `make pipeline` runs the main job, `make test` runs the tests.
 # Each target creates the virtual environment in $(VENV) and installs what it needs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 SYSPY ?= python3
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup pipeline test lint format bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(SYSPY) -m venv $(VENV)
@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 setup: $(VENV)/.installed
 
-demo: setup
-	$(VENV)/bin/rlhfkit sft --output runs/demo/sft
+pipeline: setup
+	$(VENV)/bin/rlhfkit pipeline --output runs/pipeline
 
 test: setup
 	$(VENV)/bin/ruff check src tests bench

@@ -178,6 +178,35 @@ def save_config(cfg: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), encoding="utf-8")
 
 
+def claim_run_dir(cfg: Any, out: Path, write: bool = True) -> None:
+    """Refuse `out` when its config.yaml holds different settings; otherwise create it and save `cfg`
+    (when `write`: one process of a distributed run writes). A run directory belongs to one config."""
+    saved = out / "config.yaml"
+    if saved.is_file():
+        diff = config_diff(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, to_dict(cfg))
+        if diff:
+            raise ConfigError(
+                f"{out} holds a run with a different configuration ({'; '.join(diff[:3])}); "
+                "use another --output or delete that directory"
+            )
+    elif write:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, saved)
+
+
+def import_spec(spec: str, setting: str) -> Any:
+    """The object named by a `module:attribute` setting (a reward function, a gold preference)."""
+    import importlib
+
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigError(f"{setting} {spec!r}: expected module:function")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{setting} {spec!r}: {exc}") from None
+
+
 def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
     """Human-readable differences between two config dicts (for refusing to resume a different run)."""
     out = []

@@ -23,13 +23,13 @@ for K = 2 that is exactly AlpacaFarm's label flip. Several annotators per item g
 
 from __future__ import annotations
 
-import importlib
 import math
 import random
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from rlhfkit.config import import_spec
 from rlhfkit.errors import ConfigError
 
 GoldFn = Callable[[str, str], float]
@@ -110,13 +110,7 @@ def load_gold(spec: str | None) -> GoldFn:
     """`None` or "default" -> gold_score; otherwise import `module:function`."""
     if spec in (None, "", "default"):
         return gold_score
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        raise ConfigError(f"gold {spec!r}: expected module:function")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"gold {spec!r}: {exc}") from None
+    return import_spec(spec, "gold")
 
 
 def gold_ranks(scores: Sequence[float], tol: float = 1e-9) -> list[int]:

@@ -37,7 +37,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rlhfkit.checkpoint import clean_partial, latest_checkpoint, read_checkpoint, write_checkpoint
-from rlhfkit.config import config_diff, save_config, to_dict
+from rlhfkit.config import claim_run_dir
 from rlhfkit.errors import ConfigError, NonFiniteLossError
 
 console = Console(stderr=True)
@@ -386,26 +386,10 @@ class TrainLoop:
     # ---- run ---------------------------------------------------------------------------------------
     def prepare_output(self) -> bool:
         """Create the output directory (or check it belongs to this run). False when already finished."""
-        out = self.output_dir
-        config = to_dict(self.run_config)
-        saved = out / "config.yaml"
-        if saved.is_file():
-            import yaml
-
-            diff = config_diff(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, config)
-            if diff:
-                raise ConfigError(
-                    f"{out} holds a run with a different configuration ({'; '.join(diff[:3])}); "
-                    "use another --output or delete that directory"
-                )
-            state = out / "trainer_state.json"
-            if state.is_file() and json.loads(state.read_text(encoding="utf-8")).get("finished"):
-                return False
-        elif self.is_main:
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(self.run_config, saved)
+        claim_run_dir(self.run_config, self.output_dir, write=self.is_main)
         self.accelerator.wait_for_everyone()
-        return True
+        state = self.output_dir / "trainer_state.json"
+        return not (state.is_file() and json.loads(state.read_text(encoding="utf-8")).get("finished"))
 
     def run(self) -> dict[str, float]:
         if not self.prepare_output():

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit.config import config_diff, save_config, to_dict
+from rlhfkit.config import claim_run_dir
 from rlhfkit.errors import ConfigError
 from rlhfkit.evaluate import EvalConfig, write_atomic
 from rlhfkit.loop import TrainConfig, console
@@ -330,22 +330,6 @@ class Pipeline:
         console.print(f"report: {path}")
 
     # -- orchestration
-    def check_config(self) -> None:
-        import yaml
-
-        saved = self.out / "config.yaml"
-        current = to_dict(self.cfg)
-        if saved.is_file():
-            diff = config_diff(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, current)
-            if diff:
-                raise ConfigError(
-                    f"{self.out} holds a pipeline with a different configuration ({'; '.join(diff[:3])}); "
-                    "use another --output or delete that directory"
-                )
-        else:
-            self.out.mkdir(parents=True, exist_ok=True)
-            save_config(self.cfg, saved)
-
     def load_state(self) -> dict[str, Any]:
         if self.state_path.is_file():
             return json.loads(self.state_path.read_text(encoding="utf-8"))
@@ -357,7 +341,7 @@ class Pipeline:
         }
 
     def run(self) -> dict[str, Any]:
-        self.check_config()
+        claim_run_dir(self.cfg, self.out)
         state = self.load_state()
         for name in STAGES:
             done = state["stages"].get(name, {}).get("status") == "done"

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rlhfkit.config import import_spec
 from rlhfkit.data import (
     PreferenceRecord,
     RankingRecord,
@@ -214,15 +215,7 @@ def rollout_scorer(path: str | Path, batch_size: int = 16) -> Any:
 # ------------------------------------------------------------------------------ functions and mixtures
 def load_reward_function(spec: str) -> RewardFn:
     """Import `module:function`."""
-    import importlib
-
-    module_name, sep, attr = spec.partition(":")
-    if not sep:
-        raise ConfigError(f"reward_fn {spec!r}: expected module:function")
-    try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"reward_fn {spec!r}: {exc}") from None
+    return import_spec(spec, "reward_fn")
 
 
 def function_scorer(fn: RewardFn) -> Scorer:
