@@ -30,7 +30,10 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        # a member the value already is comes first: "all-linear" for `list[str] | str` stays a string
+        members = sorted((a for a in args if a is not type(None)),
+                         key=lambda a: not (isinstance(a, type) and isinstance(value, a)))  # fmt: skip
+        for arg in members:
             try:
                 return _coerce(value, arg, key)
             except ConfigError as exc:

@@ -1,0 +1,453 @@
+"""Step C offline: Direct Preference Optimization (DPO) and its IPO / conservative variants.
+
+    rlhfkit dpo --policy runs/sft --data preferences.jsonl --output runs/dpo
+
+The policy pi is trained directly on preference pairs (x, y_w, y_l), with the frozen starting model as
+the reference pi_ref (Rafailov et al. 2023, Eq. 7):
+
+    h = [log pi(y_w|x) - log pi_ref(y_w|x)] - [log pi(y_l|x) - log pi_ref(y_l|x)]
+    sigmoid: L = -log sigmoid(beta h)                                          (DPO)
+    cDPO:    L = -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)     (Mitchell 2023, noisy labels)
+    IPO:     L = (h - 1 / (2 beta))^2                                          (Azar et al. 2023, Eq. 17)
+
+`losses.dpo_loss` holds the math; log pi(y|x) is the SUM of the answer tokens' log-probs (EOS included).
+The implicit reward of an answer is beta * (log pi - log pi_ref); "accuracy" is the fraction of pairs
+whose chosen answer has the strictly higher implicit reward (0 at step 0, where every reward is 0).
+
+Where we depart from TRL's DPOTrainer and why:
+- the reference log-probs are computed ONCE per dataset, before training, in one no-grad pass (TRL
+  without `precompute_ref_log_probs` runs the reference model on every batch of every epoch). With LoRA
+  the reference is the policy with its adapters disabled (no second model in memory); otherwise the
+  reference is loaded, run, and freed before training. The values are cached in the output directory
+  (`reference_logprobs.safetensors`) under a hash of the token ids of every answer (so of the data, the
+  tokenizer, the chat template and max_length/truncation) and of the reference weights: a resumed or
+  repeated run reuses them, any change recomputes them;
+- chosen and rejected answers of a micro-batch run through ONE decoder pass, padded to the longest of
+  them only, and pairs are grouped by length (as in SFT and the RM), so little compute goes into padding;
+- the output layer runs only on answer positions and the full (2B, T, V) logits are never materialised;
+- rankings of K answers are expanded into all their K-choose-2 (better, worse) pairs, each one training
+  pair (the margin field of a pair has no role in DPO and is ignored);
+- IPO uses length-averaged log-probs (as TRL does; Azar et al. leave the choice open), sigmoid and cDPO
+  use sums as in the DPO paper.
+
+Shapes: B pairs in a micro-batch, S = 2B sequences (all chosen answers first, then all rejected),
+T tokens, C hidden size, V vocabulary, N answer-token positions of a batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from rlhfkit.data import load_preferences, resolve_data_path, split_holdout
+from rlhfkit.encoding import SequenceExample, pad
+from rlhfkit.errors import ConfigError
+from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, console, set_seed
+from rlhfkit.losses import dpo_loss, gather_logprobs
+from rlhfkit.models import (
+    DEFAULT_MODEL,
+    LoraSettings,
+    decoder_and_head,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+    save_model,
+)
+from rlhfkit.trainers.rm import RMConfig, RMExample, encode_preferences
+
+CACHE_FILE = "reference_logprobs.safetensors"
+CACHE_VERSION = 1  # bump when the meaning of the cached numbers changes
+
+
+@dataclass
+class DPOConfig:
+    """Settings of `rlhfkit dpo`."""
+
+    policy: str = DEFAULT_MODEL
+    """Policy to optimise (normally the SFT model): registered name, directory or hub id."""
+    reference: str | None = None
+    """Frozen reference model (default: the starting policy); it must share the policy's tokenizer."""
+    data: str = ""
+    """Preference pairs and/or rankings (.jsonl/.json/.parquet/.csv or a datasets directory)."""
+    output: str = "runs/dpo"
+    """Output directory: the policy (transformers format), metrics, checkpoints, reference log-probs."""
+    eval_data: str | None = None
+    """Held-out preferences; if unset, `eval_fraction` of `data` is held out."""
+    eval_fraction: float = 0.05
+    """Fraction of `data` (records) held out for eval loss/accuracy/margin when `eval_data` is unset."""
+    max_length: int = 512
+    """Longest prompt + answer in tokens."""
+    truncation: bool = False
+    """Cut over-long answers instead of stopping with an error (records left uninformative are dropped)."""
+    beta: float = 0.1
+    """Strength of the implicit KL constraint to the reference (DPO's beta; TRL's default 0.1)."""
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    """"sigmoid": DPO (with `label_smoothing` > 0: conservative DPO); "ipo": IPO on mean log-probs."""
+    label_smoothing: float = 0.0
+    """cDPO: the assumed probability that a preference label is flipped (0: plain DPO; sigmoid only)."""
+    group_window: int = 16
+    """Length grouping: sort pairs within windows of this many batches (1 disables grouping)."""
+    trust_remote_code: bool = False
+    """Allow model code from the model directory (off: only transformers' own architectures)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA adapters instead of full fine-tuning (the reference is then the policy without adapters)."""
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(lr=1e-6, batch_size=8, epochs=1.0, scheduler="linear")
+    )
+    """The shared training loop; `batch_size` counts pairs."""
+
+
+@dataclass(frozen=True)
+class DPOExample:
+    """One (chosen, rejected) pair of prompt + answer token ids, with the reference's summed answer
+    log-probs once the reference pass has filled them in."""
+
+    chosen: SequenceExample
+    rejected: SequenceExample
+    ref_chosen: float = math.nan
+    ref_rejected: float = math.nan
+
+    @property
+    def length(self) -> int:
+        """The longer answer: the padded length this pair brings into a batch."""
+        return max(len(self.chosen), len(self.rejected))
+
+
+# ------------------------------------------------------------------------------------------ log-probs
+def pad_answers(
+    sequences: list[SequenceExample], pad_id: int, side: str = "right"
+) -> dict[str, torch.Tensor]:
+    """Padded tensors of S sequences, plus `answer_mask` (S, T): True on the answer tokens."""
+    input_ids, attention_mask, position_ids = pad([s.input_ids for s in sequences], pad_id, side)  # (S, T)
+    starts = torch.tensor([s.answer_start for s in sequences])  # (S,)
+    # position ids count real tokens, so "position >= answer_start" finds the answer under either padding
+    answer_mask = (position_ids >= starts[:, None]) & attention_mask.bool()  # (S, T)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+            "answer_mask": answer_mask}  # fmt: skip
+
+
+def answer_logprobs(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    answer_mask: torch.Tensor,
+) -> torch.Tensor:
+    """log pi(answer | prompt) = sum over answer tokens t of log pi(y_t | x, y_<t), for each of the S rows.
+
+    One decoder pass over all rows; the output layer (C x V, ~20% of SmolLM2's FLOPs) runs only on the N
+    positions that predict an answer token, so no (S, T, V) logits exist. Returns (S,)."""
+    decoder, head = decoder_and_head(model)
+    hidden = decoder(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state  # (S, T, C)
+    select = answer_mask[:, 1:]  # (S, T-1): position t predicts token t+1
+    targets = input_ids[:, 1:][select]  # (N,)
+    token_logprobs = gather_logprobs(head(hidden[:, :-1][select]), targets)  # (N,) from (N, V) logits
+    rows = select.nonzero()[:, 0]  # (N,) the sequence of each position
+    # equivalent to: torch.stack([token_logprobs[rows == s].sum() for s in range(S)])
+    return token_logprobs.new_zeros(input_ids.shape[0]).index_add(0, rows, token_logprobs)  # (S,)
+
+
+@torch.no_grad()
+def reference_logprobs(
+    model: Any, sequences: list[SequenceExample], pad_id: int, batch_size: int
+) -> torch.Tensor:
+    """Summed answer log-probs (S,) of every sequence under `model`, in length-sorted no-grad batches,
+    with a progress bar (or a line per quarter when stderr is not a terminal)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    out = torch.zeros(len(sequences))  # (S,)
+    t0, done, quarter = time.perf_counter(), 0, 0
+    columns = (
+        TextColumn("[bold]dpo[/] reference log-probs"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} answers"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, disable=not sys.stderr.isatty()) as progress:
+        task = progress.add_task("reference", total=len(sequences))
+        for start in range(0, len(order), batch_size):
+            index = order[start : start + batch_size]
+            batch = pad_answers([sequences[i] for i in index], pad_id)
+            out[index] = answer_logprobs(model, **batch)
+            done += len(index)
+            progress.update(task, completed=done)
+            if progress.disable and done * 4 >= (quarter + 1) * len(sequences):
+                quarter = done * 4 // len(sequences)
+                seconds = time.perf_counter() - t0
+                console.print(f"dpo reference log-probs: {done}/{len(sequences)} answers ({seconds:.0f}s)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------ the cache
+def model_fingerprint(name_or_path: str) -> str:
+    """sha256 of a model directory's config and weight files (a hub id stands for itself)."""
+    path = Path(resolve_model(name_or_path))
+    if not path.is_dir():
+        return name_or_path
+    digest = hashlib.sha256()
+    for file in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
+        digest.update(file.name.encode())
+        with open(file, "rb") as fh:
+            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_key(reference: str, splits: dict[str, list[DPOExample]]) -> str:
+    """Hash of everything the reference log-probs depend on: the reference weights and the exact token ids
+    of every answer in order (which capture the data, tokenizer, chat template, max_length, truncation)."""
+    digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "reference": reference,
+                                        "dtype": "float32"}).encode())  # fmt: skip
+    for name, examples in splits.items():
+        digest.update(f"|{name}:{len(examples)}".encode())
+        for ex in examples:
+            for seq in (ex.chosen, ex.rejected):
+                digest.update(array("q", [seq.answer_start, len(seq), *seq.input_ids]).tobytes())
+    return digest.hexdigest()
+
+
+def read_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
+    """The cached tensors if `path` exists and was written under `key`, else None."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as fh:
+        if (fh.metadata() or {}).get("key") != key:
+            return None
+    return load_file(str(path))
+
+
+def write_cache(path: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write atomically (temp file, fsync, rename): a crash never leaves a half-written cache."""
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key})
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ trainer
+class DPOTrainer(TrainLoop):
+    name = "dpo"
+
+    def __init__(self, cfg: DPOConfig, train: list[DPOExample], evals: list[DPOExample]) -> None:
+        set_seed(cfg.train.seed)
+        model, tokenizer = load_causal_lm(cfg.policy, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
+        super().__init__(cfg.train, model, cfg.output, cfg)
+        self.dpo = cfg
+        self.tokenizer = tokenizer
+        self.train_examples = train
+        self.eval_examples = evals
+        self.stream = EpochStream([ex.length for ex in train], cfg.train.batch_size, cfg.train.seed,
+                                  cfg.group_window)  # fmt: skip
+        self._tb = None  # `run` opens it after `prepare_output`, which already logs the reference pass
+
+    def total_steps(self) -> int:
+        if self.cfg.max_steps:
+            return self.cfg.max_steps
+        return max(1, math.ceil(self.cfg.epochs * len(self.train_examples) / self.cfg.batch_size))
+
+    def step_examples(self, step: int) -> list[DPOExample]:
+        return [self.train_examples[i] for i in self.stream.batch(step)]
+
+    def example_length(self, example: DPOExample) -> int:
+        return example.length
+
+    # ---- reference log-probs, once per dataset -----------------------------------------------------
+    def prepare_output(self) -> bool:
+        """The output directory is checked (or created) first, then the reference log-probs are read from
+        its cache or computed, before any training step or checkpoint is loaded."""
+        if not super().prepare_output():
+            return False
+        self.attach_reference()
+        return True
+
+    def attach_reference(self) -> None:
+        """Fill in `ref_chosen` / `ref_rejected` of every train and eval pair (cached, or one pass)."""
+        t0 = time.perf_counter()
+        splits = {"train": self.train_examples, "eval": self.eval_examples}
+        key = cache_key(model_fingerprint(self.dpo.reference or self.dpo.policy), splits)
+        path = self.output_dir / CACHE_FILE
+        cached = read_cache(path, key)
+        stats: dict[str, Any] = {"cached": cached is not None}
+        if cached is None and self.is_main:
+            cached = self.compute_reference(splits)
+            write_cache(path, key, cached)
+        self.accelerator.wait_for_everyone()  # every process, cached or not: no mismatched barriers
+        cached = cached if cached is not None else read_cache(path, key)
+        assert cached is not None
+        filled = {
+            name: [dataclasses.replace(ex, ref_chosen=c, ref_rejected=r)
+                   for ex, (c, r) in zip(examples, cached[name].tolist(), strict=True)]
+            for name, examples in splits.items()
+        }  # fmt: skip
+        self.train_examples, self.eval_examples = filled["train"], filled["eval"]
+        stats["seconds"] = time.perf_counter() - t0
+        stats["pairs"] = len(self.train_examples) + len(self.eval_examples)
+        console.print(f"[bold]dpo[/]: reference log-probs of {stats['pairs']} pairs "
+                      f"{'read from' if stats['cached'] else 'computed and cached in'} {path} "
+                      f"({stats['seconds']:.1f}s)")  # fmt: skip
+        self.log("reference", stats)
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[Any]:
+        """The frozen reference: the policy with LoRA adapters disabled, or a model loaded for the pass
+        (freed when the pass ends)."""
+        own = self.dpo.reference in (None, self.dpo.policy)
+        if self.dpo.lora.enabled and own:
+            with self.model.disable_adapter():
+                yield self.model
+            return
+        reference, _ = load_causal_lm(
+            self.dpo.reference or self.dpo.policy, trust_remote_code=self.dpo.trust_remote_code
+        )
+        reference.requires_grad_(False).eval()
+        try:
+            yield reference
+        finally:
+            del reference
+            gc.collect()
+
+    def compute_reference(self, splits: dict[str, list[DPOExample]]) -> dict[str, torch.Tensor]:
+        """One no-grad pass over the distinct answers of all splits -> {split: (n_pairs, 2)} summed
+        log-probs (chosen, rejected) under the reference."""
+        index: dict[tuple[int, tuple[int, ...]], int] = {}  # rankings repeat answers across their pairs
+        for examples in splits.values():
+            for ex in examples:
+                for seq in (ex.chosen, ex.rejected):
+                    index.setdefault((seq.answer_start, seq.input_ids), len(index))
+        sequences = [SequenceExample(ids, start) for start, ids in index]
+        size = max(1, 2 * self.cfg.batch_size // self.cfg.grad_accum)  # a training micro-batch's rows
+        with self.reference_model() as reference:
+            logps = reference_logprobs(reference, sequences, self.tokenizer.pad_token_id, size)  # (U,)
+            del reference  # a loaded reference is then freed as the context exits, before training
+        out = {}
+        for name, examples in splits.items():
+            rows = [index[(s.answer_start, s.input_ids)] for ex in examples for s in (ex.chosen, ex.rejected)]
+            out[name] = logps[torch.tensor(rows, dtype=torch.long)].view(-1, 2)  # (n_pairs, 2)
+        return out
+
+    # ---- the loss ------------------------------------------------------------------------------------
+    def collate(self, examples: list[DPOExample]) -> dict[str, Any]:
+        """All chosen answers, then all rejected ones, as ONE padded batch of S = 2B rows."""
+        sequences = [ex.chosen for ex in examples] + [ex.rejected for ex in examples]
+        batch: dict[str, Any] = pad_answers(sequences, self.tokenizer.pad_token_id)  # (S, T) each
+        ref = [ex.ref_chosen for ex in examples] + [ex.ref_rejected for ex in examples]
+        batch["ref_logprobs"] = torch.tensor(ref)  # (S,)
+        batch["answer_tokens"] = batch["answer_mask"].sum(1)  # (S,)
+        batch["num_items"] = len(examples)  # pairs
+        batch["num_tokens"] = int(batch["attention_mask"].sum())
+        return batch
+
+    def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logprobs = answer_logprobs(model, batch["input_ids"], batch["attention_mask"],
+                                   batch["position_ids"], batch["answer_mask"])  # (S,)  # fmt: skip
+        return self.pair_loss(logprobs, batch)
+
+    def pair_loss(
+        self, logprobs: torch.Tensor, batch: dict[str, Any]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(sum over pairs of the DPO/IPO loss, metric sums) from the policy's summed log-probs (S,)."""
+        ref_logprobs = batch["ref_logprobs"]  # (S,)
+        if self.dpo.loss_type == "ipo":  # mean log-prob per answer token, for the policy and the reference
+            logprobs = logprobs / batch["answer_tokens"]  # (S,)
+            ref_logprobs = ref_logprobs / batch["answer_tokens"]  # (S,)
+        chosen, rejected = logprobs.chunk(2)  # (B,), (B,)
+        ref_chosen, ref_rejected = ref_logprobs.chunk(2)  # (B,), (B,)
+        mean, metrics = dpo_loss(
+            chosen, rejected, ref_chosen, ref_rejected, beta=self.dpo.beta,
+            loss_type=self.dpo.loss_type, label_smoothing=self.dpo.label_smoothing,
+        )  # fmt: skip
+        n = batch["num_items"]
+        sums = {
+            "accuracy": metrics["rewards/accuracy"] * n,
+            "margin": metrics["rewards/margin"] * n,
+            "reward_chosen": metrics["rewards/chosen"] * n,
+            "reward_rejected": metrics["rewards/rejected"] * n,
+        }
+        return mean * n, sums
+
+    def train_step(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        metrics = super().train_step(step)
+        metrics["pairs_per_s"] = self.cfg.batch_size / max(time.perf_counter() - t0, 1e-9)
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        totals: dict[str, float] = {}
+        ordered = sorted(self.eval_examples, key=lambda ex: ex.length)
+        size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
+        for start in range(0, len(ordered), size):
+            loss_sum, sums = self.loss(self.model, self.collate(ordered[start : start + size]))
+            for key, value in {"loss": loss_sum, **sums}.items():
+                totals[key] = totals.get(key, 0.0) + float(value)
+        return {key: value / len(ordered) for key, value in totals.items()}
+
+    def save_final(self) -> None:
+        save_model(self.model, self.tokenizer, self.output_dir)
+
+
+# ------------------------------------------------------------------------------------------ entry points
+def preference_pairs(examples: list[RMExample]) -> list[DPOExample]:
+    """Every (better, worse) pair of each prompt's answers: a pair record gives one, a ranking of K
+    answers up to K(K-1)/2 (tied answers form no pair)."""
+    pairs = []
+    for ex in examples:
+        for i, better in enumerate(ex.answers):
+            for j, worse in enumerate(ex.answers):
+                if ex.ranks[i] < ex.ranks[j]:
+                    pairs.append(DPOExample(better, worse))
+    return pairs
+
+
+def prepare_dpo(cfg: DPOConfig) -> tuple[list[DPOExample], list[DPOExample]]:
+    """Read, validate and tokenise all data (nothing is written anywhere until this succeeds)."""
+    if not cfg.data:
+        raise ConfigError("data is not set: give the preference file with --data FILE")
+    if cfg.beta <= 0:
+        raise ConfigError(f"beta must be > 0, got {cfg.beta}")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    records = load_preferences(resolve_data_path(cfg.data))
+    if cfg.eval_data:
+        train_records, eval_records = records, load_preferences(resolve_data_path(cfg.eval_data))
+    else:
+        train_records, eval_records = split_holdout(records, cfg.eval_fraction, cfg.train.seed)
+    tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
+    # the reward model's encoder: same validation (length, identical answers) and error messages
+    settings = RMConfig(max_length=cfg.max_length, truncation=cfg.truncation)
+    train = preference_pairs(encode_preferences(train_records, tokenizer, settings))
+    evals = preference_pairs(encode_preferences(eval_records, tokenizer, settings))
+    if not train:
+        raise ConfigError(f"{cfg.data}: no training pair is left (check max_length and truncation)")
+    return train, evals
+
+
+def run_dpo(cfg: DPOConfig) -> dict[str, float]:
+    train, evals = prepare_dpo(cfg)
+    return DPOTrainer(cfg, train, evals).run()
