@@ -11,7 +11,6 @@ import torch
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app
-from rlhfkit.pipeline import pair_agreement, ranking_json
 
 
 def short_is_better(prompt: str, answer: str) -> float:
@@ -23,14 +22,6 @@ def run(*args: str) -> str:
     result = CliRunner().invoke(app, ["pipeline", "--quick", *args])
     assert result.exit_code == 0, result.output
     return result.output
-
-
-def test_ranking_json_and_pair_agreement():
-    assert ranking_json([1, 0, 2, 0]) == [[1, 3], 0, 2]
-    assert ranking_json([0, 1]) == [0, 1]
-    # pairs ordered strictly by both: (0,1) agree, (0,2) agree, (1,2) disagree; ties are not compared
-    assert pair_agreement([0, 1, 2], [0, 2, 1]) == (2, 3)
-    assert pair_agreement([0, 0, 1], [0, 1, 2]) == (2, 2)
 
 
 @pytest.mark.slow

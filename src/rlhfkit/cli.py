@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.feedback.cli import feedback_app
 
 app = typer.Typer(
     name="rlhfkit",
@@ -264,6 +265,9 @@ def report(
         err.print(f"[bold]report[/]: written to {build_report(run, output)}")
 
     _run(go)
+
+
+app.add_typer(feedback_app, name="feedback")
 
 
 def main() -> None:  # pragma: no cover - console entry point

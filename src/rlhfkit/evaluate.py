@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
 import time
 from collections.abc import Sequence
@@ -51,6 +50,7 @@ import torch
 from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
 from rlhfkit.encoding import chat_prompt_text, prompt_ids
 from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.fileio import write_atomic
 from rlhfkit.judge import load_gold
 from rlhfkit.loop import _progress, console
 from rlhfkit.losses import kl_estimate
@@ -219,20 +219,6 @@ def generate_answers(
 
 
 # ------------------------------------------------------------------------------------------ outputs
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Write a file through a temporary sibling, fsync and rename: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data.encode("utf-8") if isinstance(data, str) else data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _pair(reference: Sequence[float], policy: Sequence[float]) -> dict[str, float]:
     return {"reference": statistics.fmean(reference), "policy": statistics.fmean(policy)}
 

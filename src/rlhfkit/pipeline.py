@@ -35,7 +35,10 @@ from typing import Any, Literal
 
 from rlhfkit.config import claim_run_dir
 from rlhfkit.errors import ConfigError
-from rlhfkit.evaluate import EvalConfig, write_atomic
+from rlhfkit.evaluate import EvalConfig
+from rlhfkit.feedback.agreement import pair_agreement
+from rlhfkit.feedback.export import ranking_json
+from rlhfkit.fileio import write_atomic
 from rlhfkit.loop import TrainConfig, console
 from rlhfkit.models import DEFAULT_MODEL
 from rlhfkit.trainers.grpo import GRPOConfig
@@ -157,26 +160,6 @@ QUICK = [
 
 
 # ---------------------------------------------------------------------------------------- feedback
-def ranking_json(levels: list[int]) -> list[Any]:
-    """Rank levels (0 = best, ties share a level) -> the data format's best-to-worst list with nested ties."""
-    out: list[Any] = []
-    for level in sorted(set(levels)):
-        group = [i for i, lv in enumerate(levels) if lv == level]
-        out.append(group[0] if len(group) == 1 else group)
-    return out
-
-
-def pair_agreement(a: list[int], b: list[int]) -> tuple[int, int]:
-    """(agreeing, compared) over the pairs that both rankings order strictly."""
-    agree = total = 0
-    for i in range(len(a)):
-        for j in range(i + 1, len(a)):
-            if a[i] != a[j] and b[i] != b[j]:
-                total += 1
-                agree += (a[i] < a[j]) == (b[i] < b[j])
-    return agree, total
-
-
 def collect_feedback(
     cfg: FeedbackConfig, policy_dir: str, out_dir: Path, gold: Callable[[str, str], float]
 ) -> dict:

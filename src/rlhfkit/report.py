@@ -36,7 +36,8 @@ from typing import Any
 
 from rlhfkit.encoding import chat_prompt_text
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.evaluate import ALPACAEVAL_HUMAN_AGREEMENT, ALPACAEVAL_SOURCE, write_atomic
+from rlhfkit.evaluate import ALPACAEVAL_HUMAN_AGREEMENT, ALPACAEVAL_SOURCE
+from rlhfkit.fileio import write_atomic
 
 SAMPLE_ANSWERS = 6  # prompts shown side by side: the first ones of the (shuffled) eval set, not picked
 STAGES = ("sft", "feedback", "rm", "rl", "eval")

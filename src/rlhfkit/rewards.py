@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -50,6 +49,7 @@ from rlhfkit.data import (
 )
 from rlhfkit.encoding import pad, prompt_answer_ids
 from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.fileio import write_atomic
 from rlhfkit.models import load_tokenizer, resolve_model, unwrap
 
 if TYPE_CHECKING:
@@ -323,15 +323,5 @@ def score_file(reward: str, data: str, output: str | None = None, batch_size: in
         sys.stdout.writelines(lines)
         sys.stdout.flush()
     else:
-        target = Path(output)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "w", encoding="utf-8") as fh:
-                fh.writelines(lines)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(Path(output), "".join(lines))
     return len(lines)

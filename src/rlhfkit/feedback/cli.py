@@ -1,0 +1,151 @@
+"""`rlhfkit feedback ...`: prepare a labelling project, add accounts, serve the web app, export labels.
+
+Accounts are plain name + password pairs (no invite tokens): the first admin is made with ``add-user`` on
+the command line, then admins add annotators on the admin page or with ``add-user``. Running ``add-user``
+for an existing name sets a new password and role and ends that user's sessions.
+
+Heavy modules (torch, fastapi, uvicorn) are imported inside the commands, so ``rlhfkit --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+feedback_app = typer.Typer(
+    name="feedback",
+    help="People rank model answers in a browser; export the rankings as preference data.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+DbOpt = Annotated[Path, typer.Option("--db", help="SQLite file of the labelling project.")]
+PASSWORD_ENV = "RLHFKIT_FEEDBACK_PASSWORD"
+
+
+@feedback_app.command()
+def prepare(
+    model: Annotated[str, typer.Option(help="Model that writes the answers: name, local dir or hub id.")],
+    prompts: Annotated[str, typer.Option(help="Prompts file ({'prompt': ...} rows) or bundled:NAME.")],
+    db: DbOpt,
+    k: Annotated[int, typer.Option("--k", help="Answers per prompt (2 to 10).")] = 3,
+    overlap: Annotated[int, typer.Option(help="Annotators per item (N).")] = 2,
+    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 0.8,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per sampling batch.")] = 16,
+    guidelines: Annotated[str | None, typer.Option(help="Text file with labelling guidelines.")] = None,
+) -> None:
+    """Sample K answers per prompt and store them as a labelling project."""
+    from rlhfkit.cli import _run, err
+    from rlhfkit.feedback.prepare import PrepareConfig, run_prepare
+
+    def go() -> None:
+        cfg = PrepareConfig(
+            model=model, prompts=prompts, db=str(db), k=k, overlap=overlap, max_new_tokens=max_new_tokens,
+            temperature=temperature, seed=seed, batch_size=batch_size, guidelines=guidelines,
+        )  # fmt: skip
+        n = run_prepare(cfg)
+        dropped = f" ({n['dropped']} prompts dropped: fewer than 2 distinct answers)" if n["dropped"] else ""
+        err.print(f"[bold]feedback[/]: {n['items']} items, {n['answers']} answers stored in {db}{dropped}")
+
+    _run(go)
+
+
+@feedback_app.command("add-user")
+def add_user(
+    db: DbOpt,
+    name: Annotated[str, typer.Option(help="Login name.")],
+    role: Annotated[str, typer.Option(help="admin or annotator.")] = "annotator",
+    password: Annotated[
+        str,
+        typer.Option(
+            envvar=PASSWORD_ENV,
+            prompt=True,
+            hide_input=True,
+            confirmation_prompt=True,
+            help=f"Password (8+ characters); default: ${PASSWORD_ENV}, else asked for.",
+        ),
+    ] = "",
+) -> None:
+    """Create an account (or set a new password and role for an existing one)."""
+    from rlhfkit.cli import _run, err
+    from rlhfkit.feedback.store import add_user as store_add_user
+    from rlhfkit.feedback.store import open_db
+
+    def go() -> None:
+        conn = open_db(db)
+        try:
+            created = store_add_user(conn, name, role, password)
+        finally:
+            conn.close()
+        err.print(f"[bold]feedback[/]: {'added' if created else 'updated'} {role} '{name.strip()}'")
+
+    _run(go)
+
+
+@feedback_app.command()
+def serve(
+    db: DbOpt,
+    host: Annotated[str, typer.Option(help="Interface to listen on (0.0.0.0 for every one).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    overlap: Annotated[int | None, typer.Option(help="Change the annotators per item (N).")] = None,
+    lease_minutes: Annotated[
+        float, typer.Option(help="Give an unanswered item to others after this.")
+    ] = 30.0,
+    secure_cookies: Annotated[
+        bool, typer.Option(help="HTTPS-only cookies (when served behind TLS).")
+    ] = False,
+) -> None:
+    """Serve the labelling app (log in with an account made by add-user)."""
+    from rlhfkit.cli import _run, err
+
+    def go() -> None:
+        import uvicorn
+
+        from rlhfkit.errors import RlhfkitError
+        from rlhfkit.feedback.app import create_app
+        from rlhfkit.feedback.store import open_db, set_meta
+
+        if overlap is not None:
+            if overlap < 1:
+                raise RlhfkitError(f"--overlap must be at least 1, got {overlap}")
+            conn = open_db(db)
+            set_meta(conn, "overlap", str(overlap))
+            conn.close()
+        app = create_app(db, lease=lease_minutes * 60, secure_cookies=secure_cookies)
+        err.print(f"[bold]feedback[/]: serving {db} on http://{host}:{port}/ (Ctrl-C stops)")
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+
+    _run(go)
+
+
+@feedback_app.command()
+def export(
+    db: DbOpt,
+    out: Annotated[Path, typer.Option(help="JSONL file to write (atomically).")],
+    fmt: Annotated[str, typer.Option("--format", help="pairs (prompt/chosen/rejected), rankings")] = "pairs",
+) -> None:
+    """Write the rankings, or the preference pairs they imply, for `rlhfkit rm` / `rlhfkit dpo`."""
+    from rlhfkit.cli import _run, err
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.feedback.export import FORMATS
+    from rlhfkit.feedback.export import export as run_export
+    from rlhfkit.feedback.store import open_db
+
+    def go() -> None:
+        if fmt not in FORMATS:
+            raise RlhfkitError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+        conn = open_db(db)
+        try:
+            n = run_export(conn, out, fmt)  # type: ignore[arg-type]
+        finally:
+            conn.close()
+        err.print(
+            f"[bold]feedback[/]: {n['rows']} {fmt} rows written to {out} "
+            f"(left out: {n['all_bad']} all-bad, {n['skip']} skipped labels)"
+        )
+
+    _run(go)

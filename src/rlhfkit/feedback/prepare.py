@@ -1,0 +1,124 @@
+"""`rlhfkit feedback prepare`: sample K answers per prompt and store them as a labelling project.
+
+Sampling runs in batches through the RolloutEngine (KV cache, Llama fast path), seeded, with a progress bar.
+Repeated answers of one prompt are merged (people cannot rank identical texts and the ranking format
+forbids duplicates), empty ones dropped, and a prompt left with fewer than two distinct answers is not
+stored (the count is reported). The database is written in one transaction after sampling, so an
+interrupted run leaves no half-made project behind.
+
+    rlhfkit feedback prepare --model runs/pipeline/sft --prompts bundled:prompts.jsonl --k 3 --db fb.sqlite
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhfkit.errors import RlhfkitError
+
+MAX_K = 10  # more answers than this cannot be ranked carefully on one page (and keys a-j name them)
+
+
+@dataclass
+class PrepareConfig:
+    """Settings of `rlhfkit feedback prepare`."""
+
+    model: str
+    """Model that writes the answers: registered name, local directory or hub id."""
+    prompts: str
+    """Prompts file ({"prompt": ...} rows; .jsonl/.json/.csv/.parquet) or bundled:NAME."""
+    db: str
+    """SQLite file to create (refused if it already holds a project)."""
+    k: int = 3
+    """Answers sampled per prompt (2 to 10)."""
+    overlap: int = 2
+    """N: annotators who label each item (agreement needs at least 2)."""
+    max_new_tokens: int = 64
+    """Longest answer in tokens."""
+    temperature: float = 0.8
+    """Sampling temperature (0 = greedy, which makes the K answers identical)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold."""
+    seed: int = 0
+    """Seed of the sampling generator: the same seed gives the same answers."""
+    batch_size: int = 16
+    """Sequences per RolloutEngine batch."""
+    guidelines: str | None = None
+    """Text file with the labelling guidelines shown to annotators (default: a short generic text)."""
+
+
+def _check(cfg: PrepareConfig) -> None:
+    if not 2 <= cfg.k <= MAX_K:
+        raise RlhfkitError(f"--k must be between 2 and {MAX_K}, got {cfg.k}")
+    if cfg.overlap < 1:
+        raise RlhfkitError(f"--overlap must be at least 1, got {cfg.overlap}")
+    if cfg.temperature <= 0:
+        raise RlhfkitError("--temperature must be > 0: greedy decoding gives K identical answers")
+    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+        raise RlhfkitError("--batch-size and --max-new-tokens must be at least 1")
+
+
+def sample_answers(cfg: PrepareConfig, prompts: list) -> list[list[str]]:
+    """K decoded answers for each prompt, sampled in batches of ``cfg.batch_size`` sequences."""
+    import torch
+
+    from rlhfkit.encoding import prompt_ids
+    from rlhfkit.loop import _progress
+    from rlhfkit.models import eos_token_ids, load_causal_lm
+    from rlhfkit.rollout import RolloutEngine, SamplingConfig
+
+    model, tokenizer = load_causal_lm(cfg.model)
+    engine = RolloutEngine(model, tokenizer, eos_token_ids(tokenizer, model))
+    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    rows = [i for i in range(len(prompts)) for _ in range(cfg.k)]  # prompt index of each sequence
+    texts: list[str] = []
+    with _progress(True) as progress:
+        task = progress.add_task("feedback: sampling", total=len(rows), status="")
+        for lo in range(0, len(rows), cfg.batch_size):
+            rollout = engine.generate(
+                [encoded[i] for i in rows[lo : lo + cfg.batch_size]], sampling, generator
+            )
+            for ids, mask in zip(rollout.completion_ids, rollout.completion_mask, strict=True):  # (T,) each
+                texts.append(tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip())
+            progress.update(task, completed=len(texts))
+    return [texts[p * cfg.k : (p + 1) * cfg.k] for p in range(len(prompts))]
+
+
+def distinct(answers: list[str]) -> list[str]:
+    """Non-empty answers, each once, in sampling order."""
+    return list(dict.fromkeys(a for a in answers if a.strip()))
+
+
+def run_prepare(cfg: PrepareConfig) -> dict[str, int]:
+    """Validate the inputs, sample, store; returns counts (items stored, prompts dropped, answers)."""
+    from rlhfkit.data import load_prompts, resolve_data_path
+    from rlhfkit.feedback.store import DEFAULT_GUIDELINES, create_project, open_db
+
+    _check(cfg)
+    records = load_prompts(resolve_data_path(cfg.prompts))
+    guidelines = DEFAULT_GUIDELINES
+    if cfg.guidelines is not None:
+        try:
+            guidelines = Path(cfg.guidelines).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise RlhfkitError(f"{cfg.guidelines}: cannot read the guidelines ({exc.strerror})") from None
+    conn = open_db(cfg.db, create=True)
+    try:
+        if conn.execute("SELECT count(*) FROM items").fetchone()[0]:  # fail before sampling, not after
+            raise RlhfkitError(f"{cfg.db} already holds a labelling project; use a new --db file")
+        answers = sample_answers(cfg, [r.prompt for r in records])
+        items = [
+            (rec.prompt, [(text, cfg.model) for text in distinct(texts)])
+            for rec, texts in zip(records, answers, strict=True)
+        ]
+        kept = [item for item in items if len(item[1]) >= 2]
+        if not kept:
+            raise RlhfkitError(
+                "no prompt got two distinct non-empty answers; raise --temperature or --max-new-tokens"
+            )
+        create_project(conn, kept, cfg.overlap, guidelines)
+    finally:
+        conn.close()
+    return {"items": len(kept), "dropped": len(items) - len(kept), "answers": sum(len(a) for _, a in kept)}
