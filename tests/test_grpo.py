@@ -36,7 +36,7 @@ def config(cls: type[GRPOConfig], model: Path, prompts: Path, out: Path, *sets: 
     base = [
         f"policy={model}", f"prompts={prompts}", f"output={out}", "max_new_tokens=16", "temperature=1.0",
         "prompts_per_step=8", "num_generations=4", "sample_every=0", "train.save_every=0",
-        "reward_fn=tests.test_grpo:count_target",
+        "reward_fn=tests.test_grpo:count_target", "train.scheduler=cosine",
     ]  # fmt: skip
     return load_config(cls, None, base + list(sets))
 

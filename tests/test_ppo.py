@@ -25,6 +25,7 @@ def ppo_config(model: Path, prompts: Path, out: Path, *sets: str) -> PPOConfig:
     base = [
         f"policy={model}", f"prompts={prompts}", f"output={out}", "max_new_tokens=16", "rollout_batch=32",
         "temperature=1.0", "no_eos_score=null", "sample_every=0", "train.save_every=0",
+        "train.scheduler=cosine",  # the schedule these tests were tuned with
     ]  # fmt: skip
     return load_config(PPOConfig, None, base + list(sets))
 
