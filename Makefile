@@ -30,3 +30,6 @@ format: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+bench: setup
+	$(PY) bench/side_by_side.py

