@@ -122,3 +122,17 @@ def test_ppo_with_lora_uses_the_adapter_free_policy_as_reference(tiny_model: Pat
     pairs = zip(policy.parameters(), base.parameters(), strict=True)
     assert max(float((a - b).abs().max()) for a, b in pairs) > 0  # the adapters were merged in
     AutoModelForSequenceClassification.from_pretrained(out / "value", dtype=torch.float32)
+
+
+def test_value_model_from_a_reward_model_starts_on_the_normalised_reward_scale(tiny_model: Path):
+    from rlhfkit.rewards import SCALE_KEY, SHIFT_KEY
+    from rlhfkit.trainers.ppo import token_values
+    from rlhfkit.trainers.rm import build_reward_model
+
+    value, _ = build_reward_model(str(tiny_model))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    args = (ids, torch.ones_like(ids), torch.arange(5)[None], 2)
+    raw = token_values(value, *args)  # (1, 3): no normalisation stored, so the head's raw output
+    setattr(value.config, SHIFT_KEY, 2.0)
+    setattr(value.config, SCALE_KEY, 4.0)
+    torch.testing.assert_close(token_values(value, *args), (raw - 2.0) / 4.0)

@@ -33,7 +33,7 @@ from rlhfkit import losses
 from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
 from rlhfkit.loop import TrainConfig
 from rlhfkit.models import load_tokenizer, save_model, unwrap
-from rlhfkit.rewards import RewardMix, Scorer
+from rlhfkit.rewards import RewardMix, Scorer, normalization
 from rlhfkit.trainers.rl import RLConfig, RLTrainer, check_prompt_lengths, completion_logprobs, reward_mix
 from rlhfkit.trainers.rm import build_reward_model
 
@@ -94,11 +94,17 @@ class PolicyAndValue(torch.nn.Module):
 def token_values(
     value_model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, start: int
 ) -> torch.Tensor:
-    """V(s_t) for every answer position t: the value head on the hidden state that predicts token t. (B, T)"""
+    """V(s_t) for every answer position t: the value head on the hidden state that predicts token t. (B, T)
+
+    A value model initialised from a reward model starts on the reward's normalised scale: the head's raw
+    output goes through the same (raw - shift) / scale as the rewards (the Llama head has no bias to fold
+    the shift into). Without it the initial values are off by the shift on every token, and the GAE
+    advantages are noise until the critic has caught up."""
     base = unwrap(value_model)
     decoder = getattr(base, base.base_model_prefix)
     hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state  # (B, P+T, C)
-    return base.score(hidden[:, start - 1 : -1]).squeeze(-1)  # (B, T)
+    shift, scale = normalization(base.config)
+    return (base.score(hidden[:, start - 1 : -1]).squeeze(-1) - shift) / scale  # (B, T)
 
 
 class PPOTrainer(RLTrainer):
