@@ -88,7 +88,7 @@ class RLSection:
             kl_coef=0.05,
             lam=1.0,
             sample_every=5,
-            train=TrainConfig(lr=5e-6, max_steps=12, scheduler="constant", save_every=4),
+            train=TrainConfig(lr=8e-6, max_steps=12, scheduler="constant", save_every=4),
         )
     )
     """PPO settings. lam = 1: in a run of a dozen iterations the critic is still poor, and with lambda 0.95
@@ -99,6 +99,7 @@ class RLSection:
             prompts_per_step=8,
             num_generations=4,
             beta=0.04,
+            no_eos_score=-1.0,
             sample_every=5,
             train=TrainConfig(lr=5e-6, max_steps=12, scheduler="constant", save_every=4),
         )
@@ -131,7 +132,7 @@ class PipelineConfig:
     """Step B settings (model, data, output: set by the pipeline)."""
     rl: RLSection = field(default_factory=RLSection)
     """Step C settings."""
-    eval: EvalConfig = field(default_factory=lambda: EvalConfig(policy="", reference=""))
+    eval: EvalConfig = field(default_factory=lambda: EvalConfig(policy="", reference="", batch_size=32))
     """Evaluation settings (policy, reference, reward, gold, output: set by the pipeline)."""
 
 
