@@ -47,3 +47,44 @@ MEMORY_ROWS = [
 def memory_data(tmp_path: Path) -> Path:
     """Eight short conversations whose answers a tiny model can memorise in a few dozen steps."""
     return write_jsonl(tmp_path / "memory.jsonl", MEMORY_ROWS)
+
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    """Debian's headless Chromium driven by Playwright (never a downloaded browser). Skipped where it is
+    not installed; under CI (.ci/run installs it and sets CI) its absence is a failure, not a skip."""
+    if not CHROMIUM.exists():
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing; CI must install Debian's chromium")
+        pytest.skip(f"{CHROMIUM} is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def read_metrics(out: Path, split: str) -> list[dict]:
+    """The metrics.jsonl lines of one split ("train", "eval", ...) of a run directory."""
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return [x for x in lines if x["split"] == split]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    """`train.threads=1` sets torch's global thread count; give the next test module its default back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -4,13 +4,12 @@ learns a held-out preference rule, resume is exact, and bad data is a one-line e
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import write_jsonl
+from tests.conftest import read_metrics, write_jsonl
 from tests.test_loop import max_diff
 from tests.test_rm import good_word_pairs, good_word_rankings
 from typer.testing import CliRunner
@@ -27,17 +26,7 @@ def dpo_config(model: Path, data: Path, out: Path, *sets: str) -> DPOConfig:
     return load_config(DPOConfig, None, base + list(sets))
 
 
-def metrics(out: Path, split: str) -> list[dict]:
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [x for x in lines if x["split"] == split]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads():
-    """`train.threads=1` sets torch's global thread count; give the next test module its default back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+metrics = read_metrics
 
 
 @pytest.fixture()

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from tests.conftest import write_jsonl
 from tests.test_feedback_server import make_project
 
@@ -30,14 +29,6 @@ CLI = [sys.executable, "-m", "rlhfkit.cli", "feedback"]
 
 def cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads():
-    """`train.threads=1` sets torch's global thread count; give the next test module its default back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------------------------ security

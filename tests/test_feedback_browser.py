@@ -4,7 +4,6 @@ keyboard, tie, mark "all bad", skip; then the labels are found, as given, in `rl
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +12,6 @@ import pytest
 from tests.test_feedback_server import PASSWORD, XSS, live_server, make_project
 
 from rlhfkit.data import RankingRecord, load_preferences
-
-CHROMIUM = Path("/usr/bin/chromium")
-ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 
 # prompt -> (how the test labels it, the intended level of each answer text; 0 = best)
 PLAN: dict[str, tuple[str, dict[str, int]]] = {
@@ -29,17 +24,8 @@ PLAN: dict[str, tuple[str, dict[str, int]]] = {
 
 
 @pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing (CI must install Debian's chromium)")
-        pytest.skip(f"{CHROMIUM} is not installed")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
-        yield browser
-        browser.close()
+def browser(chromium):
+    return chromium
 
 
 def answers_on(page) -> dict[str, int]:

@@ -22,11 +22,6 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.evaluate import EvalConfig, run_eval
 from rlhfkit.report import build_report
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-    "--disable-component-update", "--disable-sync",
-]  # fmt: skip
 INJECTED = '<script>window.__pwned = 1; alert("x")</script><img src=x onerror="window.__pwned = 2">'
 PLOTS = {"rl_curves", "sft_loss", "rm_curves", "overoptimisation"}
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([a-z_]+)">')
@@ -142,33 +137,25 @@ def test_missing_parts_become_notes(tmp_path: Path):
         build_report(tmp_path / "missing")
 
 
-def test_report_in_a_real_browser(report: Path):
+def test_report_in_a_real_browser(report: Path, chromium):
     """Every plot is decoded and laid out, and nothing from the model text ran (no script, no alert)."""
-    if not CHROMIUM.exists():
-        if os.environ.get("CI"):
-            pytest.fail(f"{CHROMIUM} is missing; CI must install Debian's chromium")
-        pytest.skip(f"{CHROMIUM} is not installed")
-    from playwright.sync_api import sync_playwright
-
     dialogs: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-            page.goto(report.as_uri(), wait_until="load")
-            images = page.evaluate(
-                """() => Array.from(document.images).map(img => {
-                    const r = img.getBoundingClientRect();
-                    return {alt: img.alt, complete: img.complete, natural: img.naturalWidth,
-                            width: r.width, height: r.height};
-                })"""
-            )
-            pwned = page.evaluate("() => window.__pwned === undefined ? null : window.__pwned")
-            scripts = page.evaluate("() => document.scripts.length")
-            text = page.inner_text("body")
-        finally:
-            browser.close()
+    page = chromium.new_page(viewport={"width": 1200, "height": 900})
+    try:
+        page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
+        page.goto(report.as_uri(), wait_until="load")
+        images = page.evaluate(
+            """() => Array.from(document.images).map(img => {
+                const r = img.getBoundingClientRect();
+                return {alt: img.alt, complete: img.complete, natural: img.naturalWidth,
+                        width: r.width, height: r.height};
+            })"""
+        )
+        pwned = page.evaluate("() => window.__pwned === undefined ? null : window.__pwned")
+        scripts = page.evaluate("() => document.scripts.length")
+        text = page.inner_text("body")
+    finally:
+        page.close()
     assert {img["alt"] for img in images} == PLOTS and len(images) == 4  # the injected <img> is text
     for img in images:
         assert img["complete"] and img["natural"] > 0, img

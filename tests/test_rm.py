@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import write_jsonl
+from tests.conftest import read_metrics, write_jsonl
 from tests.test_loop import max_diff
 
 from rlhfkit.config import load_config
@@ -72,17 +72,7 @@ def ids_of(tokenizer, prompt, answer) -> list[int]:
     return p_ids + a_ids
 
 
-def metrics(out: Path, split: str) -> list[dict]:
-    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [x for x in lines if x["split"] == split]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads():
-    """`train.threads=1` sets torch's global thread count; give the next test module its default back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+metrics = read_metrics
 
 
 @pytest.fixture(scope="module")
