@@ -175,27 +175,55 @@ class LlamaShape:
 
 def step_flops(trainer: str, shape: LlamaShape, s: dict[str, Any], minimal: bool) -> float:
     """FLOPs of one optimizer step of `trainer` from the step's token statistics `s` (what a worker
-    records). minimal=True: the floor, i.e. the output layer only where a log-prob is needed and each
-    distinct prompt prefilled once; minimal=False: the plain "6N" count (output layer on every token)."""
+    records).
+
+    minimal=True: the floor. The forward/backward passes run over the step's prefix trie (`trie_tokens`:
+    a prompt or prefix several rows share is computed once), the output layer only where a log-prob is
+    needed, each distinct prompt prefilled once for generation.
+    minimal=False: the work the side actually did, "6N" style: its passes over the tokens it processed
+    (`processed_tokens`: rlhfkit runs shared prompts once; TRL runs every row in full), the output layer
+    on every one of them."""
     if trainer == "generate":
         return shape.decode(s["rows"], s["prompt_tokens"] / s["rows"], s["new_tokens"])
     real, sum_sq = s["real_tokens"], s["sum_sq"]
-    logits = s["logit_tokens"] if minimal else real
+    tokens = s.get("trie_tokens", real) if minimal else s.get("processed_tokens", real)
+    logits = s["logit_tokens"] if minimal else tokens
     if trainer in ("sft", "rm", "dpo"):
         passes = {"sft": 3, "rm": 3, "dpo": 4}[trainer]  # DPO: + the reference forward
-        return passes * shape.forward(real, logits if trainer != "rm" else 0, sum_sq)
+        return passes * shape.forward(tokens, logits if trainer != "rm" else 0, sum_sq)
     # RL: generation, then forward-only passes (reference, value, reward), then the training passes
     rows, prompt, new = s["rows"], s["prompt_tokens"], s["new_tokens"]
     prefill_tokens = s["unique_prompt_tokens"] if minimal else prompt
     generation = shape.forward(prefill_tokens, 0, 0) + shape.decode(rows, prompt / rows, new)
-    policy_fwd = shape.forward(real, logits, sum_sq)
-    critic_fwd = shape.forward(real, 0, sum_sq)
+    policy_fwd = shape.forward(tokens, logits, sum_sq)
+    critic_fwd = shape.forward(tokens, 0, sum_sq)
     if trainer == "grpo":
         return generation + policy_fwd + 3 * policy_fwd  # reference + one update (num_iterations 1)
     if trainer == "ppo":
         # reference + value + reward forwards, then each epoch trains policy and value
         return generation + policy_fwd + 2 * critic_fwd + s["epochs"] * 3 * (policy_fwd + critic_fwd)
     raise ValueError(f"unknown trainer {trainer!r}")
+
+
+def rows_of(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
+    """The real tokens of each row of a padded batch (any padding side, holes allowed)."""
+    return [row[m.bool()].tolist() for row, m in zip(ids, mask, strict=True)]
+
+
+def trie_tokens(sequences: list[list[int]]) -> int:
+    """Nodes of the prefix trie of `sequences`: the fewest token positions a forward pass over all of them
+    must compute when every shared prefix (prompt, system prompt) is computed once."""
+    root: dict[int, dict] = {}
+    nodes = 0
+    for seq in sequences:
+        node = root
+        for token in seq:
+            child = node.get(token)
+            if child is None:
+                child = node[token] = {}
+                nodes += 1
+            node = child
+    return nodes
 
 
 # ------------------------------------------------------------------------------------------- shared data

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 
 from rlhfkit.cli import app
 from rlhfkit.config import load_config
+from rlhfkit.prefix import SharedPromptBatch
 from rlhfkit.trainers import dpo
-from rlhfkit.trainers.dpo import CACHE_FILE, DPOConfig, DPOTrainer, pad_answers, prepare_dpo, run_dpo
+from rlhfkit.trainers.dpo import CACHE_FILE, DPOConfig, DPOTrainer, prepare_dpo, run_dpo
 
 
 def dpo_config(model: Path, data: Path, out: Path, *sets: str) -> DPOConfig:
@@ -93,17 +94,21 @@ def test_one_pass_logprobs_equal_separate_passes(tiny_model: Path, tmp_path: Pat
 
     with torch.no_grad():
         batch = trainer.collate(train)
-        one_pass = dpo.answer_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                       batch["position_ids"], batch["answer_mask"])  # (6,)  # fmt: skip
+        one_pass = dpo.answer_logprobs(model, batch["batch"])  # (6,)
         separate = torch.tensor([plain(s) for s in sequences])  # (6,)
-        left = dpo.answer_logprobs(model, **pad_answers(sequences, pad_id, side="left"))  # (6,)
-        reordered = dpo.answer_logprobs(model, **pad_answers(sequences[::-1], pad_id))  # other companions
-        pair = dpo.answer_logprobs(model, **pad_answers(sequences[:1] + sequences[3:4], pad_id))  # (2,)
-    assert batch["input_ids"].shape == (6, max(len(s) for s in sequences))  # one batch, padded to its max
+        reordered = dpo.answer_logprobs(
+            model, SharedPromptBatch.from_examples(sequences[::-1], pad_id)
+        )  # other companions
+        pair = dpo.answer_logprobs(
+            model, SharedPromptBatch.from_examples(sequences[:1] + sequences[3:4], pad_id)
+        )  # (2,)
+    shared = batch["batch"]  # each pair's prompt once, the answers padded to the longest answer
+    assert (shared.rows, shared.prompt_ids.shape[0]) == (6, 3)
+    assert shared.answer_ids.shape[1] == max(len(s) - s.answer_start for s in sequences)
     assert separate.std() > 1.0  # the values differ, so the comparisons below can fail
     # sums of up to ~90 tokens of ~-4.8 nats: float32 resolves |x| ~ 400 to 3e-5 only, hence rtol 1e-6 beside
     # the absolute 1e-5 (a padding or layout bug shifts a sum by whole nats)
-    for other in (one_pass, left, reordered.flip(0)):
+    for other in (one_pass, reordered.flip(0)):
         torch.testing.assert_close(other, separate, atol=1e-5, rtol=1e-6)
     torch.testing.assert_close(pair, separate[[0, 3]], atol=1e-5, rtol=1e-6)
 
@@ -131,9 +136,10 @@ def test_reference_runs_once_over_epochs_and_its_cache_follows_the_data(
     steps = trainer.total_steps()
     assert steps == 3 * 9 // 4 + 1  # 3 epochs of 9 training pairs, batch 4: 7 steps
     assert count_reference == {"passes": 1, "answers": 2 * 12}  # every answer of both splits, once
-    # no-grad forwards: 3 reference batches (24 answers, 8 rows each) + 1 final eval batch (3 pairs);
-    # each training step is ONE forward of its 4 pairs' 8 answers, with gradients; none for the reference
-    assert forwards.count(True) == steps and forwards.count(False) == 3 + 1
+    # a batched forward is 3 decoder calls (the ChatML prefix all prompts share, the distinct prompts, the
+    # answers). No-grad: 3 reference batches (24 answers, 8 rows each) + 1 final eval batch (3 pairs);
+    # each training step is ONE batched forward of its 4 pairs' 8 answers, with gradients; no reference
+    assert forwards.count(True) == 3 * steps and forwards.count(False) == 3 * (3 + 1)
     assert metrics(out, "reference") == [{"step": 0, "split": "reference", "cached": False,
                                           "seconds": pytest.approx(1, abs=60), "pairs": 12}]  # fmt: skip
 
@@ -168,11 +174,10 @@ def test_lora_reference_is_the_base_model_and_the_saved_policy_is_merged(tiny_mo
     sequences = [s for ex in trainer.train_examples[:4] for s in (ex.chosen, ex.rejected)]
     with torch.no_grad():
         ref = torch.tensor([x for ex in trainer.train_examples[:4] for x in (ex.ref_chosen, ex.ref_rejected)])
-        torch.testing.assert_close(dpo.answer_logprobs(base, **pad_answers(sequences, pad_id)), ref,
-                                   atol=1e-5, rtol=0)  # fmt: skip
-        trained = dpo.answer_logprobs(trainer.model, **pad_answers(sequences, pad_id))  # adapters live
-        torch.testing.assert_close(dpo.answer_logprobs(merged, **pad_answers(sequences, pad_id)), trained,
-                                   atol=1e-4, rtol=0)  # fmt: skip
+        batch = SharedPromptBatch.from_examples(sequences, pad_id)
+        torch.testing.assert_close(dpo.answer_logprobs(base, batch), ref, atol=1e-5, rtol=0)
+        trained = dpo.answer_logprobs(trainer.model, batch)  # adapters live
+        torch.testing.assert_close(dpo.answer_logprobs(merged, batch), trained, atol=1e-4, rtol=0)
     assert (trained - ref).abs().max() > 1e-2  # the adapters did change the policy
 
 

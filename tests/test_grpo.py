@@ -10,6 +10,7 @@ import torch
 from tests.conftest import write_jsonl
 
 from rlhfkit.config import load_config
+from rlhfkit.prefix import SharedPromptBatch
 from rlhfkit.rewards import RewardComponent, RewardMix, function_scorer
 from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, run_grpo
 from rlhfkit.trainers.rl import completion_logprobs
@@ -118,7 +119,7 @@ def test_masked_truncated_answers_carry_no_gradient(tiny_model: Path, tmp_path: 
     experience, stats = trainer.make_experience(trainer.batch_indices(0))
     assert experience is not None
     lost = int((experience["loss_mask"].sum(-1) == 0).sum())
-    rows = experience["input_ids"].shape[0]
+    rows = experience["batch"].rows
     assert lost == round((1.0 - stats["eos_rate"]) * rows) and lost > 0
     loss, _ = trainer.grpo_loss(trainer.policy, {**experience, "loss_mask": torch.zeros((rows, 4))})
     loss.backward()
@@ -136,13 +137,11 @@ def test_loss_is_summed_over_the_items_its_aggregation_averages(
     prompts = prompts_file(tmp_path)
     cfg = config(GRPOConfig, tiny_model, prompts, tmp_path / loss_type, f"loss_type={loss_type}", "beta=0")
     trainer = GRPOTrainer(cfg, load_prompts(prompts), function_scorer(count_target))
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 10]])  # 2-token prompts, 4-token answers
+    batch = SharedPromptBatch.build([[5, 6]] * 2, [[7, 8, 9, 10]] * 2, 0)  # 2-token prompts, 4-token answers
     lmask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])  # 4 + 3 answer tokens
-    pos = torch.arange(6).expand(2, 6)
     with torch.no_grad():
-        old, _ = completion_logprobs(trainer.policy, ids, torch.ones_like(ids), pos, 2, 1.0)
-    mb = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "position_ids": pos, "start": 2,
-          "loss_mask": lmask, "old_logprobs": old, "advantages": torch.tensor([1.0, -1.0]),
+        old, _ = completion_logprobs(trainer.policy, batch, 1.0)
+    mb = {"batch": batch, "loss_mask": lmask, "old_logprobs": old, "advantages": torch.tensor([1.0, -1.0]),
           "ref_logprobs": None}  # fmt: skip
     loss_sum, sums = trainer.grpo_loss(trainer.policy, mb)
     # ratio 1 everywhere: per-token loss is -A; the ratio sum is one per counted item

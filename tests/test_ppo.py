@@ -60,15 +60,14 @@ def test_ppo_raises_programmatic_reward_with_bounded_kl(tiny_model: Path, tmp_pa
 def test_rollout_logprobs_equal_training_forward(tiny_model: Path):
     from rlhfkit.models import eos_token_ids, load_causal_lm
     from rlhfkit.rollout import RolloutEngine, SamplingConfig
-    from rlhfkit.trainers.rl import completion_logprobs
+    from rlhfkit.trainers.rl import completion_logprobs, shared_rollout
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     engine = RolloutEngine(model, tokenizer, eos_token_ids(tokenizer, model))
     prompts = [tokenizer("Hello there")["input_ids"], tokenizer("Hi")["input_ids"]]
     for temperature in (1.0, 0.7):
         rollout = engine.generate(prompts, SamplingConfig(12, temperature), torch.Generator().manual_seed(3))
-        args = (rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.completion_start)
-        lp, _ = completion_logprobs(model, *args, temperature)
+        lp, _ = completion_logprobs(model, shared_rollout(rollout, tokenizer.pad_token_id), temperature)
         mask = rollout.completion_mask.bool()
         torch.testing.assert_close(lp[mask], rollout.logprobs[mask], atol=1e-5, rtol=0)
 
@@ -125,14 +124,14 @@ def test_ppo_with_lora_uses_the_adapter_free_policy_as_reference(tiny_model: Pat
 
 
 def test_value_model_from_a_reward_model_starts_on_the_normalised_reward_scale(tiny_model: Path):
+    from rlhfkit.prefix import SharedPromptBatch
     from rlhfkit.rewards import SCALE_KEY, SHIFT_KEY
     from rlhfkit.trainers.ppo import token_values
     from rlhfkit.trainers.rm import build_reward_model
 
     value, _ = build_reward_model(str(tiny_model))
-    ids = torch.tensor([[5, 6, 7, 8, 9]])
-    args = (ids, torch.ones_like(ids), torch.arange(5)[None], 2)
-    raw = token_values(value, *args)  # (1, 3): no normalisation stored, so the head's raw output
+    batch = SharedPromptBatch.build([[5, 6]], [[7, 8, 9]], 0)
+    raw = token_values(value, batch)  # (1, 3): no normalisation stored, so the head's raw output
     setattr(value.config, SHIFT_KEY, 2.0)
     setattr(value.config, SCALE_KEY, 4.0)
-    torch.testing.assert_close(token_values(value, *args), (raw - 2.0) / 4.0)
+    torch.testing.assert_close(token_values(value, batch), (raw - 2.0) / 4.0)

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import SETTINGS, StepRecorder, length_reward, sequence_stats, worker_args
+from common import SETTINGS, StepRecorder, length_reward, rows_of, sequence_stats, trie_tokens, worker_args
 
 S = SETTINGS
 
@@ -72,7 +72,10 @@ def build_sft(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
     def count(batch: dict[str, Any]) -> None:
         real, padded, sum_sq = sequence_stats(batch["attention_mask"])
         labelled = int(batch["label_mask"][:, 1:].sum())
-        rec.add(real_tokens=real, padded_tokens=padded, sum_sq=sum_sq, logit_tokens=labelled)
+        trie = trie_tokens(rows_of(batch["input_ids"], batch["attention_mask"]))
+        rec.add(
+            real_tokens=real, padded_tokens=padded, sum_sq=sum_sq, logit_tokens=labelled, trie_tokens=trie
+        )
 
     tap(trainer, "collate", count)
     return trainer
@@ -96,12 +99,23 @@ def build_rm(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
     train, _, _ = prepare_rm(cfg)
     trainer = RMTrainer(cfg, train, [], [])
 
-    def count(batch: dict[str, Any]) -> None:
-        real, padded, sum_sq = sequence_stats(batch["attention_mask"])
-        rec.add(real_tokens=real, padded_tokens=padded, sum_sq=sum_sq, logit_tokens=0)
-
-    tap(trainer, "collate", count)
+    tap(trainer, "collate", lambda batch: count_shared(rec, batch["batch"], logits=False))
     return trainer
+
+
+def count_shared(rec: StepRecorder, shared: Any, logits: bool) -> None:
+    """Token statistics of a `SharedPromptBatch` (RM, DPO): the plain rows it stands for, and what ran."""
+    sequences = shared.sequences()
+    lengths = [len(x) for x in sequences]
+    u, p = shared.prompt_ids.shape
+    rec.add(
+        real_tokens=sum(lengths),
+        padded_tokens=shared.prefix_ids.shape[1] + u * p + shared.answer_ids.numel(),
+        sum_sq=sum(n * n for n in lengths),
+        logit_tokens=int(shared.answer_mask.sum()) if logits else 0,
+        processed_tokens=shared.tokens_processed,
+        trie_tokens=trie_tokens(sequences),
+    )
 
 
 def build_dpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
@@ -121,12 +135,7 @@ def build_dpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
     cfg = load_config(DPOConfig, base=base)
     trainer = DPOTrainer(cfg, prepare_dpo(cfg)[0], [])
 
-    def count(batch: dict[str, Any]) -> None:
-        real, padded, sum_sq = sequence_stats(batch["attention_mask"])
-        answer = int(batch["answer_mask"].sum())
-        rec.add(real_tokens=real, padded_tokens=padded, sum_sq=sum_sq, logit_tokens=answer)
-
-    tap(trainer, "collate", count)
+    tap(trainer, "collate", lambda batch: count_shared(rec, batch["batch"], logits=True))
     # the reference log-probs are computed once for the whole data set, before the first step: time it
     # apart, so the driver can show it amortised over an epoch next to the step time
     if hasattr(trainer, "attach_reference"):
@@ -147,6 +156,7 @@ def count_rollout(rec: StepRecorder, group: int, extra: dict[str, float]) -> Any
         r = samples.rollout
         mask = torch.cat([r.prompt_mask, r.completion_mask.to(r.prompt_mask.dtype)], dim=1)  # (B, P+T)
         real, padded, sum_sq = sequence_stats(mask)
+        trie = trie_tokens(rows_of(torch.cat([r.prompt_ids, r.completion_ids], dim=1), mask))
         prompt = float(r.prompt_mask.sum())
         rec.add(
             real_tokens=real,
@@ -157,6 +167,8 @@ def count_rollout(rec: StepRecorder, group: int, extra: dict[str, float]) -> Any
             prompt_tokens=prompt,
             unique_prompt_tokens=prompt / group,
             new_tokens=r.completion_ids.shape[1],
+            processed_tokens=samples.shared.tokens_processed,
+            trie_tokens=trie,
             **extra,
         )
 
@@ -193,8 +205,9 @@ def build_grpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
 def build_ppo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
     from rlhfkit.config import load_config
     from rlhfkit.data import load_prompts
-    from rlhfkit.rewards import sequence_rewards
+    from rlhfkit.rewards import shared_sequence_rewards
     from rlhfkit.trainers.ppo import PPOConfig, PPOTrainer
+    from rlhfkit.trainers.rl import shared_rollout
     from rlhfkit.trainers.rm import build_reward_model
 
     path = f"{args.data_dir}/grpo_prompts.jsonl"
@@ -215,11 +228,11 @@ def build_ppo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
     }
     cfg = load_config(PPOConfig, base=base)
     # the reward model: the same checkpoint with a new one-output head, as on the TRL side
-    reward_model, _ = build_reward_model(args.model)
+    reward_model, tokenizer = build_reward_model(args.model)
     reward_model.requires_grad_(False).eval()
 
     def score(prompts: Any, completions: Any, rollout: Any, records: Any) -> torch.Tensor:
-        return sequence_rewards(reward_model, rollout.input_ids, rollout.attention_mask).float()
+        return shared_sequence_rewards(reward_model, shared_rollout(rollout, tokenizer.pad_token_id)).float()
 
     trainer = PPOTrainer(cfg, load_prompts(path), score)
     trainer.sampling = dataclasses.replace(trainer.sampling, stop_at_eos=False)

@@ -28,7 +28,16 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import SETTINGS, StepRecorder, length_reward, read_jsonl, sequence_stats, worker_args
+from common import (
+    SETTINGS,
+    StepRecorder,
+    length_reward,
+    read_jsonl,
+    rows_of,
+    sequence_stats,
+    trie_tokens,
+    worker_args,
+)
 
 S = SETTINGS
 
@@ -105,7 +114,10 @@ def supervised_counter(rec: StepRecorder, logits_from: str | None) -> Any:
             logit_tokens = int(inputs["completion_mask"].sum())
         else:
             logit_tokens = 0
-        rec.add(real_tokens=real, padded_tokens=padded, sum_sq=sum_sq, logit_tokens=logit_tokens)
+        trie = trie_tokens(rows_of(inputs["input_ids"], inputs["attention_mask"]))
+        rec.add(
+            real_tokens=real, padded_tokens=padded, sum_sq=sum_sq, logit_tokens=logit_tokens, trie_tokens=trie
+        )
 
     return count
 
@@ -176,7 +188,9 @@ def build_grpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
 
     def count(inputs: dict[str, Any]) -> None:
         prompt, completion = inputs["prompt_mask"], inputs["completion_mask"]
-        real, padded, sum_sq = sequence_stats(torch.cat([prompt, completion.to(prompt.dtype)], dim=1))
+        mask = torch.cat([prompt, completion.to(prompt.dtype)], dim=1)  # (B, P+T)
+        real, padded, sum_sq = sequence_stats(mask)
+        ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], dim=1)  # (B, P+T)
         rec.add(
             real_tokens=real,
             padded_tokens=padded,
@@ -186,6 +200,7 @@ def build_grpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
             prompt_tokens=int(prompt.sum()),
             unique_prompt_tokens=int(prompt.sum()) / S.num_generations,
             new_tokens=completion.shape[1],
+            trie_tokens=trie_tokens(rows_of(ids, mask)),
         )
 
     tap_loss(trainer, count)
@@ -242,6 +257,7 @@ def build_ppo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
             unique_prompt_tokens=int(prompt.sum()),
             new_tokens=new,
             epochs=S.ppo_epochs,
+            trie_tokens=trie_tokens(rows_of(query_responses, mask)),
         )
         return query_responses, logits
 

@@ -51,6 +51,7 @@ from rlhfkit.encoding import pad, prompt_answer_ids
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.fileio import write_atomic
 from rlhfkit.models import load_tokenizer, resolve_model, unwrap
+from rlhfkit.prefix import SharedPromptBatch, last_token_hidden, shared_prompt_forward
 
 if TYPE_CHECKING:
     from rlhfkit.data import PromptRecord
@@ -102,6 +103,14 @@ def sequence_rewards(
     last = last_token_index(attention_mask)  # (N,)
     rows = torch.arange(hidden.shape[0], device=hidden.device)  # (N,)
     return head(hidden[rows, last]).squeeze(-1)  # (N, C) -> (N,)
+
+
+def shared_sequence_rewards(model: Any, batch: SharedPromptBatch) -> torch.Tensor:
+    """Raw rewards (N,) of (prompt, answer) rows with each distinct prompt run once (`rlhfkit.prefix`):
+    the head on the hidden state of each row's last real token, as in `sequence_rewards`."""
+    decoder, head = reward_parts(model)
+    last_prompt, answers = shared_prompt_forward(decoder, batch)  # (N, C), (N, T, C)
+    return head(last_token_hidden(last_prompt, answers, batch.answer_mask)).squeeze(-1)  # (N,)
 
 
 @torch.no_grad()
@@ -194,9 +203,13 @@ class RewardModelScorer:
         )
 
     @torch.no_grad()
-    def score_padded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Normalised rewards (N,) of an already padded batch (N, T): any padding, holes allowed."""
-        return self.normalize(sequence_rewards(self.model, input_ids, attention_mask).float())
+    def score_rollout(self, rollout: Rollout) -> torch.Tensor:
+        """Normalised rewards (B,) of a rollout's rows, each distinct prompt run once."""
+        batch = SharedPromptBatch.from_padded(
+            rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
+            self.tokenizer.pad_token_id,
+        )  # fmt: skip
+        return self.normalize(shared_sequence_rewards(self.model, batch).float())
 
 
 def rollout_scorer(path: str | Path, batch_size: int = 16) -> Any:
@@ -207,7 +220,7 @@ def rollout_scorer(path: str | Path, batch_size: int = 16) -> Any:
     def score(
         prompts: list[str], completions: list[str], rollout: Rollout, records: list[PromptRecord]
     ) -> torch.Tensor:
-        return scorer.score_padded(rollout.input_ids, rollout.attention_mask)
+        return scorer.score_rollout(rollout)
 
     return score
 

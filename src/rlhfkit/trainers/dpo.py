@@ -22,8 +22,10 @@ Where we depart from TRL's DPOTrainer and why:
   (`reference_logprobs.safetensors`) under a hash of the token ids of every answer (so of the data, the
   tokenizer, the chat template and max_length/truncation) and of the reference weights: a resumed or
   repeated run reuses them, any change recomputes them;
-- chosen and rejected answers of a micro-batch run through ONE decoder pass, padded to the longest of
-  them only, and pairs are grouped by length (as in SFT and the RM), so little compute goes into padding;
+- chosen and rejected answers of a micro-batch run through one batched forward that computes their
+  shared prompt once, and the prefix all prompts share (the chat template's system prompt) once
+  (`rlhfkit.prefix`); answers are padded to the longest of them only, and pairs are grouped by length
+  (as in SFT and the RM), so little compute goes into padding or repeated prompts;
 - the output layer runs only on answer positions and the full (2B, T, V) logits are never materialised;
 - rankings of K answers are expanded into all their K-choose-2 (better, worse) pairs, each one training
   pair (the margin field of a pair has no role in DPO and is ignored);
@@ -54,7 +56,7 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit.data import load_preferences, resolve_data_path, split_holdout
-from rlhfkit.encoding import SequenceExample, pad
+from rlhfkit.encoding import SequenceExample
 from rlhfkit.errors import ConfigError
 from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, console, set_seed
 from rlhfkit.losses import dpo_loss, gather_logprobs
@@ -67,6 +69,7 @@ from rlhfkit.models import (
     resolve_model,
     save_model,
 )
+from rlhfkit.prefix import SharedPromptBatch, answer_predictors, shared_prompt_forward
 from rlhfkit.trainers.rm import RMConfig, RMExample, encode_preferences
 
 CACHE_FILE = "reference_logprobs.safetensors"
@@ -128,39 +131,20 @@ class DPOExample:
 
 
 # ------------------------------------------------------------------------------------------ log-probs
-def pad_answers(
-    sequences: list[SequenceExample], pad_id: int, side: str = "right"
-) -> dict[str, torch.Tensor]:
-    """Padded tensors of S sequences, plus `answer_mask` (S, T): True on the answer tokens."""
-    input_ids, attention_mask, position_ids = pad([s.input_ids for s in sequences], pad_id, side)  # (S, T)
-    starts = torch.tensor([s.answer_start for s in sequences])  # (S,)
-    # position ids count real tokens, so "position >= answer_start" finds the answer under either padding
-    answer_mask = (position_ids >= starts[:, None]) & attention_mask.bool()  # (S, T)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-            "answer_mask": answer_mask}  # fmt: skip
-
-
-def answer_logprobs(
-    model: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    answer_mask: torch.Tensor,
-) -> torch.Tensor:
+def answer_logprobs(model: Any, batch: SharedPromptBatch) -> torch.Tensor:
     """log pi(answer | prompt) = sum over answer tokens t of log pi(y_t | x, y_<t), for each of the S rows.
 
-    One decoder pass over all rows; the output layer (C x V, ~20% of SmolLM2's FLOPs) runs only on the N
-    positions that predict an answer token, so no (S, T, V) logits exist. Returns (S,)."""
+    One decoder pass per level of `batch` (shared prefix, distinct prompts, answers); the output layer
+    (C x V, ~20% of SmolLM2's FLOPs) runs only on the N positions that predict an answer token, so no
+    (S, T, V) logits exist. Returns (S,)."""
     decoder, head = decoder_and_head(model)
-    hidden = decoder(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state  # (S, T, C)
-    select = answer_mask[:, 1:]  # (S, T-1): position t predicts token t+1
-    targets = input_ids[:, 1:][select]  # (N,)
-    token_logprobs = gather_logprobs(head(hidden[:, :-1][select]), targets)  # (N,) from (N, V) logits
+    last_prompt, answers = shared_prompt_forward(decoder, batch)  # (S, C), (S, T, C)
+    select = batch.answer_mask.bool()  # (S, T)
+    hidden = answer_predictors(last_prompt, answers)[select]  # (N, C)
+    token_logprobs = gather_logprobs(head(hidden), batch.answer_ids[select])  # (N,) from (N, V) logits
     rows = select.nonzero()[:, 0]  # (N,) the sequence of each position
     # equivalent to: torch.stack([token_logprobs[rows == s].sum() for s in range(S)])
-    return token_logprobs.new_zeros(input_ids.shape[0]).index_add(0, rows, token_logprobs)  # (S,)
+    return token_logprobs.new_zeros(batch.rows).index_add(0, rows, token_logprobs)  # (S,)
 
 
 @torch.no_grad()
@@ -185,8 +169,9 @@ def reference_logprobs(
         task = progress.add_task("reference", total=len(sequences))
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            batch = pad_answers([sequences[i] for i in index], pad_id)
-            out[index] = answer_logprobs(model, **batch)
+            out[index] = answer_logprobs(
+                model, SharedPromptBatch.from_examples([sequences[i] for i in index], pad_id)
+            )
             done += len(index)
             progress.update(task, completed=done)
             if progress.disable and done * 4 >= (quarter + 1) * len(sequences):
@@ -351,19 +336,20 @@ class DPOTrainer(TrainLoop):
 
     # ---- the loss ------------------------------------------------------------------------------------
     def collate(self, examples: list[DPOExample]) -> dict[str, Any]:
-        """All chosen answers, then all rejected ones, as ONE padded batch of S = 2B rows."""
+        """All chosen answers, then all rejected ones, as ONE batch of S = 2B rows sharing their prompts."""
         sequences = [ex.chosen for ex in examples] + [ex.rejected for ex in examples]
-        batch: dict[str, Any] = pad_answers(sequences, self.tokenizer.pad_token_id)  # (S, T) each
+        shared = SharedPromptBatch.from_examples(sequences, self.tokenizer.pad_token_id)
         ref = [ex.ref_chosen for ex in examples] + [ex.ref_rejected for ex in examples]
-        batch["ref_logprobs"] = torch.tensor(ref)  # (S,)
-        batch["answer_tokens"] = batch["answer_mask"].sum(1)  # (S,)
-        batch["num_items"] = len(examples)  # pairs
-        batch["num_tokens"] = int(batch["attention_mask"].sum())
-        return batch
+        return {
+            "batch": shared,
+            "ref_logprobs": torch.tensor(ref),  # (S,)
+            "answer_tokens": shared.answer_mask.sum(1),  # (S,)
+            "num_items": len(examples),  # pairs
+            "num_tokens": shared.tokens_processed,
+        }
 
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        logprobs = answer_logprobs(model, batch["input_ids"], batch["attention_mask"],
-                                   batch["position_ids"], batch["answer_mask"])  # (S,)  # fmt: skip
+        logprobs = answer_logprobs(model, batch["batch"])  # (S,)
         return self.pair_loss(logprobs, batch)
 
     def pair_loss(

@@ -121,7 +121,7 @@ class GRPOTrainer(RLTrainer):
         ref_logprobs = None
         rewards = scores  # (B,)
         if self.need_reference:
-            ref_logprobs = self.reference_logprobs(rollout)  # (B, T)
+            ref_logprobs = self.reference_logprobs(samples.shared)  # (B, T)
             seq_kl = (losses.kl_estimate(old_logprobs, ref_logprobs, "k1") * cmask).sum(-1)  # (B,)
             stats["kl"] = float(seq_kl.mean())
             if cfg.advantage == "rloo":
@@ -147,8 +147,7 @@ class GRPOTrainer(RLTrainer):
         if len(rows) == 0:
             return None, stats
         experience = {
-            "input_ids": rollout.input_ids[rows], "attention_mask": rollout.attention_mask[rows],
-            "position_ids": rollout.position_ids[rows], "start": rollout.completion_start,
+            "batch": samples.shared if len(rows) == len(keep) else samples.shared.select(rows),
             "loss_mask": loss_mask[rows], "old_logprobs": old_logprobs[rows], "advantages": advantages[rows],
             "ref_logprobs": None if ref_logprobs is None or cfg.advantage == "rloo" else ref_logprobs[rows],
         }  # fmt: skip
@@ -158,16 +157,14 @@ class GRPOTrainer(RLTrainer):
         """Clipped policy loss (+ beta x k3 KL) of one micro-batch, scaled to a sum over the items the
         aggregation averages over (tokens for "dapo", sequences otherwise), as the loop expects."""
         cfg = self.grpo
-        ids, mask, pos, start, lmask = (
-            mb[k] for k in ("input_ids", "attention_mask", "position_ids", "start", "loss_mask")
-        )
-        logprobs, entropy = completion_logprobs(model, ids, mask, pos, start, cfg.temperature)  # (B, T)
+        batch, lmask = mb["batch"], mb["loss_mask"]
+        logprobs, entropy = completion_logprobs(model, batch, cfg.temperature)  # (B, T)
         agg = AGGREGATION[cfg.loss_type]
         max_len = cfg.max_new_tokens
         pg, m = losses.policy_loss(
             logprobs, mb["old_logprobs"], mb["advantages"], lmask, cfg.clip_low, cfg.clip_high, agg, max_len
         )
-        count = lmask.sum() if agg == "token" else torch.tensor(float(ids.shape[0]))
+        count = lmask.sum() if agg == "token" else torch.tensor(float(batch.rows))
         loss = pg
         sums = {key: m[key] * count for key in ("clip_frac", "approx_kl", "ratio_mean")}
         if mb["ref_logprobs"] is not None:
@@ -187,7 +184,7 @@ class GRPOTrainer(RLTrainer):
             out["skipped"] = 1.0
         else:
             self.policy.train()
-            n = experience["input_ids"].shape[0]
+            n = experience["batch"].rows
             size = self.grpo.micro_batch or n
             agg = AGGREGATION[self.grpo.loss_type]
             batches = []
@@ -196,9 +193,9 @@ class GRPOTrainer(RLTrainer):
                     k: (v[lo : lo + size] if isinstance(v, torch.Tensor) else v)
                     for k, v in experience.items()
                 }
-                mb["num_items"] = (
-                    float(mb["loss_mask"].sum()) if agg == "token" else float(len(mb["input_ids"]))
-                )
+                if size < n:
+                    mb["batch"] = experience["batch"].select(torch.arange(lo, min(lo + size, n)))
+                mb["num_items"] = float(mb["loss_mask"].sum()) if agg == "token" else float(mb["batch"].rows)
                 batches.append(mb)
             totals: dict[str, float] = {}
             for it in range(self.grpo.num_iterations):

@@ -33,6 +33,7 @@ from rlhfkit import losses
 from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
 from rlhfkit.loop import TrainConfig
 from rlhfkit.models import load_tokenizer, save_model, unwrap
+from rlhfkit.prefix import SharedPromptBatch, answer_predictors, shared_prompt_forward
 from rlhfkit.rewards import RewardMix, Scorer, normalization
 from rlhfkit.trainers.rl import RLConfig, RLTrainer, check_prompt_lengths, completion_logprobs, reward_mix
 from rlhfkit.trainers.rm import build_reward_model
@@ -91,10 +92,9 @@ class PolicyAndValue(torch.nn.Module):
         self.value = value
 
 
-def token_values(
-    value_model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, start: int
-) -> torch.Tensor:
+def token_values(value_model: Any, batch: SharedPromptBatch) -> torch.Tensor:
     """V(s_t) for every answer position t: the value head on the hidden state that predicts token t. (B, T)
+    Each distinct prompt runs once (`prefix.shared_prompt_forward`).
 
     A value model initialised from a reward model starts on the reward's normalised scale: the head's raw
     output goes through the same (raw - shift) / scale as the rewards (the Llama head has no bias to fold
@@ -102,9 +102,9 @@ def token_values(
     advantages are noise until the critic has caught up."""
     base = unwrap(value_model)
     decoder = getattr(base, base.base_model_prefix)
-    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state  # (B, P+T, C)
+    last_prompt, answers = shared_prompt_forward(decoder, batch)  # (B, C), (B, T, C)
     shift, scale = normalization(base.config)
-    return (base.score(hidden[:, start - 1 : -1]).squeeze(-1) - shift) / scale  # (B, T)
+    return (base.score(answer_predictors(last_prompt, answers)).squeeze(-1) - shift) / scale  # (B, T)
 
 
 class PPOTrainer(RLTrainer):
@@ -141,12 +141,9 @@ class PPOTrainer(RLTrainer):
     def make_experience(self, indices: list[int]) -> tuple[dict[str, Any], dict[str, float]]:
         samples = self.sample(indices)
         t1 = time.perf_counter()
-        rollout, cmask = samples.rollout, samples.mask  # cmask (B, T)
-        ids, mask, pos, start = (
-            rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.completion_start
-        )  # fmt: skip
-        ref_logprobs = self.reference_logprobs(rollout)  # (B, T)
-        values = token_values(self.value, ids, mask, pos, start) * cmask  # (B, T)
+        rollout, cmask, batch = samples.rollout, samples.mask, samples.shared  # cmask (B, T)
+        ref_logprobs = self.reference_logprobs(batch)  # (B, T)
+        values = token_values(self.value, batch) * cmask  # (B, T)
         logprobs = rollout.logprobs * cmask  # (B, T)
         scores = samples.scores  # (B,)
         rewards, kl = losses.kl_penalized_rewards(
@@ -158,8 +155,7 @@ class PPOTrainer(RLTrainer):
         advantages = losses.masked_whiten(advantages, cmask)  # (B, T)
         seq_kl = (kl * cmask).sum(-1)  # (B,)
         experience = {
-            "input_ids": ids, "attention_mask": mask, "position_ids": pos, "start": start,
-            "completion_mask": cmask, "old_logprobs": logprobs, "old_values": values,
+            "batch": batch, "completion_mask": cmask, "old_logprobs": logprobs, "old_values": values,
             "advantages": advantages, "returns": returns,
         }  # fmt: skip
         stats = {
@@ -176,11 +172,9 @@ class PPOTrainer(RLTrainer):
         self, model: PolicyAndValue, mb: dict[str, Any]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + vf_coef x clipped value loss of one minibatch, as a sum over its tokens."""
-        ids, mask, pos, start, cmask = (
-            mb[k] for k in ("input_ids", "attention_mask", "position_ids", "start", "completion_mask")
-        )
-        logprobs, entropy = completion_logprobs(model.policy, ids, mask, pos, start, self.ppo.temperature)
-        values = token_values(model.value, ids, mask, pos, start)  # (B, T)
+        batch, cmask = mb["batch"], mb["completion_mask"]
+        logprobs, entropy = completion_logprobs(model.policy, batch, self.ppo.temperature)  # (B, T)
+        values = token_values(model.value, batch)  # (B, T)
         pg_loss, pg_metrics = losses.policy_loss(
             logprobs, mb["old_logprobs"], mb["advantages"], cmask, clip_low=self.ppo.cliprange
         )
@@ -204,7 +198,7 @@ class PPOTrainer(RLTrainer):
         experience, stats = self.make_experience(self.batch_indices(step))
         t0 = time.perf_counter()
         self.policy.train()
-        n_rows = experience["input_ids"].shape[0]
+        n_rows = experience["batch"].rows
         size = max(1, n_rows // self.ppo.minibatches)
         totals: dict[str, float] = {}
         first: dict[str, float] = {}
@@ -213,6 +207,7 @@ class PPOTrainer(RLTrainer):
             for k in range(self.ppo.minibatches):
                 rows = order[k * size : (k + 1) * size]
                 mb = {key: (v[rows] if isinstance(v, torch.Tensor) else v) for key, v in experience.items()}
+                mb["batch"] = experience["batch"].select(rows)
                 mb["num_items"] = float(mb["completion_mask"].sum())
                 metrics = self.optimize([mb], self.ppo_loss)
                 if epoch == 0 and k == 0:

@@ -31,6 +31,7 @@ from rlhfkit.encoding import chat_prompt_text, prompt_ids
 from rlhfkit.errors import DataError
 from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
 from rlhfkit.models import DEFAULT_MODEL, LoraSettings, decoder_and_head, eos_token_ids, load_causal_lm
+from rlhfkit.prefix import SharedPromptBatch, answer_predictors, shared_prompt_forward
 from rlhfkit.rewards import RewardComponent, RewardMix, Scorer
 from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
 
@@ -81,6 +82,7 @@ class Samples:
     """One scored rollout batch, rows in groups of `group` answers to the same prompt."""
 
     rollout: Rollout
+    shared: SharedPromptBatch  # the same rows with each distinct prompt once, for the forward passes
     records: list[PromptRecord]
     prompts: list[str]  # display text of each row's prompt
     completions: list[str]  # decoded answers
@@ -93,17 +95,24 @@ class Samples:
 
 
 def completion_logprobs(
-    model: Any, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, start: int, temperature: float
+    model: Any, batch: SharedPromptBatch, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, entropy) of the answer tokens ids[:, start:], both (B, T); the output layer runs only
-    on the answer positions."""
+    """(log-probs, entropy) of the answer tokens, both (B, T): each distinct prompt runs once
+    (`prefix.shared_prompt_forward`) and the output layer only on the positions that predict an answer."""
     decoder, head = decoder_and_head(model)
-    hidden = decoder(input_ids=ids, attention_mask=mask, position_ids=pos).last_hidden_state  # (B, P+T, C)
-    logits = head(hidden[:, start - 1 : -1]) / max(temperature, 1e-7)  # (B, T, V)
-    logprobs = losses.gather_logprobs(logits, ids[:, start:])  # (B, T)
+    last_prompt, answers = shared_prompt_forward(decoder, batch)  # (B, C), (B, T, C)
+    logits = head(answer_predictors(last_prompt, answers)) / max(temperature, 1e-7)  # (B, T, V)
+    logprobs = losses.gather_logprobs(logits, batch.answer_ids)  # (B, T)
     with torch.no_grad():
         entropy = losses.entropy_from_logits(logits)  # (B, T)
     return logprobs, entropy
+
+
+def shared_rollout(rollout: Rollout, pad_token_id: int) -> SharedPromptBatch:
+    """A rollout's rows as (prompt, answer), each distinct prompt (and their common prefix) stored once."""
+    return SharedPromptBatch.from_padded(
+        rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, pad_token_id
+    )
 
 
 def check_prompt_lengths(records: list[PromptRecord], tokenizer: Any, limit: int) -> None:
@@ -219,18 +228,18 @@ class RLTrainer(TrainLoop):
         self.tokens_seen += int(n_tokens)
         if self.rl.sample_every and self.step % self.rl.sample_every == 0 and self.is_main:
             self.log_samples(prompts, completions, scores)
-        return Samples(rollout, records, prompts, completions, scores, stats)
+        shared = shared_rollout(rollout, self.rollout_engine.pad_token_id)
+        return Samples(rollout, shared, records, prompts, completions, scores, stats)
 
     @torch.no_grad()
-    def reference_logprobs(self, rollout: Rollout) -> torch.Tensor:
+    def reference_logprobs(self, batch: SharedPromptBatch) -> torch.Tensor:
         """log pi_ref of each answer token (B, T), zero on padding."""
-        args = (rollout.input_ids, rollout.attention_mask, rollout.position_ids, rollout.completion_start)
         if self.reference is not None:
-            lp, _ = completion_logprobs(self.reference, *args, self.rl.temperature)
+            lp, _ = completion_logprobs(self.reference, batch, self.rl.temperature)
         else:
             with self.policy.disable_adapter():
-                lp, _ = completion_logprobs(self.policy, *args, self.rl.temperature)
-        return lp * rollout.completion_mask  # (B, T)
+                lp, _ = completion_logprobs(self.policy, batch, self.rl.temperature)
+        return lp * batch.answer_mask  # (B, T)
 
     def log_samples(self, prompts: list[str], completions: list[str], scores: torch.Tensor) -> None:
         with open(self.output_dir / "samples.jsonl", "a", encoding="utf-8") as fh:

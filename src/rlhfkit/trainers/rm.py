@@ -56,7 +56,7 @@ from rlhfkit.data import (
     resolve_data_path,
     split_holdout,
 )
-from rlhfkit.encoding import SequenceExample, encode_pair, pad
+from rlhfkit.encoding import SequenceExample, encode_pair
 from rlhfkit.errors import ConfigError, DataError, RlhfkitError
 from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, console, set_seed
 from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
@@ -71,13 +71,14 @@ from rlhfkit.models import (
     set_pad_token,
     unwrap,
 )
+from rlhfkit.prefix import SharedPromptBatch
 from rlhfkit.rewards import (
     SCALE_KEY,
     SHIFT_KEY,
     quiet_transformers,
     reward_parts,
     score_sequences,
-    sequence_rewards,
+    shared_sequence_rewards,
 )
 
 SCORE_BATCH = 16  # sequences per forward pass when scoring without gradients (calibration)
@@ -303,30 +304,27 @@ class RMTrainer(TrainLoop):
 
     def collate(self, examples: list[RMExample]) -> dict[str, Any]:
         """A flat batch of the N answers of all prompts, plus the weighted (better, worse) pairs."""
-        sequences = [a.input_ids for ex in examples for a in ex.answers]
+        shared = SharedPromptBatch.from_examples(
+            [a for ex in examples for a in ex.answers], self.tokenizer.pad_token_id
+        )
         group = torch.tensor(
             [g for g, ex in enumerate(examples) for _ in ex.answers]
         )  # (N,) prompt of each answer
         ranks = torch.tensor([r for ex in examples for r in ex.ranks])  # (N,)
-        input_ids, attention_mask, position_ids = pad(sequences, self.tokenizer.pad_token_id)  # (N, T) each
         pairs = pairwise_from_rankings(group, ranks)
         margins = torch.tensor([ex.margin for ex in examples])[group[pairs.chosen_index]]  # (P,)
         return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
+            "batch": shared,  # the N answers, each prompt (and the prefix all share) run once
             "chosen_index": pairs.chosen_index,  # (P,)
             "rejected_index": pairs.rejected_index,  # (P,)
             "weights": pairs.weights,  # (P,) 1 / n_pairs(prompt): each prompt's weights sum to 1
             "margin": margins,  # (P,)
             "num_items": len(examples),  # prompts
-            "num_tokens": int(attention_mask.sum()),
+            "num_tokens": shared.tokens_processed,
         }
 
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rewards = sequence_rewards(
-            model, batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-        )  # (N,)
+        rewards = shared_sequence_rewards(model, batch["batch"])  # (N,)
         return self.pairwise(rewards, batch)
 
     def pairwise(
@@ -362,9 +360,7 @@ class RMTrainer(TrainLoop):
         size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
         for start in range(0, len(ordered), size):
             batch = self.collate(ordered[start : start + size])
-            rewards = sequence_rewards(
-                self.model, batch["input_ids"], batch["attention_mask"], batch["position_ids"]
-            )
+            rewards = shared_sequence_rewards(self.model, batch["batch"])  # (N,)
             loss_sum, sums = self.pairwise(rewards, batch)
             for key, value in {"loss": loss_sum, **sums}.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
