@@ -401,6 +401,31 @@ def test_entropy_from_logits() -> None:
     close(L.entropy_from_logits(t([[0.0, 1000.0]])), [0.0])  # huge logit: no overflow
 
 
+def test_token_logprobs_entropy_values_and_gradient() -> None:
+    lp, ent = L.token_logprobs_entropy(t([[0.0, math.log(3.0)], [1000.0, 0.0]]), torch.tensor([1, 1]))
+    # row 0: p = [1/4, 3/4] -> log 0.75, H = 0.56233514; row 1: a huge logit, no overflow: log p1 = -1000, H 0
+    close(lp, [-0.28768207, -1000.0])
+    close(ent, [0.56233514, 0.0])
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 13, generator=gen) * 4
+    tokens = torch.randint(0, 13, (6,), generator=gen)
+    upstream = torch.randn(6, generator=gen)
+    for temp in (1.0, 0.7):
+        plain = logits.clone().requires_grad_(True)
+        expected = L.gather_logprobs(plain, tokens, temperature=temp)
+        (expected * upstream).sum().backward()
+        fused = logits.clone().requires_grad_(True)
+        got, ent = L.token_logprobs_entropy(fused, tokens, temperature=temp)
+        (got * upstream).sum().backward()
+        close(got, expected, tol=1e-5)
+        close(ent, L.entropy_from_logits(logits / temp), tol=1e-5)
+        close(fused.grad, plain.grad, tol=1e-5)
+        assert not ent.requires_grad
+    assert L.token_logprobs_entropy(logits, tokens, entropy=False)[1] is None
+    with pytest.raises(ValueError):
+        L.token_logprobs_entropy(logits, tokens, temperature=0.0)
+
+
 # --------------------------------------------------------------------------------------- GRPO / RLOO
 def test_group_advantages() -> None:
     rewards = t([1.0, 2.0, 3.0, 5.0, 5.0, 5.0])

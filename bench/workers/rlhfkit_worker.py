@@ -277,7 +277,12 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix=f"bench-rlhfkit-{args.trainer}-") as out:
             trainer = BUILDERS[args.trainer](args, out, args.warmup + args.steps, rec)
-            trainer.callbacks.append(lambda loop, metrics: rec.end_step(metrics["step_seconds"]))
+            def on_step(loop: Any, metrics: dict[str, float]) -> None:
+                # the phases of an RL step (seconds_rollout, seconds_scoring, seconds_training) go along
+                rec.add(**{k: v for k, v in metrics.items() if k.startswith("seconds_")})
+                rec.end_step(metrics["step_seconds"])
+
+            trainer.callbacks.append(on_step)
             trainer.save_final = lambda: None  # the bench times steps; writing the model is not one
             trainer.run()
     versions = {p: metadata.version(p) for p in ("rlhfkit", "torch", "transformers")}

@@ -59,7 +59,7 @@ from rlhfkit.data import load_preferences, resolve_data_path, split_holdout
 from rlhfkit.encoding import SequenceExample
 from rlhfkit.errors import ConfigError
 from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, console, set_seed
-from rlhfkit.losses import dpo_loss, gather_logprobs
+from rlhfkit.losses import dpo_loss, token_logprobs_entropy
 from rlhfkit.models import (
     DEFAULT_MODEL,
     LoraSettings,
@@ -141,7 +141,7 @@ def answer_logprobs(model: Any, batch: SharedPromptBatch) -> torch.Tensor:
     last_prompt, answers = shared_prompt_forward(decoder, batch)  # (S, C), (S, T, C)
     select = batch.answer_mask.bool()  # (S, T)
     hidden = answer_predictors(last_prompt, answers)[select]  # (N, C)
-    token_logprobs = gather_logprobs(head(hidden), batch.answer_ids[select])  # (N,) from (N, V) logits
+    token_logprobs, _ = token_logprobs_entropy(head(hidden), batch.answer_ids[select], entropy=False)  # (N,)
     rows = select.nonzero()[:, 0]  # (N,) the sequence of each position
     # equivalent to: torch.stack([token_logprobs[rows == s].sum() for s in range(S)])
     return token_logprobs.new_zeros(batch.rows).index_add(0, rows, token_logprobs)  # (S,)

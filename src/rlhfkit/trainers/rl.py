@@ -95,17 +95,20 @@ class Samples:
 
 
 def completion_logprobs(
-    model: Any, batch: SharedPromptBatch, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probs, entropy) of the answer tokens, both (B, T): each distinct prompt runs once
-    (`prefix.shared_prompt_forward`) and the output layer only on the positions that predict an answer."""
+    model: Any, batch: SharedPromptBatch, temperature: float, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs, entropy or None) of the answer tokens, both (B, T), zero on padding: each distinct
+    prompt runs once (`prefix.shared_prompt_forward`), and the output layer only on the real answer
+    positions."""
     decoder, head = decoder_and_head(model)
     last_prompt, answers = shared_prompt_forward(decoder, batch)  # (B, C), (B, T, C)
-    logits = head(answer_predictors(last_prompt, answers)) / max(temperature, 1e-7)  # (B, T, V)
-    logprobs = losses.gather_logprobs(logits, batch.answer_ids)  # (B, T)
-    with torch.no_grad():
-        entropy = losses.entropy_from_logits(logits)  # (B, T)
-    return logprobs, entropy
+    select = batch.answer_mask.bool()  # (B, T)
+    logits = head(answer_predictors(last_prompt, answers)[select])  # (N, V)
+    lp, ent = losses.token_logprobs_entropy(logits, batch.answer_ids[select], max(temperature, 1e-7), entropy)
+    logprobs = lp.new_zeros(select.shape).masked_scatter(select, lp)  # (B, T)
+    if ent is None:
+        return logprobs, None
+    return logprobs, ent.new_zeros(select.shape).masked_scatter(select, ent)
 
 
 def shared_rollout(rollout: Rollout, pad_token_id: int) -> SharedPromptBatch:
@@ -235,11 +238,11 @@ class RLTrainer(TrainLoop):
     def reference_logprobs(self, batch: SharedPromptBatch) -> torch.Tensor:
         """log pi_ref of each answer token (B, T), zero on padding."""
         if self.reference is not None:
-            lp, _ = completion_logprobs(self.reference, batch, self.rl.temperature)
+            lp, _ = completion_logprobs(self.reference, batch, self.rl.temperature, entropy=False)
         else:
             with self.policy.disable_adapter():
-                lp, _ = completion_logprobs(self.policy, batch, self.rl.temperature)
-        return lp * batch.answer_mask  # (B, T)
+                lp, _ = completion_logprobs(self.policy, batch, self.rl.temperature, entropy=False)
+        return lp  # (B, T), zero on padding
 
     def log_samples(self, prompts: list[str], completions: list[str], scores: torch.Tensor) -> None:
         with open(self.output_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
