@@ -277,6 +277,7 @@ def main() -> None:
     else:
         with tempfile.TemporaryDirectory(prefix=f"bench-rlhfkit-{args.trainer}-") as out:
             trainer = BUILDERS[args.trainer](args, out, args.warmup + args.steps, rec)
+
             def on_step(loop: Any, metrics: dict[str, float]) -> None:
                 # the phases of an RL step (seconds_rollout, seconds_scoring, seconds_training) go along
                 rec.add(**{k: v for k, v in metrics.items() if k.startswith("seconds_")})
