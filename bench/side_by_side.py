@@ -19,13 +19,16 @@ Reported per trainer and side (medians over every timed step of every round):
   TRL/rlhfkit   ratio of the two s/step medians; "per token": the same for seconds per real token, since
                 the two sides' batches differ in length (rlhfkit groups examples by length, TRL shuffles)
   tok/s         real (non-padding) tokens processed per second: prompt + answer tokens of the batch
-  MFU           "6N" FLOPs of the step (output layer on every token, every prompt prefilled) per second,
-                over the fp32 2048^3 matmul peak measured in this run (the higher of a measurement before
-                and after the workers)
-  floor         the fewest FLOPs the step must do (common.step_flops, minimal=True: the output layer only
-                where a log-prob is needed, each distinct prompt prefilled once; generation, reference,
-                value/reward and training passes) in seconds at the measured peak; "% of floor" = floor /
-                actual step time, i.e. how close the side is to the machine's limit
+  MFU           "6N" FLOPs of the work the side did (common.step_flops, minimal=False: its passes over the
+                tokens it processed, the output layer on every one of them; rlhfkit runs each shared prompt
+                once, TRL every row in full) per second, over the fp32 2048^3 matmul peak measured in this
+                run (the higher of a measurement before and after the workers)
+  floor         the fewest FLOPs the step must do (common.step_flops, minimal=True: forward/backward passes
+                over the prefix trie of the step's sequences, so a prompt several rows share counts once;
+                the output layer only where a log-prob is needed; each distinct prompt prefilled once for
+                generation; generation, reference, value/reward and training passes) in seconds at the
+                measured peak, the same definition for both sides; "% of floor" = floor / actual step
+                time, i.e. how close the side is to the machine's limit
   peak RSS      maximum resident memory of the worker process (wait4), model loading included
 """
 
