@@ -140,7 +140,7 @@ def test_sequence_kl_matches_a_plain_forward_per_row(models: dict[str, Path]):
     rollout = engine.generate(
         prompts, SamplingConfig(MAX_NEW, temperature=1.0), torch.Generator().manual_seed(0)
     )
-    kl = sequence_kl(policy, reference, rollout)  # (B,)
+    kl = sequence_kl(policy, reference, rollout, tokenizer.pad_token_id)  # (B,)
     for b, prompt in enumerate(prompts):  # unpadded, one row at a time, no masks involved
         answer = rollout.completion_ids[b][rollout.completion_mask[b].bool()].tolist()
         ids = torch.tensor([prompt + answer])  # (1, L)

@@ -10,10 +10,9 @@ import torch
 from tests.conftest import write_jsonl
 
 from rlhfkit.config import load_config
-from rlhfkit.prefix import SharedPromptBatch
+from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.rewards import RewardComponent, RewardMix, function_scorer
 from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, run_grpo
-from rlhfkit.trainers.rl import completion_logprobs
 
 
 def count_target(prompts: list[str], completions: list[str], target: list[str], **fields) -> list[float]:

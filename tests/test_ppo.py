@@ -59,15 +59,17 @@ def test_ppo_raises_programmatic_reward_with_bounded_kl(tiny_model: Path, tmp_pa
 
 def test_rollout_logprobs_equal_training_forward(tiny_model: Path):
     from rlhfkit.models import eos_token_ids, load_causal_lm
+    from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
     from rlhfkit.rollout import RolloutEngine, SamplingConfig
-    from rlhfkit.trainers.rl import completion_logprobs, shared_rollout
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     engine = RolloutEngine(model, tokenizer, eos_token_ids(tokenizer, model))
     prompts = [tokenizer("Hello there")["input_ids"], tokenizer("Hi")["input_ids"]]
     for temperature in (1.0, 0.7):
         rollout = engine.generate(prompts, SamplingConfig(12, temperature), torch.Generator().manual_seed(3))
-        lp, _ = completion_logprobs(model, shared_rollout(rollout, tokenizer.pad_token_id), temperature)
+        lp, _ = completion_logprobs(
+            model, SharedPromptBatch.from_rollout(rollout, tokenizer.pad_token_id), temperature
+        )
         mask = rollout.completion_mask.bool()
         torch.testing.assert_close(lp[mask], rollout.logprobs[mask], atol=1e-5, rtol=0)
 

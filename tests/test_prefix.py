@@ -9,6 +9,7 @@ from rlhfkit.encoding import pad
 from rlhfkit.losses import gather_logprobs
 from rlhfkit.models import decoder_and_head, load_causal_lm
 from rlhfkit.prefix import SharedPromptBatch, answer_predictors, shared_prompt_forward
+from rlhfkit.rollout import Rollout
 
 PAD = 0
 PREFIX = [1, 30, 31, 32, 33, 34]  # six tokens every prompt starts with, like a system prompt
@@ -86,10 +87,11 @@ def test_logprobs_and_gradients_equal_the_plain_forward(model, min_shared):
         torch.testing.assert_close(p.grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_from_padded_rollout_rows_and_select(model):
+def test_from_rollout_rows_and_select(model):
     ids, mask, _ = pad(PROMPTS, PAD, side="left")  # a rollout's left-padded prompts
     ans_ids, ans_mask, _ = pad(ANSWERS, PAD)
-    batch = SharedPromptBatch.from_padded(ids, mask, ans_ids, ans_mask, PAD)
+    rollout = Rollout(ids, mask, ans_ids, ans_mask, torch.zeros(ans_ids.shape), torch.zeros(len(ids)).bool())
+    batch = SharedPromptBatch.from_rollout(rollout, PAD)
     assert batch.prefix_ids.tolist() == [PREFIX] and batch.prompt_ids.shape[0] == 3
     with torch.no_grad():
         full = shared_logprobs(model, batch)

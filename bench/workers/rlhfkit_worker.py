@@ -205,9 +205,9 @@ def build_grpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
 def build_ppo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
     from rlhfkit.config import load_config
     from rlhfkit.data import load_prompts
+    from rlhfkit.prefix import SharedPromptBatch
     from rlhfkit.rewards import shared_sequence_rewards
     from rlhfkit.trainers.ppo import PPOConfig, PPOTrainer
-    from rlhfkit.trainers.rl import shared_rollout
     from rlhfkit.trainers.rm import build_reward_model
 
     path = f"{args.data_dir}/grpo_prompts.jsonl"
@@ -232,7 +232,9 @@ def build_ppo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
     reward_model.requires_grad_(False).eval()
 
     def score(prompts: Any, completions: Any, rollout: Any, records: Any) -> torch.Tensor:
-        return shared_sequence_rewards(reward_model, shared_rollout(rollout, tokenizer.pad_token_id)).float()
+        return shared_sequence_rewards(
+            reward_model, SharedPromptBatch.from_rollout(rollout, tokenizer.pad_token_id)
+        ).float()
 
     trainer = PPOTrainer(cfg, load_prompts(path), score)
     trainer.sampling = dataclasses.replace(trainer.sampling, stop_at_eos=False)

@@ -20,7 +20,7 @@ What is measured, over N prompts (Shapes: B rows of a batch, P prompt tokens, T 
 * KL(policy || reference) in nats per answer: `kl_samples` answers per prompt sampled from the policy at
   temperature 1, and per answer sum_t (log pi(y_t) - log pi_ref(y_t)) over its tokens (EOS included): the
   k1 estimator (Schulman 2020), unbiased for the sequence KL of the policy's answer distribution (answers
-  cut at `max_new_tokens`). Both log-probs come from one full forward pass each (`sequence_logprobs`),
+  cut at `max_new_tokens`). Both log-probs come from one fresh forward pass each (`completion_logprobs`),
   not from the sampler's own log-probs, so a policy equal to its reference gives exactly 0 and the estimate
   never mixes two kernels' rounding. We report the mean and its standard error.
 * Reward-model accuracy against gold: over every pair of different-gold answers to the same prompt
@@ -55,7 +55,8 @@ from rlhfkit.judge import load_gold
 from rlhfkit.loop import _progress, console
 from rlhfkit.losses import kl_estimate
 from rlhfkit.models import eos_token_ids, load_causal_lm
-from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig, sequence_logprobs
+from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
+from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
 
 ALPACAEVAL_HUMAN_AGREEMENT = 0.657
 """Agreement of one human annotator with the majority of the others on AlpacaEval's human-annotated pairs,
@@ -182,14 +183,15 @@ class Answers:
 
 
 @torch.no_grad()
-def sequence_kl(policy: torch.nn.Module, reference: torch.nn.Module, rollout: Rollout) -> torch.Tensor:
+def sequence_kl(
+    policy: torch.nn.Module, reference: torch.nn.Module, rollout: Rollout, pad_token_id: int
+) -> torch.Tensor:
     """k1 estimate of KL(pi || pi_ref) per answer, (B,): sum over answer tokens of log pi - log pi_ref, both
     from a fresh forward pass (temperature 1) on the rollout's tokens."""
-    args = (rollout.input_ids, rollout.attention_mask, rollout.completion_start)  # (B, P + T) each
-    cmask = rollout.completion_mask  # (B, T)
-    logprobs = sequence_logprobs(policy, *args, completion_mask=cmask)  # (B, T)
-    ref_logprobs = sequence_logprobs(reference, *args, completion_mask=cmask)  # (B, T)
-    return (kl_estimate(logprobs, ref_logprobs, "k1") * cmask).sum(-1)  # (B,)
+    batch = SharedPromptBatch.from_rollout(rollout, pad_token_id)
+    logprobs, _ = completion_logprobs(policy, batch, entropy=False)  # (B, T), zero on padding
+    ref_logprobs, _ = completion_logprobs(reference, batch, entropy=False)  # (B, T)
+    return (kl_estimate(logprobs, ref_logprobs, "k1") * rollout.completion_mask).sum(-1)  # (B,)
 
 
 def generate_answers(
@@ -212,7 +214,7 @@ def generate_answers(
             rollout = engine.generate(prompts[start : start + batch_size], sampling, generator)
             out.add(rollout, tokenizer)
             if reference is not None:
-                out.kl += sequence_kl(engine.model, reference, rollout).tolist()
+                out.kl += sequence_kl(engine.model, reference, rollout, engine.pad_token_id).tolist()
             progress.update(task, completed=len(out.texts))
     console.print(f"eval: {label}: {len(prompts)} answers in {time.perf_counter() - t0:.1f}s")
     return out

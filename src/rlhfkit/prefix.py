@@ -22,12 +22,24 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from rlhfkit.encoding import SequenceExample, pad
+from rlhfkit.losses import token_logprobs_entropy
+from rlhfkit.models import decoder_and_head
 
-__all__ = ["SharedPromptBatch", "answer_predictors", "last_token_hidden", "shared_prompt_forward"]
+if TYPE_CHECKING:
+    from rlhfkit.rollout import Rollout
+
+__all__ = [
+    "SharedPromptBatch",
+    "answer_predictors",
+    "completion_logprobs",
+    "last_token_hidden",
+    "shared_prompt_forward",
+]
 
 
 def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
@@ -87,19 +99,13 @@ class SharedPromptBatch:
         return cls.build(prompts, [ex.input_ids[ex.answer_start :] for ex in examples], pad_id)
 
     @classmethod
-    def from_padded(
-        cls,
-        prompt_ids: torch.Tensor,
-        prompt_mask: torch.Tensor,
-        answer_ids: torch.Tensor,
-        answer_mask: torch.Tensor,
-        pad_id: int,
-        min_shared: int = 4,
-    ) -> SharedPromptBatch:
-        """From a rollout's left-padded prompts (B, P) and right-padded answers (B, T)."""
-        prompts = [row[m.bool()].tolist() for row, m in zip(prompt_ids, prompt_mask, strict=True)]
+    def from_rollout(cls, rollout: Rollout, pad_id: int, min_shared: int = 4) -> SharedPromptBatch:
+        """From a rollout: its left-padded prompts (B, P) and right-padded answers (B, T), kept as they are
+        (so per-token results line up with the rollout's (B, T) tensors)."""
+        masks = rollout.prompt_mask.bool()
+        prompts = [row[m].tolist() for row, m in zip(rollout.prompt_ids, masks, strict=True)]
         batch = cls.build(prompts, [[]] * len(prompts), pad_id, min_shared)
-        batch.answer_ids, batch.answer_mask = answer_ids, answer_mask.long()
+        batch.answer_ids, batch.answer_mask = rollout.completion_ids, rollout.completion_mask.long()
         return batch
 
     def select(self, rows: torch.Tensor) -> SharedPromptBatch:
@@ -169,6 +175,8 @@ def shared_prompt_forward(
         past_key_values=cache,
         use_cache=True,
     ).last_hidden_state  # (U, P, C)
+    if cache.get_seq_length() != prompt_mask.shape[1]:  # e.g. a model forcing use_cache off
+        raise RuntimeError(f"{type(decoder).__name__} did not fill the KV cache the shared forward needs")
     last_prompt = hidden[:, -1][batch.inverse]  # (B, C): left padding puts the last real token last
     if batch.answer_ids.shape[1] == 0:
         return last_prompt, hidden.new_zeros(batch.rows, 0, hidden.shape[-1])
@@ -200,3 +208,20 @@ def last_token_hidden(
 def answer_predictors(last_prompt: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
     """The hidden states (B, T, C) whose logits predict answer tokens 0..T-1."""
     return torch.cat([last_prompt[:, None], answers[:, :-1]], dim=1)
+
+
+def completion_logprobs(
+    model: Any, batch: SharedPromptBatch, temperature: float = 1.0, entropy: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(log-probs, entropy or None) of a causal LM's answer tokens under logits / temperature, both (B, T)
+    and zero on padding: one shared-prompt forward, the output layer only on the real answer positions.
+    Differentiable in the log-probs (the trainers' policy pass); the entropy never carries a gradient."""
+    decoder, head = decoder_and_head(model)
+    last_prompt, answers = shared_prompt_forward(decoder, batch)  # (B, C), (B, T, C)
+    select = batch.answer_mask.bool()  # (B, T)
+    logits = head(answer_predictors(last_prompt, answers)[select])  # (N, V)
+    lp, ent = token_logprobs_entropy(logits, batch.answer_ids[select], max(temperature, 1e-7), entropy)
+    logprobs = lp.new_zeros(select.shape).masked_scatter(select, lp)  # (B, T)
+    if ent is None:
+        return logprobs, None
+    return logprobs, ent.new_zeros(select.shape).masked_scatter(select, ent)

@@ -205,10 +205,7 @@ class RewardModelScorer:
     @torch.no_grad()
     def score_rollout(self, rollout: Rollout) -> torch.Tensor:
         """Normalised rewards (B,) of a rollout's rows, each distinct prompt run once."""
-        batch = SharedPromptBatch.from_padded(
-            rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask,
-            self.tokenizer.pad_token_id,
-        )  # fmt: skip
+        batch = SharedPromptBatch.from_rollout(rollout, self.tokenizer.pad_token_id)
         return self.normalize(shared_sequence_rewards(self.model, batch).float())
 
 

@@ -6,7 +6,7 @@ D hidden size, H / Hk query / key-value heads, hd head dim.
 
 Log-probs are ``log_softmax(logits / temperature)`` of the sampled token, *before* top-k / top-p
 truncation (temperature 1 when greedy). That is what a trainer's forward pass recomputes
-(``sequence_logprobs``), so the PPO ratio is exactly 1 at the first epoch (TRL, "N+ implementation
+(``prefix.completion_logprobs``), so the PPO ratio is exactly 1 at the first epoch (TRL, "N+ implementation
 details of RLHF"); the truncation only changes which tokens can be drawn.
 
 Where this departs from ``model.generate`` and why:
@@ -44,7 +44,6 @@ import torch
 import torch.nn.functional as F
 
 from rlhfkit.encoding import pad
-from rlhfkit.losses import gather_logprobs
 
 __all__ = [
     "Rollout",
@@ -52,7 +51,6 @@ __all__ = [
     "SamplingConfig",
     "left_pad",
     "position_ids_from_mask",
-    "sequence_logprobs",
 ]
 
 
@@ -119,35 +117,6 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
         return name in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
-
-
-def sequence_logprobs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_start: int,
-    temperature: float = 1.0,
-    completion_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token log-probs of ``input_ids[:, completion_start:]`` from one fresh full forward pass.
-
-    ``log_softmax(logits / temperature)`` (temperature <= 0 means 1), the quantity ``RolloutEngine``
-    returns; differentiable (trainers call it under autograd). Returns (B, T), zeroed where
-    ``completion_mask`` is 0 when it is given.
-    """
-    n_comp = input_ids.shape[1] - completion_start
-    kwargs: dict[str, Any] = {"position_ids": position_ids_from_mask(attention_mask)}
-    if _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = n_comp + 1  # the logits predicting the completion tokens, and one spare
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits  # (B, L', V)
-    logits = logits[:, -(n_comp + 1) : -1].float()  # (B, T, V)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    target = input_ids[:, completion_start:]  # (B, T)
-    lp = gather_logprobs(logits, target)  # (B, T)
-    if completion_mask is not None:
-        lp = lp * completion_mask.to(lp.dtype)
-    return lp
 
 
 def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:

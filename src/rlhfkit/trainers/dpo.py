@@ -59,17 +59,16 @@ from rlhfkit.data import load_preferences, resolve_data_path, split_holdout
 from rlhfkit.encoding import SequenceExample
 from rlhfkit.errors import ConfigError
 from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, console, set_seed
-from rlhfkit.losses import dpo_loss, token_logprobs_entropy
+from rlhfkit.losses import dpo_loss
 from rlhfkit.models import (
     DEFAULT_MODEL,
     LoraSettings,
-    decoder_and_head,
     load_causal_lm,
     load_tokenizer,
     resolve_model,
     save_model,
 )
-from rlhfkit.prefix import SharedPromptBatch, answer_predictors, shared_prompt_forward
+from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.trainers.rm import RMConfig, RMExample, encode_preferences
 
 CACHE_FILE = "reference_logprobs.safetensors"
@@ -132,19 +131,11 @@ class DPOExample:
 
 # ------------------------------------------------------------------------------------------ log-probs
 def answer_logprobs(model: Any, batch: SharedPromptBatch) -> torch.Tensor:
-    """log pi(answer | prompt) = sum over answer tokens t of log pi(y_t | x, y_<t), for each of the S rows.
-
-    One decoder pass per level of `batch` (shared prefix, distinct prompts, answers); the output layer
-    (C x V, ~20% of SmolLM2's FLOPs) runs only on the N positions that predict an answer token, so no
-    (S, T, V) logits exist. Returns (S,)."""
-    decoder, head = decoder_and_head(model)
-    last_prompt, answers = shared_prompt_forward(decoder, batch)  # (S, C), (S, T, C)
-    select = batch.answer_mask.bool()  # (S, T)
-    hidden = answer_predictors(last_prompt, answers)[select]  # (N, C)
-    token_logprobs, _ = token_logprobs_entropy(head(hidden), batch.answer_ids[select], entropy=False)  # (N,)
-    rows = select.nonzero()[:, 0]  # (N,) the sequence of each position
-    # equivalent to: torch.stack([token_logprobs[rows == s].sum() for s in range(S)])
-    return token_logprobs.new_zeros(batch.rows).index_add(0, rows, token_logprobs)  # (S,)
+    """log pi(answer | prompt) = sum over answer tokens t of log pi(y_t | x, y_<t), for each of the S rows:
+    one shared-prompt forward (`prefix.completion_logprobs`: each pair's prompt once, the output layer only
+    on answer positions, no (S, T, V) logits). Returns (S,)."""
+    logprobs, _ = completion_logprobs(model, batch, entropy=False)  # (S, T), zero on padding
+    return logprobs.sum(-1)
 
 
 @torch.no_grad()

@@ -35,8 +35,9 @@ from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
 from rlhfkit.errors import ConfigError
 from rlhfkit.loop import TrainConfig
 from rlhfkit.models import load_tokenizer, save_model
+from rlhfkit.prefix import completion_logprobs
 from rlhfkit.rewards import RewardMix, Scorer
-from rlhfkit.trainers.rl import RLConfig, RLTrainer, check_prompt_lengths, completion_logprobs, reward_mix
+from rlhfkit.trainers.rl import RLConfig, RLTrainer, check_prompt_lengths, reward_mix
 
 AGGREGATION: dict[str, losses.Aggregation] = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
 

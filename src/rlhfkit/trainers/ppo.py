@@ -33,9 +33,9 @@ from rlhfkit import losses
 from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
 from rlhfkit.loop import TrainConfig
 from rlhfkit.models import load_tokenizer, save_model, unwrap
-from rlhfkit.prefix import SharedPromptBatch, answer_predictors, shared_prompt_forward
+from rlhfkit.prefix import SharedPromptBatch, answer_predictors, completion_logprobs, shared_prompt_forward
 from rlhfkit.rewards import RewardMix, Scorer, normalization
-from rlhfkit.trainers.rl import RLConfig, RLTrainer, check_prompt_lengths, completion_logprobs, reward_mix
+from rlhfkit.trainers.rl import RLConfig, RLTrainer, check_prompt_lengths, reward_mix
 from rlhfkit.trainers.rm import build_reward_model
 
 

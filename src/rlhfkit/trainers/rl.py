@@ -25,13 +25,12 @@ from typing import Any
 
 import torch
 
-from rlhfkit import losses
 from rlhfkit.data import PromptRecord
 from rlhfkit.encoding import chat_prompt_text, prompt_ids
 from rlhfkit.errors import DataError
 from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
-from rlhfkit.models import DEFAULT_MODEL, LoraSettings, decoder_and_head, eos_token_ids, load_causal_lm
-from rlhfkit.prefix import SharedPromptBatch, answer_predictors, shared_prompt_forward
+from rlhfkit.models import DEFAULT_MODEL, LoraSettings, eos_token_ids, load_causal_lm
+from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.rewards import RewardComponent, RewardMix, Scorer
 from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
 
@@ -92,30 +91,6 @@ class Samples:
     @property
     def mask(self) -> torch.Tensor:  # (B, T) float: 1 on real answer tokens including EOS
         return self.rollout.completion_mask.float()
-
-
-def completion_logprobs(
-    model: Any, batch: SharedPromptBatch, temperature: float, entropy: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(log-probs, entropy or None) of the answer tokens, both (B, T), zero on padding: each distinct
-    prompt runs once (`prefix.shared_prompt_forward`), and the output layer only on the real answer
-    positions."""
-    decoder, head = decoder_and_head(model)
-    last_prompt, answers = shared_prompt_forward(decoder, batch)  # (B, C), (B, T, C)
-    select = batch.answer_mask.bool()  # (B, T)
-    logits = head(answer_predictors(last_prompt, answers)[select])  # (N, V)
-    lp, ent = losses.token_logprobs_entropy(logits, batch.answer_ids[select], max(temperature, 1e-7), entropy)
-    logprobs = lp.new_zeros(select.shape).masked_scatter(select, lp)  # (B, T)
-    if ent is None:
-        return logprobs, None
-    return logprobs, ent.new_zeros(select.shape).masked_scatter(select, ent)
-
-
-def shared_rollout(rollout: Rollout, pad_token_id: int) -> SharedPromptBatch:
-    """A rollout's rows as (prompt, answer), each distinct prompt (and their common prefix) stored once."""
-    return SharedPromptBatch.from_padded(
-        rollout.prompt_ids, rollout.prompt_mask, rollout.completion_ids, rollout.completion_mask, pad_token_id
-    )
 
 
 def check_prompt_lengths(records: list[PromptRecord], tokenizer: Any, limit: int) -> None:
@@ -231,7 +206,7 @@ class RLTrainer(TrainLoop):
         self.tokens_seen += int(n_tokens)
         if self.rl.sample_every and self.step % self.rl.sample_every == 0 and self.is_main:
             self.log_samples(prompts, completions, scores)
-        shared = shared_rollout(rollout, self.rollout_engine.pad_token_id)
+        shared = SharedPromptBatch.from_rollout(rollout, self.rollout_engine.pad_token_id)
         return Samples(rollout, shared, records, prompts, completions, scores, stats)
 
     @torch.no_grad()
