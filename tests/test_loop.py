@@ -176,3 +176,33 @@ def test_state_round_trip_keeps_types():
         back["a"] == 1 and back["b"] == [1.5, None, "x"] and torch.equal(back[3]["t"], torch.tensor([1, 2]))
     )
     assert torch.equal(back["g"], state["g"])
+
+
+def test_rollout_engine_samples_from_the_weights_of_each_step(
+    tiny_model: Path, memory_data: Path, tmp_path: Path
+):
+    """The fused AdamW kernel writes parameters in place without bumping their version counters; the loop
+    bumps them, or the engine's derived weights (built before training) would go stale."""
+    from tests.test_rollout import sequence_logprobs
+
+    from rlhfkit.rollout import RolloutEngine, SamplingConfig
+
+    cfg = sft_config(tiny_model, memory_data, tmp_path / "out", "train.max_steps=2", "train.lr=5e-2")
+    train, _ = prepare_sft(cfg)
+    trainer = SFTTrainer(cfg, train, [])
+    engine = RolloutEngine(trainer.model, tokenizer=trainer.tokenizer)
+    assert engine.fast_path
+    prompts = [ex.input_ids[: ex.answer_start] for ex in train[:3]]
+    sampling = SamplingConfig(max_new_tokens=6, temperature=1.0, stop_at_eos=False)
+    errors = []
+
+    def check(loop: SFTTrainer, metrics: dict[str, float]) -> None:
+        r = engine.generate(prompts, sampling, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            ref = sequence_logprobs(loop.model, r.input_ids, r.attention_mask, r.completion_start)
+        errors.append(float((r.logprobs - ref).abs().max()))
+
+    engine.generate(prompts, sampling, torch.Generator().manual_seed(0))  # builds the derived weights
+    trainer.callbacks.append(check)
+    trainer.run()
+    assert len(errors) == 2 and max(errors) < 1e-5, errors

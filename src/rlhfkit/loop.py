@@ -145,6 +145,16 @@ def epoch_order(lengths: list[int], batch_size: int, window: int, seed: int, epo
     return [i for batch in batches for i in batch]
 
 
+def step_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """`optimizer.step()`, then bump the version counter of every parameter.
+
+    Fused optimizers write parameters without bumping their version counters; the rollout engine keys its
+    derived weights (fused QKV, norm-folded projections) on `(data_ptr, _version)`, so without the bump it
+    would keep sampling from the weights of before the step."""
+    optimizer.step()
+    torch._C._autograd._unsafe_set_version_counter(tuple(params), tuple(p._version + 1 for p in params))
+
+
 class EpochStream:
     """The endless stream of shuffled epochs over a dataset; batch `step` holds stream positions
     [step * B, (step + 1) * B). A pure function of the step, so a resumed run sees exactly the data an
@@ -203,11 +213,13 @@ class TrainLoop:
                 f"train.batch_size={cfg.batch_size} is not divisible by grad_accum x processes = "
                 f"{cfg.grad_accum} x {self.world}"
             )
-        # Not fused=True: the fused kernel (0.11 s instead of 0.47 s per step here) updates parameters without
-        # bumping their version counters, which the rollout engine uses to know its weight cache is stale.
+        # fused=True: one kernel for all of AdamW, 0.08 s instead of 0.51 s per step for SmolLM2-135M here
+        # (the default on CPU is a Python loop of per-parameter ops). It writes the parameters without bumping
+        # their version counters, which `step_optimizer` does, so caches keyed on them see the update.
         self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-        )
+            self.params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+            fused=True,
+        )  # fmt: skip
         self.step = 0
         self.tokens_seen = 0
         self.callbacks: list[Callable[[TrainLoop, dict[str, float]], None]] = []
@@ -316,7 +328,7 @@ class TrainLoop:
                 f"and {where}; lower train.lr or check the data"
             )
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        step_optimizer(self.optimizer, self.params)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr}
