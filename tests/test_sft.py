@@ -99,3 +99,28 @@ def test_too_long_sample_is_an_error_unless_truncation(tiny_model: Path, memory_
         sft_config(tiny_model, memory_data, tmp_path / "o", "max_length=30", "truncation=true")
     )
     assert max(len(ex) for ex in train) == 30
+
+
+def test_loss_and_gradients_equal_plain_cross_entropy(tiny_model: Path, memory_data: Path, tmp_path: Path):
+    """The fused log-prob loss gives F.cross_entropy's sum over the labelled tokens, and its gradients."""
+    import torch.nn.functional as F
+
+    from rlhfkit.trainers.sft import SFTTrainer, prepare_sft
+
+    cfg = sft_config(tiny_model, memory_data, tmp_path / "a")
+    train, _ = prepare_sft(cfg)
+    trainer = SFTTrainer(cfg, train, [])
+    model, batch = trainer.model, trainer.collate(train[:3])
+    loss, _ = trainer.loss(model, batch)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+    labels = batch["input_ids"][:, 1:].masked_fill(~batch["label_mask"][:, 1:], -100)  # (B, T-1)
+    ref = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum")
+    ref.backward()
+    assert batch["num_items"] > 10
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
+    for g, p in zip(got, model.parameters(), strict=True):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)

@@ -9,6 +9,8 @@ label, so the model learns to stop; the pad token is distinct from EOS so it is 
 Where we depart from a plain `model(input_ids, labels=...)`:
 - the output layer (576 x 49,152 for SmolLM2, ~20% of the FLOPs) runs only on the positions that have a
   label, not on prompt and padding positions, and the full (B, T, V) logits are never materialised;
+- the cross-entropy is `losses.token_logprobs_entropy`: one (N, V) softmax buffer that the backward pass
+  turns into the gradient in place (F.cross_entropy keeps a log-softmax and zero-fills a second buffer);
 - batches are grouped by length (sorted within windows of `group_window` batches, then the batch order
   is shuffled), so almost no compute is spent on padding.
 
@@ -22,11 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from rlhfkit.data import SFTRecord, load_sft, resolve_data_path, split_holdout
 from rlhfkit.encoding import SequenceExample, encode_pair, pad
 from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
+from rlhfkit.losses import token_logprobs_entropy
 from rlhfkit.models import DEFAULT_MODEL, LoraSettings, decoder_and_head, load_causal_lm, save_model
 
 
@@ -129,7 +131,8 @@ class SFTTrainer(TrainLoop):
         select = batch["label_mask"][:, 1:]  # (B, T-1): position t predicts token t+1
         targets = batch["input_ids"][:, 1:][select]  # (N,)
         logits = head(hidden[:, :-1][select])  # (N, V)
-        loss_sum = F.cross_entropy(logits, targets, reduction="sum")
+        logprobs, _ = token_logprobs_entropy(logits, targets, entropy=False)  # (N,)
+        loss_sum = -logprobs.sum()  # = cross-entropy, without its (N, V) log-softmax and zero-filled gradient
         correct = (logits.detach().argmax(-1) == targets).sum()
         return loss_sum, {"token_accuracy": correct}
 
