@@ -151,16 +151,23 @@ def shared_prompt_forward(
     (hidden state of each row's last prompt token (B, C), hidden states of its answer tokens (B, T, C)).
 
     The hidden state at answer position t predicts answer token t + 1; the last prompt token's predicts
-    answer token 0. Differentiable: call it under autograd to train."""
+    answer token 0. Differentiable: call it under autograd to train. The three levels are embedded in one
+    lookup, so training builds one dense (vocabulary x C) embedding gradient per call, not three."""
     from transformers import DynamicCache
 
     config = getattr(decoder, "config", None)
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
     c = batch.prefix_ids.shape[1]
     u = batch.prompt_ids.shape[0]
+    levels = (batch.prefix_ids, batch.prompt_ids, batch.answer_ids)
+    flat = decoder.get_input_embeddings()(torch.cat([ids.flatten() for ids in levels]))  # (n, C)
+    parts = flat.split([ids.numel() for ids in levels])
+    prefix_emb, prompt_emb, answer_emb = (
+        part.view(*ids.shape, flat.shape[-1]) for part, ids in zip(parts, levels, strict=True)
+    )  # (1, c, C), (U, P, C), (B, T, C)
     if c:
         decoder(
-            input_ids=batch.prefix_ids,
+            inputs_embeds=prefix_emb,
             attention_mask=torch.ones_like(batch.prefix_ids),
             position_ids=torch.arange(c)[None],
             past_key_values=cache,
@@ -169,7 +176,7 @@ def shared_prompt_forward(
         cache.reorder_cache(torch.zeros(u, dtype=torch.long))  # (1, ...) -> (U, ...)
     prompt_mask = torch.cat([batch.prompt_mask.new_ones(u, c), batch.prompt_mask], dim=1)  # (U, c + P)
     hidden = decoder(
-        input_ids=batch.prompt_ids,
+        inputs_embeds=prompt_emb,
         attention_mask=prompt_mask,
         position_ids=_positions(batch.prompt_mask, c),
         past_key_values=cache,
@@ -184,7 +191,7 @@ def shared_prompt_forward(
     mask = torch.cat([prompt_mask[batch.inverse], batch.answer_mask], dim=1)  # (B, c + P + T)
     answer_pos = batch.prompt_lengths[:, None] + torch.arange(batch.answer_ids.shape[1])  # (B, T)
     answers = decoder(
-        input_ids=batch.answer_ids,
+        inputs_embeds=answer_emb,
         attention_mask=mask,
         position_ids=answer_pos,
         past_key_values=cache,
