@@ -295,7 +295,7 @@ def main() -> None:
         side="rlhfkit",
         trainer=args.trainer,
         versions=versions,
-        optimizer="-" if args.trainer == "generate" else "torch.optim.AdamW (foreach)",
+        optimizer="-" if args.trainer == "generate" else "torch.optim.AdamW (fused)",
     )
 
 
