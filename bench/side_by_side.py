@@ -85,9 +85,14 @@ def ensure_trl_venv(path: Path, trl_version: str) -> None:
     marker.write_text("\n".join(specs) + "\n")
 
 
+# glibc malloc keeping freed memory, as rlhfkit.runtime.keep_freed_memory sets it with mallopt
+KEEP_ENV = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+
+
 def child_env(allocator: str, jemalloc: str) -> dict[str, str]:
     """The environment of every worker: same threads and allocator on both sides, offline hub."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "LD_PRELOAD", "MALLOC_CONF")}
+    dropped = ("PYTHONPATH", "LD_PRELOAD", "MALLOC_CONF", "RLHFKIT_MALLOC", *KEEP_ENV)
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
     threads = str(SETTINGS.threads)
     env.update(
         OMP_NUM_THREADS=threads,
@@ -97,7 +102,11 @@ def child_env(allocator: str, jemalloc: str) -> dict[str, str]:
         HF_DATASETS_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )
-    if allocator == "jemalloc":
+    if allocator == "keep":  # what rlhfkit sets for itself (rlhfkit.runtime), given to TRL alike
+        env.update(KEEP_ENV)
+    elif allocator == "default":  # plain glibc on both sides: rlhfkit must not tune its own process
+        env.update(RLHFKIT_MALLOC="system")
+    elif allocator == "jemalloc":
         if not Path(jemalloc).is_file():
             raise SystemExit(f"--allocator jemalloc: no {jemalloc}; install libjemalloc2 or give --jemalloc")
         # never return memory to the OS (shared/ANCHORS.md): no page faults on the re-allocated logits
@@ -243,9 +252,10 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "bench-data"))
     parser.add_argument(
         "--allocator",
-        choices=["default", "jemalloc"],
-        default="default",
-        help="the same for both sides: glibc malloc, or jemalloc never returning memory",
+        choices=["keep", "default", "jemalloc"],
+        default="keep",
+        help="the same for both sides: glibc keeping freed memory (rlhfkit's own setting), plain glibc, "
+        "or jemalloc never returning memory",
     )
     parser.add_argument("--jemalloc", default=JEMALLOC, help="path of libjemalloc.so.2")
     parser.add_argument("--out-dir", default=str(BENCH / "results"))

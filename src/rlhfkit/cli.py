@@ -18,6 +18,7 @@ from rich.console import Console
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.feedback.cli import feedback_app
+from rlhfkit.runtime import keep_freed_memory
 
 app = typer.Typer(
     name="rlhfkit",
@@ -38,6 +39,7 @@ SetOpt = Annotated[
 @app.callback()
 def _root() -> None:
     """rlhfkit: RLHF end to end (run a command with --help for its options)."""
+    keep_freed_memory()
 
 
 def _run(fn: Callable[[], T]) -> T:

@@ -39,6 +39,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rlhfkit.checkpoint import clean_partial, latest_checkpoint, read_checkpoint, write_checkpoint
 from rlhfkit.config import claim_run_dir
 from rlhfkit.errors import ConfigError, NonFiniteLossError
+from rlhfkit.runtime import keep_freed_memory
 
 console = Console(stderr=True)
 
@@ -196,6 +197,7 @@ class TrainLoop:
     def __init__(self, cfg: TrainConfig, model: Any, output_dir: str | Path, run_config: Any) -> None:
         from accelerate import Accelerator
 
+        keep_freed_memory()  # no page faults on the buffers every step re-allocates (rlhfkit.runtime)
         self.cfg = cfg
         self.model = model
         self.output_dir = Path(output_dir)
