@@ -50,6 +50,8 @@ from typing import Any
 import torch
 from common import REPO, SETTINGS, LlamaShape, load_average, matmul_peak, run_child, step_flops
 
+from rlhfkit.runtime import KEEP
+
 BENCH = REPO / "bench"
 TRAINERS = ("sft", "rm", "dpo", "grpo", "ppo", "generate")
 TRL_VERSION = "1.16.0"  # shared/ANCHORS.md
@@ -85,8 +87,8 @@ def ensure_trl_venv(path: Path, trl_version: str) -> None:
     marker.write_text("\n".join(specs) + "\n")
 
 
-# glibc malloc keeping freed memory, as rlhfkit.runtime.keep_freed_memory sets it with mallopt
-KEEP_ENV = {"MALLOC_MMAP_THRESHOLD_": "2147483647", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+# glibc malloc keeping freed memory: the thresholds rlhfkit.runtime.keep_freed_memory sets with mallopt
+KEEP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(KEEP), "MALLOC_TRIM_THRESHOLD_": str(KEEP)}
 
 
 def child_env(allocator: str, jemalloc: str) -> dict[str, str]:

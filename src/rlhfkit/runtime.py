@@ -44,5 +44,5 @@ def _apply() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    ok = libc.mallopt(_M_MMAP_THRESHOLD, ctypes.c_int(KEEP)) == 1
-    return libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(KEEP)) == 1 and ok
+    done = [libc.mallopt(param, ctypes.c_int(KEEP)) for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD)]
+    return done == [1, 1]  # mallopt returns 1 on success
