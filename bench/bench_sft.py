@@ -41,8 +41,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as out:
         sets = [
-            f"model={args.model}", f"data={args.data}", f"output={out}", f"max_length={args.max_length}",
-            "truncation=true", "eval_fraction=0", f"train.batch_size={args.batch_size}",
+            f"model={args.model}", f"data.path={args.data}", f"output={out}",
+            f"data.max_length={args.max_length}",
+            "data.truncation=true", "data.eval_fraction=0", f"train.batch_size={args.batch_size}",
             f"train.threads={args.threads}", "train.save_every=0",
         ]  # fmt: skip
         cfg = load_config(SFTConfig, None, sets)

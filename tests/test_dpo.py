@@ -23,7 +23,7 @@ from rlhfkit.trainers.dpo import CACHE_FILE, DPOConfig, DPOTrainer, prepare_dpo,
 
 def dpo_config(model: Path, data: Path, out: Path, *sets: str) -> DPOConfig:
     # one thread: a tiny model gains nothing from two, and it keeps the tests fast on a busy machine
-    base = [f"policy={model}", f"data={data}", f"output={out}", "train.save_every=0", "train.threads=1"]
+    base = [f"policy={model}", f"data.path={data}", f"output={out}", "train.save_every=0", "train.threads=1"]
     return load_config(DPOConfig, None, base + list(sets))
 
 
@@ -48,7 +48,7 @@ def count_reference(monkeypatch) -> dict[str, int]:
 # ------------------------------------------------------------------------------------------ the loss
 def test_pair_loss_is_the_hand_computed_value(tiny_model: Path, tmp_path: Path):
     data = write_jsonl(tmp_path / "d.jsonl", good_word_pairs(2, seed=0))
-    cfg = dpo_config(tiny_model, data, tmp_path / "o", "eval_fraction=0")
+    cfg = dpo_config(tiny_model, data, tmp_path / "o", "data.eval_fraction=0")
     trainer = DPOTrainer(cfg, *prepare_dpo(cfg))
     # rows: chosen of pair 1, chosen of pair 2, rejected of pair 1, rejected of pair 2
     logprobs = torch.tensor([-2.0, -8.0, -3.0, -4.0])  # (S,) policy, summed over answer tokens
@@ -79,7 +79,7 @@ def test_one_pass_logprobs_equal_separate_passes(tiny_model: Path, tmp_path: Pat
     rows = good_word_pairs(3, seed=1)
     rows[1]["chosen"] += " and a much longer answer than the others"  # very different lengths in a batch
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    cfg = dpo_config(tiny_model, data, tmp_path / "o", "eval_fraction=0")
+    cfg = dpo_config(tiny_model, data, tmp_path / "o", "data.eval_fraction=0")
     train, _ = prepare_dpo(cfg)
     trainer = DPOTrainer(cfg, train, [])
     model, pad_id = trainer.model, trainer.tokenizer.pad_token_id
@@ -119,7 +119,7 @@ def test_reference_runs_once_over_epochs_and_its_cache_follows_the_data(
 ):
     data = write_jsonl(tmp_path / "d.jsonl", good_word_pairs(12, seed=2))
     out = tmp_path / "o"
-    cfg = dpo_config(tiny_model, data, out, "eval_fraction=0.25", "train.epochs=3", "train.batch_size=4")
+    cfg = dpo_config(tiny_model, data, out, "data.eval_fraction=0.25", "train.epochs=3", "train.batch_size=4")
     train, evals = prepare_dpo(cfg)
     trainer = DPOTrainer(cfg, train, evals)
     forwards = []  # every decoder forward of the run in any model (policy or reference), with grad or not
@@ -145,7 +145,7 @@ def test_reference_runs_once_over_epochs_and_its_cache_follows_the_data(
 
     def recount(path: Path) -> int:  # a new trainer over `path` on the same output dir: passes run
         before = count_reference["passes"]
-        again = DPOTrainer(cfg, *prepare_dpo(dpo_config(tiny_model, path, out, "eval_fraction=0.25")))
+        again = DPOTrainer(cfg, *prepare_dpo(dpo_config(tiny_model, path, out, "data.eval_fraction=0.25")))
         again.attach_reference()
         assert all(math.isfinite(ex.ref_chosen + ex.ref_rejected) for ex in again.train_examples)
         return count_reference["passes"] - before
@@ -162,7 +162,7 @@ def test_lora_reference_is_the_base_model_and_the_saved_policy_is_merged(tiny_mo
 
     data = write_jsonl(tmp_path / "r.jsonl", good_word_rankings(4, seed=3))  # rankings: 5 pairs each
     out = tmp_path / "lora"
-    cfg = dpo_config(tiny_model, data, out, "eval_fraction=0", "train.max_steps=3", "train.lr=1e-2",
+    cfg = dpo_config(tiny_model, data, out, "data.eval_fraction=0", "train.max_steps=3", "train.lr=1e-2",
                      "train.batch_size=4", "lora.enabled=true", "lora.r=4")  # fmt: skip
     train, _ = prepare_dpo(cfg)
     assert len(train) == 4 * 5  # ranks 2 > 1 = 1 > 0: 5 comparable pairs per prompt, the tie none
@@ -188,8 +188,9 @@ def test_learns_held_out_preference_rule(tiny_model: Path, tmp_path: Path):
 
     data = write_jsonl(tmp_path / "good.jsonl", good_word_pairs(128, seed=0))
     out = tmp_path / "dpo"
-    run_dpo(dpo_config(tiny_model, data, out, "eval_fraction=0.25", "train.lr=3e-3", "train.batch_size=16",
-                       "train.epochs=2", "train.warmup_steps=3", "beta=0.5"))  # fmt: skip
+    run_dpo(dpo_config(tiny_model, data, out, "data.eval_fraction=0.25", "train.lr=3e-3",
+                       "train.batch_size=16", "train.epochs=2", "train.warmup_steps=3",
+                       "beta=0.5"))  # fmt: skip
     train, evals = metrics(out, "train"), metrics(out, "eval")
     assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)  # step 1: the policy IS the reference
     # 32 held-out pairs never trained on, whose two answers differ only in one 4-letter word ("good" or a
@@ -213,7 +214,7 @@ def test_resume_after_crash_equals_uninterrupted_and_reuses_the_reference(
     tiny_model: Path, tmp_path: Path, count_reference: dict[str, int]
 ):
     data = write_jsonl(tmp_path / "d.jsonl", good_word_pairs(16, seed=4))
-    sets = ["eval_fraction=0.25", "train.max_steps=6", "train.lr=3e-3", "train.batch_size=4"]
+    sets = ["data.eval_fraction=0.25", "train.max_steps=6", "train.lr=3e-3", "train.batch_size=4"]
     run_dpo(dpo_config(tiny_model, data, tmp_path / "reference", *sets))
 
     cfg = dpo_config(tiny_model, data, tmp_path / "resumed", *sets, "train.save_every=2")

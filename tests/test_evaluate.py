@@ -25,19 +25,12 @@ from rlhfkit.evaluate import (
     sequence_kl,
     win_rate,
 )
-from rlhfkit.models import eos_token_ids, load_causal_lm
+from rlhfkit.models import build_reward_model, eos_token_ids, load_causal_lm
 from rlhfkit.rollout import RolloutEngine, SamplingConfig
-from rlhfkit.trainers.rm import build_reward_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 MAX_NEW = 12
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny models: threads only add overhead (and stall when the shared CPU is busy)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def vowel_gold(prompt: str, answer: str) -> float:

@@ -23,6 +23,7 @@ from rlhfkit.feedback.prepare import PrepareConfig, run_prepare
 from rlhfkit.feedback.security import hash_password, same_secret, verify_password
 from rlhfkit.feedback.store import Outcome
 from rlhfkit.fileio import write_atomic
+from rlhfkit.rollout import SamplingConfig
 
 CLI = [sys.executable, "-m", "rlhfkit.cli", "feedback"]
 
@@ -198,7 +199,7 @@ def test_prepare_on_the_tiny_model(tiny_model: Path, tmp_path: Path):
     assert store.overlap(conn) == 2 and store.get_meta(conn, "guidelines") == store.DEFAULT_GUIDELINES
     # the same seed in-process gives the same answers; the project is refused a second time
     cfg = PrepareConfig(model=str(tiny_model), prompts=str(prompts), db=str(tmp_path / "b.sqlite"), k=3,
-                        max_new_tokens=12, temperature=1.0, seed=7)  # fmt: skip
+                        sampling=SamplingConfig(max_new_tokens=12, temperature=1.0), seed=7)  # fmt: skip
     assert run_prepare(cfg) == {"items": 3, "dropped": 0, "answers": 9}
     again = store.all_items(store.open_db(cfg.db))
     assert [[a.text for a in it.answers] for it in again.values()] == [
@@ -268,7 +269,8 @@ def test_exported_pairs_train_a_reward_model(tiny_model: Path, tmp_path: Path):
     held = write_jsonl(
         tmp_path / "eval.jsonl", [r for r in rows if r["item"] > 36 and r["annotator"] == "ann"]
     )
-    sets = [f"model={tiny_model}", f"data={train}", f"eval_data={held}", f"output={tmp_path / 'rm'}",
+    sets = [f"model={tiny_model}", f"data.path={train}", f"data.eval_path={held}",
+            f"output={tmp_path / 'rm'}",
             "train.save_every=0", "train.threads=1", "train.lr=3e-3", "train.batch_size=16", "train.epochs=4",
             "train.warmup_steps=3"]  # fmt: skip
     metrics = run_rm(load_config(RMConfig, None, sets))

@@ -34,7 +34,8 @@ def prompts_file(tmp_path: Path, n: int = 16) -> Path:
 
 def config(cls: type[GRPOConfig], model: Path, prompts: Path, out: Path, *sets: str) -> GRPOConfig:
     base = [
-        f"policy={model}", f"prompts={prompts}", f"output={out}", "max_new_tokens=16", "temperature=1.0",
+        f"policy={model}", f"prompts={prompts}", f"output={out}", "sampling.max_new_tokens=16",
+        "sampling.temperature=1.0",
         "prompts_per_step=8", "num_generations=4", "sample_every=0", "train.save_every=0",
         "reward_fn=tests.test_grpo:count_target", "train.scheduler=cosine",
     ]  # fmt: skip
@@ -112,7 +113,7 @@ def test_masked_truncated_answers_carry_no_gradient(tiny_model: Path, tmp_path: 
     from rlhfkit.data import load_prompts
 
     prompts = prompts_file(tmp_path)
-    sets = ["max_new_tokens=4", "mask_truncated=true", "train.max_steps=1"]
+    sets = ["sampling.max_new_tokens=4", "mask_truncated=true", "train.max_steps=1"]
     cfg = config(GRPOConfig, tiny_model, prompts, tmp_path / "trunc", *sets)
     trainer = GRPOTrainer(cfg, load_prompts(prompts), function_scorer(count_target))
     experience, stats = trainer.make_experience(trainer.batch_indices(0))

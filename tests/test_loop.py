@@ -66,7 +66,7 @@ def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(
     run_sft(sft_config(tiny_model, memory_data, reference, *sets))
 
     out = tmp_path / "killed"
-    flags = [a for s in [*sets, "eval_fraction=0"] for a in ("--set", s)]
+    flags = [a for s in [*sets, "data.eval_fraction=0"] for a in ("--set", s)]
     cmd = [sys.executable, "-m", "rlhfkit.cli", "sft", "--model", str(tiny_model), "--data", str(memory_data),
            "--output", str(out), *flags]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -92,7 +92,7 @@ def test_gradient_accumulation_equivalence(tiny_model: Path, memory_data: Path, 
 
 
 def test_ddp_two_processes_gloo_equals_one_process(tiny_model: Path, memory_data: Path, tmp_path: Path):
-    sets = ["train.max_steps=4", "train.lr=3e-3", "train.batch_size=8", "eval_fraction=0"]
+    sets = ["train.max_steps=4", "train.lr=3e-3", "train.batch_size=8", "data.eval_fraction=0"]
     base = ["sft", "--model", str(tiny_model), "--data", str(memory_data)]
     flags = [a for s in sets for a in ("--set", s)]
     subprocess.run([sys.executable, "-m", "rlhfkit.cli", *base, "--output", str(tmp_path / "one"), *flags],

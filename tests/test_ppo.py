@@ -23,8 +23,9 @@ def count_target(prompts: list[str], completions: list[str], **fields) -> list[f
 
 def ppo_config(model: Path, prompts: Path, out: Path, *sets: str) -> PPOConfig:
     base = [
-        f"policy={model}", f"prompts={prompts}", f"output={out}", "max_new_tokens=16", "rollout_batch=32",
-        "temperature=1.0", "no_eos_score=null", "sample_every=0", "train.save_every=0",
+        f"policy={model}", f"prompts={prompts}", f"output={out}", "sampling.max_new_tokens=16",
+        "rollout_batch=32",
+        "sampling.temperature=1.0", "no_eos_score=null", "sample_every=0", "train.save_every=0",
         "train.scheduler=cosine",  # the schedule these tests were tuned with
     ]  # fmt: skip
     return load_config(PPOConfig, None, base + list(sets))
@@ -81,8 +82,8 @@ def test_ppo_resume_equals_uninterrupted(tiny_model: Path, tmp_path: Path):
     from rlhfkit.trainers.ppo import PPOTrainer
 
     prompts = prompts_file(tmp_path)
-    sets = ["train.max_steps=4", "train.lr=1e-3", "rollout_batch=8", "max_new_tokens=8", "ppo_epochs=2",
-            "minibatches=2", "kl_target=1.0", "kl_horizon=100"]  # fmt: skip
+    sets = ["train.max_steps=4", "train.lr=1e-3", "rollout_batch=8", "sampling.max_new_tokens=8",
+            "ppo_epochs=2", "minibatches=2", "kl_target=1.0", "kl_horizon=100"]  # fmt: skip
     scorer = function_scorer(count_target)
     run_ppo(ppo_config(tiny_model, prompts, tmp_path / "a", *sets), scorer)
 
@@ -112,7 +113,13 @@ def test_ppo_with_lora_uses_the_adapter_free_policy_as_reference(tiny_model: Pat
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     out = tmp_path / "lora"
-    sets = ["train.max_steps=2", "train.lr=1e-2", "rollout_batch=8", "max_new_tokens=8", "lora.enabled=true"]
+    sets = [
+        "train.max_steps=2",
+        "train.lr=1e-2",
+        "rollout_batch=8",
+        "sampling.max_new_tokens=8",
+        "lora.enabled=true",
+    ]
     run_ppo(ppo_config(tiny_model, prompts_file(tmp_path), out, *sets), function_scorer(count_target))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     # iteration 1: the policy is still the reference (LoRA B starts at 0), up to float summation order
@@ -126,10 +133,9 @@ def test_ppo_with_lora_uses_the_adapter_free_policy_as_reference(tiny_model: Pat
 
 
 def test_value_model_from_a_reward_model_starts_on_the_normalised_reward_scale(tiny_model: Path):
+    from rlhfkit.models import SCALE_KEY, SHIFT_KEY, build_reward_model
     from rlhfkit.prefix import SharedPromptBatch
-    from rlhfkit.rewards import SCALE_KEY, SHIFT_KEY
     from rlhfkit.trainers.ppo import token_values
-    from rlhfkit.trainers.rm import build_reward_model
 
     value, _ = build_reward_model(str(tiny_model))
     batch = SharedPromptBatch.build([[5, 6]], [[7, 8, 9]], 0)

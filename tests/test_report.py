@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from tests.conftest import write_jsonl
 from tests.test_evaluate import eval_prompts, perturbed_model, reward_model
 from typer.testing import CliRunner
@@ -22,17 +21,11 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.evaluate import EvalConfig, run_eval
 from rlhfkit.report import build_report
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 INJECTED = '<script>window.__pwned = 1; alert("x")</script><img src=x onerror="window.__pwned = 2">'
 PLOTS = {"rl_curves", "sft_loss", "rm_curves", "overoptimisation"}
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([a-z_]+)">')
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny models: threads only add overhead (and stall when the shared CPU is busy)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def synthetic_metrics(run: Path) -> None:

@@ -19,10 +19,11 @@ from rlhfkit.config import load_config
 from rlhfkit.encoding import pad, prompt_answer_ids
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.losses import ranking_loss
+from rlhfkit.models import build_reward_model, init_head, reward_parts
 from rlhfkit.rewards import RewardModelScorer, score_file, sequence_rewards
 from rlhfkit.tiny import make_tiny_model
 from rlhfkit.trainers import rm
-from rlhfkit.trainers.rm import RMConfig, RMTrainer, build_reward_model, init_head, prepare_rm, run_rm
+from rlhfkit.trainers.rm import RMConfig, RMTrainer, prepare_rm, run_rm
 
 # 4-letter fillers; three start with "g", so a single character cannot give away the word "good"
 FILLERS = ["blue", "cold", "warm", "soft", "dark", "tall", "slow", "fast", "gold", "grey", "goat", "thin"]
@@ -63,7 +64,7 @@ def good_word_rankings(n: int, seed: int) -> list[dict]:
 
 def rm_config(model: Path, data: Path, out: Path, *sets: str) -> RMConfig:
     # one thread: a tiny model gains nothing from two, and it keeps the tests fast on a busy machine
-    base = [f"model={model}", f"data={data}", f"output={out}", "train.save_every=0", "train.threads=1"]
+    base = [f"model={model}", f"data.path={data}", f"output={out}", "train.save_every=0", "train.threads=1"]
     return load_config(RMConfig, None, base + list(sets))
 
 
@@ -81,8 +82,9 @@ def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
     root = tmp_path_factory.mktemp("rm")
     data = write_jsonl(root / "good.jsonl", good_word_pairs(128, seed=0))
     out = root / "rm"
-    run_rm(rm_config(tiny_model, data, out, "eval_fraction=0.25", "normalize=shift_scale", "train.lr=3e-3",
-                     "train.batch_size=16", "train.epochs=5", "train.warmup_steps=3"))  # fmt: skip
+    run_rm(rm_config(tiny_model, data, out, "data.eval_fraction=0.25", "normalize=shift_scale",
+                     "train.lr=3e-3", "train.batch_size=16", "train.epochs=5",
+                     "train.warmup_steps=3"))  # fmt: skip
     return out, data
 
 
@@ -148,7 +150,7 @@ def test_learns_held_out_rule(trained: tuple[Path, Path]):
 def test_ranking_data_learns_with_ties(tiny_model: Path, tmp_path: Path):
     data = write_jsonl(tmp_path / "rank.jsonl", good_word_rankings(64, seed=1))
     out = tmp_path / "rm"
-    run_rm(rm_config(tiny_model, data, out, "eval_fraction=0.25", "train.lr=3e-3", "train.batch_size=8",
+    run_rm(rm_config(tiny_model, data, out, "data.eval_fraction=0.25", "train.lr=3e-3", "train.batch_size=8",
                      "train.epochs=4", "train.warmup_steps=3"))  # fmt: skip
     # 16 held-out prompts x 5 comparable pairs each (the tie makes no pair); chance is 50%
     assert metrics(out, "eval")[-1]["accuracy"] >= 0.9
@@ -157,7 +159,9 @@ def test_ranking_data_learns_with_ties(tiny_model: Path, tmp_path: Path):
 def test_ranking_loss_is_the_hand_computed_value(tiny_model: Path, tmp_path: Path, monkeypatch):
     rows = [{"prompt": "Item 1:", "completions": [" a", " b", " c", " d"], "ranking": [0, [1, 2], 3]},
             {"prompt": "Item 2:", "chosen": " yes", "rejected": " no", "margin": 0.5}]  # fmt: skip
-    cfg = rm_config(tiny_model, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "o", "eval_fraction=0")
+    cfg = rm_config(
+        tiny_model, write_jsonl(tmp_path / "d.jsonl", rows), tmp_path / "o", "data.eval_fraction=0"
+    )
     train, _, _ = prepare_rm(cfg)
     trainer = RMTrainer(cfg, train, [], [])
     batch = trainer.collate(train)
@@ -193,7 +197,7 @@ def test_gradient_accumulation_equivalence(tiny_model: Path, tmp_path: Path):
         row["margin"] = 0.25 * i
     data = write_jsonl(tmp_path / "mixed.jsonl", rows)
     sets = [
-        "eval_fraction=0",
+        "data.eval_fraction=0",
         "train.max_steps=4",
         "train.lr=3e-3",
         "train.batch_size=8",
@@ -245,12 +249,12 @@ def test_saved_dir_is_plain_transformers_and_matches_cli_score(trained: tuple[Pa
 def test_lora_reward_model_trains_head_and_saves_merged(tiny_model: Path, tmp_path: Path):
     data = write_jsonl(tmp_path / "good.jsonl", good_word_pairs(16, seed=5))
     out = tmp_path / "lora"
-    cfg = rm_config(tiny_model, data, out, "eval_fraction=0", "train.max_steps=3", "train.lr=1e-2",
+    cfg = rm_config(tiny_model, data, out, "data.eval_fraction=0", "train.max_steps=3", "train.lr=1e-2",
                     "lora.enabled=true", "lora.r=4")  # fmt: skip
     trainer = RMTrainer(cfg, *prepare_rm(cfg))
-    head_before = rm.reward_parts(trainer.model)[1].weight.detach().clone()
+    head_before = reward_parts(trainer.model)[1].weight.detach().clone()
     trainer.run()
-    assert not torch.equal(rm.reward_parts(trainer.model)[1].weight, head_before)  # the head is trained too
+    assert not torch.equal(reward_parts(trainer.model)[1].weight, head_before)  # the head is trained too
     sequences = [ex.input_ids for ex in trainer.calibration[:6]]
     raw = rm.score_sequences(trainer.model, sequences, trainer.tokenizer.pad_token_id)  # adapters live
     scorer = RewardModelScorer(out)  # merged weights, no peft

@@ -18,11 +18,13 @@ from transformers import (
 from rlhfkit.rollout import (
     RolloutEngine,
     SamplingConfig,
-    _LlamaBackend,
     left_pad,
     llama_fast_path_supported,
     position_ids_from_mask,
 )
+from rlhfkit.rollout.llama_cpu import LlamaCPUBackend
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAD, EOS, VOCAB = 0, 1, 128
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 20, 21], [5, 6, 7, 8, 30], [5, 6, 7, 8, 20, 21], [40, 41]]
@@ -65,14 +67,6 @@ def _llama(**overrides: object) -> LlamaForCausalLM:
     with torch.no_grad():  # sharper logits than the 0.02 init, so sampling is not near-uniform
         model.lm_head.weight.mul_(10.0)
     return model
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny models: threads only add overhead (and stall when the CPU is busy)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +116,7 @@ def test_fast_path_logits_match_hf(overrides: dict) -> None:
     ids, mask = left_pad(PROMPTS, PAD)
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
-        got = _LlamaBackend(model).forward_logits(ids, mask)
+        got = LlamaCPUBackend(model).forward_logits(ids, mask)
     assert (got - ref)[mask.bool()].abs().max() < 1e-4
 
 
@@ -204,8 +198,8 @@ def test_early_stop_when_all_rows_ended(llama: LlamaForCausalLM, monkeypatch: py
     )
     eos = sorted({int(t) for t in ref.completion_ids[:, 1]})  # every row ends by its 2nd token
     calls: list[int] = []
-    step = _LlamaBackend.step
-    monkeypatch.setattr(_LlamaBackend, "step", lambda self, t: (calls.append(1), step(self, t))[1])
+    step = LlamaCPUBackend.step
+    monkeypatch.setattr(LlamaCPUBackend, "step", lambda self, t: (calls.append(1), step(self, t))[1])
     hook = llama.register_forward_hook(lambda *_: calls.append(1))
     try:
         for fast in (True, False):

@@ -16,7 +16,13 @@ from rlhfkit.trainers.sft import SFTConfig, run_sft
 
 
 def sft_config(model: Path, data: Path, out: Path, *sets: str) -> SFTConfig:
-    base = [f"model={model}", f"data={data}", f"output={out}", "eval_fraction=0", "train.save_every=0"]
+    base = [
+        f"model={model}",
+        f"data.path={data}",
+        f"output={out}",
+        "data.eval_fraction=0",
+        "train.save_every=0",
+    ]
     return load_config(SFTConfig, None, base + list(sets))
 
 
@@ -87,7 +93,7 @@ def test_too_long_sample_is_an_error_unless_truncation(tiny_model: Path, memory_
     from rlhfkit.errors import DataError
     from rlhfkit.trainers.sft import prepare_sft
 
-    cfg = sft_config(tiny_model, memory_data, tmp_path / "o", "max_length=30")
+    cfg = sft_config(tiny_model, memory_data, tmp_path / "o", "data.max_length=30")
     with pytest.raises(DataError) as info:
         prepare_sft(cfg)
     # "<|im_start|>user\nItem 0?<|im_end|>\n<|im_start|>assistant\n" is 26 characters, "red fox.<|im_end|>" 9
@@ -96,7 +102,7 @@ def test_too_long_sample_is_an_error_unless_truncation(tiny_model: Path, memory_
         "(raise max_length or set truncation: true)"
     )
     train, _ = prepare_sft(
-        sft_config(tiny_model, memory_data, tmp_path / "o", "max_length=30", "truncation=true")
+        sft_config(tiny_model, memory_data, tmp_path / "o", "data.max_length=30", "data.truncation=true")
     )
     assert max(len(ex) for ex in train) == 30
 

@@ -59,11 +59,13 @@ def build_sft(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
 
     base = {
         "model": args.model,
-        "data": f"{args.data_dir}/sft.jsonl",
+        "data": {
+            "path": f"{args.data_dir}/sft.jsonl",
+            "max_length": args.max_length,
+            "truncation": True,
+            "eval_fraction": 0.0,
+        },
         "output": out,
-        "max_length": args.max_length,
-        "truncation": True,
-        "eval_fraction": 0.0,
         "train": train_base(total, S.sft_lr, S.batch_size),
     }
     cfg = load_config(SFTConfig, base=base)
@@ -87,11 +89,13 @@ def build_rm(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
 
     base = {
         "model": args.model,
-        "data": f"{args.data_dir}/preference.jsonl",
+        "data": {
+            "path": f"{args.data_dir}/preference.jsonl",
+            "max_length": args.max_length,
+            "truncation": True,
+            "eval_fraction": 0.0,
+        },
         "output": out,
-        "max_length": args.max_length,
-        "truncation": True,
-        "eval_fraction": 0.0,
         "normalize": "none",
         "train": train_base(total, S.rm_lr, S.batch_size),
     }
@@ -124,11 +128,13 @@ def build_dpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
 
     base = {
         "policy": args.model,
-        "data": f"{args.data_dir}/preference.jsonl",
+        "data": {
+            "path": f"{args.data_dir}/preference.jsonl",
+            "max_length": args.max_length,
+            "truncation": True,
+            "eval_fraction": 0.0,
+        },
         "output": out,
-        "max_length": args.max_length,
-        "truncation": True,
-        "eval_fraction": 0.0,
         "beta": S.dpo_beta,
         "train": train_base(total, S.dpo_lr, S.batch_size),
     }
@@ -188,8 +194,7 @@ def build_grpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
         "output": out,
         "prompts_per_step": S.batch_size,
         "num_generations": S.num_generations,
-        "max_new_tokens": S.completion_length,
-        "temperature": S.grpo_temperature,
+        "sampling": {"max_new_tokens": S.completion_length, "temperature": S.grpo_temperature},
         "beta": S.grpo_beta,
         "loss_type": "dapo",
         "sample_every": 0,
@@ -219,8 +224,7 @@ def build_ppo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
         "rollout_batch": S.ppo_rollouts,
         "ppo_epochs": S.ppo_epochs,
         "minibatches": 1,
-        "max_new_tokens": S.completion_length,
-        "temperature": S.ppo_temperature,
+        "sampling": {"max_new_tokens": S.completion_length, "temperature": S.ppo_temperature},
         "kl_coef": S.ppo_kl_coef,
         "no_eos_score": None,
         "sample_every": 0,

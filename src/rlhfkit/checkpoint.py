@@ -13,7 +13,6 @@ one, never a half-written checkpoint. Loading uses safetensors and json only (no
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import tempfile
@@ -23,20 +22,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from rlhfkit.fileio import fsync_dir, fsync_tree
+
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def flatten_state(obj: Any) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -100,13 +88,11 @@ def write_checkpoint(
                   str(tmp / "model.safetensors"))  # fmt: skip
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(data), encoding="utf-8")
-        for name in ("model.safetensors", "state.safetensors", "state.json"):
-            _fsync_file(tmp / name)
-        _fsync_dir(tmp)
+        fsync_tree(tmp)
         if final.exists():  # a leftover from a run that crashed after this step: replace it
             shutil.rmtree(final)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for _, old in list_checkpoints(root)[: -max(keep, 1)]:

@@ -9,14 +9,13 @@ exit with code 2; nothing is written to the output directory when the input is r
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 
-from rlhfkit.errors import RlhfkitError
+from rlhfkit.console import console as err
+from rlhfkit.console import run_command
 from rlhfkit.feedback.cli import feedback_app
 from rlhfkit.runtime import keep_freed_memory
 
@@ -27,8 +26,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True)
-T = TypeVar("T")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with settings.")]
 SetOpt = Annotated[
@@ -40,18 +37,6 @@ SetOpt = Annotated[
 def _root() -> None:
     """rlhfkit: RLHF end to end (run a command with --help for its options)."""
     keep_freed_memory()
-
-
-def _run(fn: Callable[[], T]) -> T:
-    """Run a command, turning user errors into one line on stderr and exit code 2."""
-    try:
-        return fn()
-    except RlhfkitError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=exc.exit_code) from None
-    except KeyboardInterrupt:
-        err.print("interrupted; the last checkpoint is kept and the same command resumes from it")
-        raise typer.Exit(code=130) from None
 
 
 def _overrides(sets: list[str] | None, **explicit: Any) -> list[str]:
@@ -75,7 +60,9 @@ def sft(
     from rlhfkit.trainers.sft import SFTConfig, run_sft
 
     def go() -> None:
-        cfg = load_config(SFTConfig, config, _overrides(set_, model=model, data=data, output=output))
+        cfg = load_config(
+            SFTConfig, config, _overrides(set_, model=model, output=output, **{"data.path": data})
+        )
         metrics = run_sft(cfg)
         if metrics:
             err.print(
@@ -83,7 +70,7 @@ def sft(
                 f"model saved to {cfg.output}"
             )
 
-    _run(go)
+    run_command(go)
 
 
 @app.command()
@@ -99,7 +86,9 @@ def rm(
     from rlhfkit.trainers.rm import RMConfig, run_rm
 
     def go() -> None:
-        cfg = load_config(RMConfig, config, _overrides(set_, model=model, data=data, output=output))
+        cfg = load_config(
+            RMConfig, config, _overrides(set_, model=model, output=output, **{"data.path": data})
+        )
         metrics = run_rm(cfg)
         if metrics:
             err.print(
@@ -107,7 +96,7 @@ def rm(
                 f"reward model saved to {cfg.output}"
             )
 
-    _run(go)
+    run_command(go)
 
 
 @app.command()
@@ -123,12 +112,14 @@ def dpo(
     from rlhfkit.trainers.dpo import DPOConfig, run_dpo
 
     def go() -> None:
-        cfg = load_config(DPOConfig, config, _overrides(set_, policy=policy, data=data, output=output))
+        cfg = load_config(
+            DPOConfig, config, _overrides(set_, policy=policy, output=output, **{"data.path": data})
+        )
         metrics = run_dpo(cfg)
         summary = f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.3f}; " if metrics else ""
         err.print(f"[bold]dpo[/]: {summary}policy saved to {cfg.output}")
 
-    _run(go)
+    run_command(go)
 
 
 @app.command()
@@ -146,7 +137,7 @@ def score(
         if output is not None:
             err.print(f"[bold]score[/]: {n} records written to {output}")
 
-    _run(go)
+    run_command(go)
 
 
 @app.command()
@@ -171,7 +162,7 @@ def pipeline(
             f"report: {cfg.output}/report.html"
         )
 
-    _run(go)
+    run_command(go)
 
 
 def _rl_command(name: str, module: str, config_class: str, runner: str, doc: str) -> None:
@@ -207,7 +198,7 @@ def _rl_command(name: str, module: str, config_class: str, runner: str, doc: str
             getattr(trainer, runner)(cfg)
             err.print(f"[bold]{name}[/]: policy saved to {cfg.output}")
 
-        _run(go)
+        run_command(go)
 
     command.__doc__ = doc
     app.command(name=name)(command)
@@ -252,7 +243,7 @@ def eval_(
             f"KL {res['kl']['mean']:.3f} nats; written to {cfg.output}"
         )
 
-    _run(go)
+    run_command(go)
 
 
 @app.command()
@@ -266,7 +257,7 @@ def report(
     def go() -> None:
         err.print(f"[bold]report[/]: written to {build_report(run, output)}")
 
-    _run(go)
+    run_command(go)
 
 
 app.add_typer(feedback_app, name="feedback")

@@ -87,8 +87,35 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     return value
 
 
+def _apply_renames(cls: type, data: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Move settings a config class has renamed (its `RENAMED` map, old key -> "section.key") to their
+    new place, with a deprecation message (given both ways, the old key's value is used). An old key equal
+    to its new section's name (`data: FILE` -> `data.path`) is renamed only when it is not a mapping."""
+    renamed: dict[str, str] = getattr(cls, "RENAMED", {})
+    if not renamed or not any(key in data for key in renamed):
+        return data
+    from rlhfkit.console import console
+
+    data = dict(data)
+    for old, new in renamed.items():
+        section, _, key = new.partition(".")
+        if old not in data or (old == section and isinstance(data[old], dict)):
+            continue
+        value = data.pop(old)
+        moved = dict(data[section]) if isinstance(data.get(section), dict) else {}
+        moved[key] = value
+        data[section] = moved
+        console.print(
+            f"[yellow]deprecated[/]: setting '{prefix}{old}' is now '{prefix}{new}' "
+            "(the old name works until rlhfkit 0.3)",
+            highlight=False,
+        )
+    return data
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build a dataclass from a (nested) dict, rejecting unknown keys."""
+    data = _apply_renames(cls, data, prefix)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in data:

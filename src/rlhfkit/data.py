@@ -3,17 +3,7 @@
 Nothing is tokenised here: each row becomes a typed, frozen record, and the first bad row stops
 the load with a one-line ``DataError`` such as ``train.jsonl:3: field 'rejected': is identical to 'chosen'``.
 
-File types (``read_rows``):
-
-* ``.jsonl``: one JSON object per line; blank lines are skipped; "line" is the physical line.
-* ``.json``: a top-level array of objects; "line" is the line where each object starts.
-* ``.csv``: a header row, then one record per row; "line" is the physical line where the row
-  starts (the header is line 1). Blank cells count as missing columns. A cell starting with
-  ``[`` or ``{`` is read as JSON (so message lists and rankings fit in a cell); if it is not
-  valid JSON it stays text (``[INST] ...``), unless it starts like JSON data (``[{``, ``{"``,
-  ``[1``, ``[[``), which is an error. The ``margin`` column is read as a number.
-* ``.parquet`` and directories written by ``datasets`` ``save_to_disk`` (a ``DatasetDict``
-  must have a ``train`` split): "line" is the 1-based row number; null cells count as missing.
+File types and how a record's line is counted: `rlhfkit.datafiles`.
 
 Record formats (TRL's conventions). A *prompt* is a non-empty string or a non-empty list of
 messages ending with a user or tool turn. An *answer* is a non-empty string or a non-empty list
@@ -41,35 +31,27 @@ Fields other than those named above are ignored (SFT and preference files).
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import math
 import os
 import random
-import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
 
-from rlhfkit.errors import DataError
+from rlhfkit.datafiles import Row, read_rows, type_name
+from rlhfkit.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 Prompt: TypeAlias = str | list[dict[str, str]]
 Answer: TypeAlias = str | list[dict[str, str]]
-Row: TypeAlias = dict[str, Any]
 T = TypeVar("T")
 
 ROLES = ("system", "user", "assistant", "tool")
-SUPPORTED = ".jsonl, .json, .parquet, .csv or a datasets directory"
-_BOM = b"\xef\xbb\xbf"
-_CSV_NUMERIC_COLUMNS = frozenset({"margin"})
-_CSV_JSON_LIKE = re.compile(r'\[\s*[\[{"\d-]|\{\s*"')
 
 
 # --------------------------------------------------------------------------------------- records
@@ -124,187 +106,46 @@ class PromptRecord:
     source: Source
 
 
-# --------------------------------------------------------------------------------------- reading
+@dataclass
+class DataSettings:
+    """Which data a supervised stage (SFT, reward model, DPO) trains on and how it is cut to length: the
+    `data` section of their configs (`--data FILE` sets `data.path`)."""
+
+    path: str = ""
+    """Training data (.jsonl/.json/.parquet/.csv or a datasets directory); `bundled:NAME` = shipped data."""
+    eval_path: str | None = None
+    """Held-out data; if unset, `eval_fraction` of `path` is held out."""
+    eval_fraction: float = 0.05
+    """Fraction of the records of `path` held out for evaluation when `eval_path` is unset."""
+    max_length: int = 512
+    """Longest prompt + answer in tokens."""
+    truncation: bool = False
+    """Cut over-long answers instead of stopping with an error naming the record (records left with
+    nothing to learn from are dropped)."""
+    group_window: int = 16
+    """Length grouping: sort examples within windows of this many batches (1 disables grouping)."""
+
+    def split(self, load: Callable[[Path], list[T]], seed: int, what: str) -> tuple[list[T], list[T]]:
+        """(train, eval) records: `eval_path`, or a seeded `eval_fraction` of `path`. `what` names the
+        data in the error when `path` is unset ("demonstrations", "preferences")."""
+        if not self.path:
+            raise ConfigError(f"data.path is not set: give the {what} file with --data FILE")
+        records = load(resolve_data_path(self.path))
+        if self.eval_path:
+            return records, load(resolve_data_path(self.eval_path))
+        return split_holdout(records, self.eval_fraction, seed)
 
 
-def read_rows(path: str | os.PathLike[str]) -> Iterator[tuple[int, Row]]:
-    """Yield ``(line, row)`` for each record of a data file; raises ``DataError`` on unreadable input.
-
-    The path and file type are checked at once; the contents as the rows are consumed.
-    """
-    name = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise DataError(name, None, None, "no such file")
-    if p.is_dir():
-        return _non_empty(_read_datasets_dir(p, name), name)
-    suffix = p.suffix.lower()
-    reader = _READERS.get(suffix)
-    if reader is None:
-        kind = f"'{suffix}'" if suffix else "(no extension)"
-        raise DataError(name, None, None, f"unsupported file type {kind} (use {SUPPORTED})")
-    return _non_empty(reader(p, name), name)
-
-
-def _non_empty(rows: Iterator[tuple[int, Row]], name: str) -> Iterator[tuple[int, Row]]:
-    empty = True
-    for item in rows:
-        empty = False
-        yield item
-    if empty:
-        raise DataError(name, None, None, "contains no records")
-
-
-def _read_jsonl(p: Path, name: str) -> Iterator[tuple[int, Row]]:
-    with p.open("rb") as f:
-        for lineno, raw in enumerate(f, 1):
-            text = _decode(raw.removeprefix(_BOM) if lineno == 1 else raw, name, lineno)
-            if not text.strip():
-                continue
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(name, lineno, None, _json_message(e)) from None
-            yield lineno, _expect_object(value, name, lineno)
-
-
-def _read_json(p: Path, name: str) -> Iterator[tuple[int, Row]]:
-    text = _decode(p.read_bytes().removeprefix(_BOM), name)
-    if not text.strip():
-        return
-    try:
-        value = json.loads(text)  # validates the whole file, so the walk below cannot fail
-    except json.JSONDecodeError as e:
-        raise DataError(name, e.lineno, None, _json_message(e)) from None
-    if not isinstance(value, list):
-        raise DataError(name, None, None, f"must hold a JSON array of records, got {_type_name(value)}")
-    count = len(value)
-    del value
-    # Walk the array again with raw_decode to learn the offset (hence line) where each object starts.
-    decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
-    line, counted_to = 1, 0
-    for _ in range(count):
-        while text[pos] in " \t\r\n,":
-            pos += 1
-        item, end = decoder.raw_decode(text, pos)
-        line += text.count("\n", counted_to, pos)
-        counted_to = pos
-        yield line, _expect_object(item, name, line)
-        pos = end
-
-
-def _read_csv(p: Path, name: str) -> Iterator[tuple[int, Row]]:
-    text = _decode(p.read_bytes().removeprefix(_BOM), name)
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header: list[str] | None = None
-    while True:
-        start = reader.line_num + 1  # the next row starts on the line after the last one read
-        try:
-            cells = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:
-            raise DataError(name, start, None, f"invalid CSV: {e}") from None
-        if not any(cell.strip() for cell in cells):
-            continue
-        if header is None:
-            header = [cell.strip() for cell in cells]
-            for i, column in enumerate(header):
-                if column in header[:i]:
-                    raise DataError(name, start, None, f"column '{column}' appears twice in the header")
-            continue
-        if len(cells) != len(header):
-            message = f"has {len(cells)} cells but the header has {len(header)} columns"
-            raise DataError(name, start, None, message)
-        cells_by_column = zip(header, cells, strict=True)
-        yield start, {col: _csv_cell(cell, col, name, start) for col, cell in cells_by_column if cell.strip()}
-
-
-def _csv_cell(cell: str, column: str, name: str, line: int) -> Any:
-    stripped = cell.strip()
-    if column in _CSV_NUMERIC_COLUMNS:
-        try:
-            return float(stripped)
-        except ValueError:
-            return cell  # left as text, so validation reports "must be a number, got string"
-    if stripped.startswith(("[", "{")):
-        try:
-            return json.loads(stripped)
-        except json.JSONDecodeError as e:
-            if _CSV_JSON_LIKE.match(stripped):
-                raise DataError(name, line, column, _json_message(e)) from None
-    return cell
-
-
-def _read_parquet(p: Path, name: str) -> Iterator[tuple[int, Row]]:
-    import pyarrow.parquet as pq
-
-    try:
-        parquet = pq.ParquetFile(p)
-    except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
-        raise DataError(name, None, None, f"is not a readable Parquet file ({e})") from None
-    row_number = 0
-    for batch in parquet.iter_batches(batch_size=1024):
-        for row in batch.to_pylist():
-            row_number += 1
-            yield row_number, _drop_nulls(row)
-
-
-def _read_datasets_dir(p: Path, name: str) -> Iterator[tuple[int, Row]]:
-    import datasets
-
-    try:
-        dataset = datasets.load_from_disk(str(p))
-    except FileNotFoundError:
-        message = "is a directory but not a dataset saved with datasets' save_to_disk"
-        raise DataError(name, None, None, message) from None
-    if isinstance(dataset, datasets.DatasetDict):
-        if "train" not in dataset:
-            splits = ", ".join(dataset) or "none"
-            raise DataError(name, None, None, f"has no 'train' split (splits: {splits})")
-        dataset = dataset["train"]
-    for row_number, row in enumerate(dataset, 1):
-        yield row_number, _drop_nulls(row)
-
-
-_READERS: dict[str, Callable[[Path, str], Iterator[tuple[int, Row]]]] = {
-    ".jsonl": _read_jsonl,
-    ".json": _read_json,
-    ".csv": _read_csv,
-    ".parquet": _read_parquet,
+# Settings of the supervised stages that moved into their `data` section (old key -> new key); the old
+# keys still work, with a deprecation message, until rlhfkit 0.3.
+DATA_RENAMED = {
+    "data": "data.path",
+    "eval_data": "data.eval_path",
+    "eval_fraction": "data.eval_fraction",
+    "max_length": "data.max_length",
+    "truncation": "data.truncation",
+    "group_window": "data.group_window",
 }
-
-
-def _decode(data: bytes, name: str, first_line: int = 1) -> str:
-    """Decode UTF-8, naming the line and column of the first bad byte."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = first_line + data.count(b"\n", 0, e.start)
-        line_start = data.rfind(b"\n", 0, e.start) + 1
-        column = len(data[line_start : e.start].decode("utf-8")) + 1
-        message = f"is not valid UTF-8 (byte 0x{data[e.start]:02x} at column {column})"
-        raise DataError(name, line, None, message) from None
-
-
-def _json_message(e: json.JSONDecodeError) -> str:
-    return f"invalid JSON: {e.msg} (column {e.colno})"
-
-
-def _expect_object(value: Any, name: str, line: int) -> Row:
-    if not isinstance(value, dict):
-        raise DataError(name, line, None, f"expected a JSON object, got {_type_name(value)}")
-    return value
-
-
-def _drop_nulls(row: Row) -> Row:
-    return {key: value for key, value in row.items() if value is not None}
-
-
-def _type_name(value: Any) -> str:
-    names = {bool: "bool", int: "int", float: "float", str: "string", list: "list", dict: "object"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
 
 
 # ------------------------------------------------------------------------------------ validation
@@ -334,7 +175,7 @@ def _messages(value: list[Any], field: str, src: Source) -> list[dict[str, str]]
     for i, message in enumerate(value):
         where = f"{field}[{i}]"
         if not isinstance(message, dict):
-            _fail(src, where, f"must be a message object, got {_type_name(message)}")
+            _fail(src, where, f"must be a message object, got {type_name(message)}")
         role = _require_string(message, "role", where, src)
         if role not in ROLES:
             _fail(src, f"{where}.role", f"role '{role}' is not one of {', '.join(ROLES)}")
@@ -350,7 +191,7 @@ def _require_string(message: Row, key: str, where: str, src: Source) -> str:
         _fail(src, f"{where}.{key}", "is missing")
     value = message[key]
     if not isinstance(value, str):
-        _fail(src, f"{where}.{key}", f"must be a string, got {_type_name(value)}")
+        _fail(src, f"{where}.{key}", f"must be a string, got {type_name(value)}")
     return value
 
 
@@ -359,7 +200,7 @@ def _prompt(row: Row, src: Source) -> Prompt:
     if isinstance(value, str):
         return _text(value, "prompt", src)
     if not isinstance(value, list):
-        _fail(src, "prompt", f"must be a string or a list of messages, got {_type_name(value)}")
+        _fail(src, "prompt", f"must be a string or a list of messages, got {type_name(value)}")
     messages = _messages(value, "prompt", src)
     last = messages[-1]["role"]
     if last not in ("user", "tool"):
@@ -377,7 +218,7 @@ def _answer(value: Any, field: str, src: Source, prompt: Prompt) -> Answer:
             if message["role"] != "assistant":
                 _fail(src, f"{field}[{i}].role", f"must be 'assistant' in an answer, got '{message['role']}'")
     else:
-        _fail(src, field, f"must be a string or a list of messages, got {_type_name(value)}")
+        _fail(src, field, f"must be a string or a list of messages, got {type_name(value)}")
     if isinstance(answer, list) != isinstance(prompt, list):
         forms = f"is {_form(answer)} but 'prompt' is {_form(prompt)}"
         _fail(src, field, f"{forms}; use the same form for both")
@@ -402,7 +243,7 @@ def _sft_record(row: Row, src: Source) -> SFTRecord:
     _forbid(row, ("prompt", "completion"), src, "cannot be combined with 'messages'")
     value = row["messages"]
     if not isinstance(value, list):
-        _fail(src, "messages", f"must be a list of messages, got {_type_name(value)}")
+        _fail(src, "messages", f"must be a list of messages, got {type_name(value)}")
     messages = _messages(value, "messages", src)
     last = messages[-1]["role"]
     if last != "assistant":
@@ -430,7 +271,7 @@ def _preference_record(row: Row, src: Source) -> PreferenceRecord | RankingRecor
 def _margin(row: Row, src: Source) -> float:
     value = row.get("margin", 0.0)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        _fail(src, "margin", f"must be a number, got {_type_name(value)}")
+        _fail(src, "margin", f"must be a number, got {type_name(value)}")
     try:
         margin = float(value)
     except OverflowError:
@@ -445,7 +286,7 @@ def _ranking_record(row: Row, src: Source) -> RankingRecord:
     prompt = _prompt(row, src)
     value = row["completions"]
     if not isinstance(value, list):
-        _fail(src, "completions", f"must be a list of answers, got {_type_name(value)}")
+        _fail(src, "completions", f"must be a list of answers, got {type_name(value)}")
     if len(value) < 2:
         _fail(src, "completions", f"needs at least 2 answers, got {len(value)}")
     completions: list[Answer] = []
@@ -461,7 +302,7 @@ def _ranking_record(row: Row, src: Source) -> RankingRecord:
 def _ranks(value: Any, k: int, src: Source) -> tuple[int, ...]:
     """Turn a best-to-worst ranking with nested-list ties into a level per completion."""
     if not isinstance(value, list):
-        _fail(src, "ranking", f"must be a list of completion indices, got {_type_name(value)}")
+        _fail(src, "ranking", f"must be a list of completion indices, got {type_name(value)}")
     if not value:
         _fail(src, "ranking", "is empty")
     level_of: dict[int, int] = {}
@@ -473,7 +314,7 @@ def _ranks(value: Any, k: int, src: Source) -> tuple[int, ...]:
             if isinstance(index, bool) or not isinstance(index, int):
                 where = f"ranking[{level}][{j}]" if tied else f"ranking[{level}]"
                 expected = "a completion index" if tied else "a completion index or a list of tied indices"
-                _fail(src, where, f"must be {expected}, got {_type_name(index)}")
+                _fail(src, where, f"must be {expected}, got {type_name(index)}")
             if not 0 <= index < k:
                 _fail(src, "ranking", f"index {index} out of range for {k} completions")
             if index in level_of:

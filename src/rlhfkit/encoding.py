@@ -13,11 +13,13 @@ Shapes: B batch, T tokens.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from rlhfkit.data import PreferenceRecord, RankingRecord
 from rlhfkit.errors import DataError
 
 
@@ -107,6 +109,71 @@ def encode_pair(
     return SequenceExample(tuple(p_ids + a_ids), len(p_ids), path, line)
 
 
+@dataclass(frozen=True)
+class PreferenceExample:
+    """One prompt with its K >= 2 answers (prompt + answer token ids each), their rank levels (0 = best)
+    and margin: a preference pair is K = 2 with ranks (0, 1)."""
+
+    answers: tuple[SequenceExample, ...]
+    ranks: tuple[int, ...]
+    margin: float = 0.0
+
+    @property
+    def length(self) -> int:
+        """The longest answer: the padded length this example brings into a batch."""
+        return max(len(a) for a in self.answers)
+
+
+def encode_answer(
+    tokenizer: Any, rec: Any, answer: Any, field: str, max_length: int, truncation: bool
+) -> SequenceExample | None:
+    """`encode_pair` of a record's prompt with one of its answers; errors name the record's file and line
+    and the answer's `field`."""
+    return encode_pair(
+        tokenizer, rec.prompt, answer, max_length=max_length, truncation=truncation,
+        path=rec.source.path, line=rec.source.line, field=field,
+    )  # fmt: skip
+
+
+def encode_preferences(
+    records: list[PreferenceRecord | RankingRecord], tokenizer: Any, max_length: int, truncation: bool
+) -> tuple[list[PreferenceExample], int]:
+    """Tokenise and length-check every preference pair and ranking before training starts (errors name
+    file:line:field). Returns the examples and how many records truncation left with nothing to compare
+    (dropped)."""
+    examples, dropped = [], 0
+    for rec in records:
+        if isinstance(rec, PreferenceRecord):
+            answers, ranks, margin = (rec.chosen, rec.rejected), (0, 1), rec.margin
+            fields: tuple[str, ...] = ("chosen", "rejected")
+        else:
+            answers, ranks, margin = rec.completions, rec.ranks, 0.0
+            fields = tuple(f"completions[{i}]" for i in range(len(answers)))
+        encoded = [
+            encode_answer(tokenizer, rec, answer, name, max_length, truncation)
+            for answer, name in zip(answers, fields, strict=True)
+        ]
+        clash = _same_ids(encoded, ranks)
+        if clash is not None or any(e is None for e in encoded):
+            if not truncation and clash is not None:
+                i, j = clash
+                message = f"tokenises to the same ids as '{fields[i]}', so the pair cannot be learned"
+                raise DataError(rec.source.path, rec.source.line, fields[j], message)
+            dropped += 1  # truncation left nothing to compare: no prompt fits, or the answers became equal
+            continue
+        examples.append(PreferenceExample(tuple(encoded), tuple(ranks), margin))  # type: ignore[arg-type]
+    return examples, dropped
+
+
+def _same_ids(encoded: list[SequenceExample | None], ranks: tuple[int, ...]) -> tuple[int, int] | None:
+    """The first (i, j) of differently ranked answers with identical token ids, if any."""
+    for j, b in enumerate(encoded):
+        for i, a in enumerate(encoded[:j]):
+            if a is not None and b is not None and ranks[i] != ranks[j] and a.input_ids == b.input_ids:
+                return i, j
+    return None
+
+
 def pad(
     sequences: list[list[int]] | list[tuple[int, ...]], pad_id: int, side: str = "right"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,6 +191,27 @@ def pad(
             mask[i, length - len(seq) :] = 1
     position_ids = (mask.cumsum(1) - 1).clamp(min=0)  # (B, T)
     return ids, mask, position_ids
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Positions of left-padded rows: ``cumsum(mask) - 1`` clamped at 0, so padding does not shift them."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(seqs: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token lists into ``ids`` and ``mask``, both (B, P) int64 (``encoding.pad``, left side)."""
+    ids, mask, _ = pad(seqs, pad_token_id, side="left")  # (B, P) each
+    return ids, mask
+
+
+def common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix all token sequences share."""
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
 
 
 def chat_prompt_text(prompt: Any) -> str:

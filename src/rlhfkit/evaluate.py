@@ -47,14 +47,14 @@ from typing import Any
 
 import torch
 
+from rlhfkit.console import console
 from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
 from rlhfkit.encoding import chat_prompt_text, prompt_ids
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.fileio import write_atomic
 from rlhfkit.judge import load_gold
-from rlhfkit.loop import _progress, console
 from rlhfkit.losses import kl_estimate
-from rlhfkit.models import eos_token_ids, load_causal_lm
+from rlhfkit.models import load_causal_lm
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
 
@@ -175,12 +175,6 @@ class Answers:
     ended: list[bool] = field(default_factory=list)  # the answer reached EOS before max_new_tokens
     kl: list[float] = field(default_factory=list)  # sampled answers only: sum_t log pi - log pi_ref
 
-    def add(self, rollout: Rollout, tokenizer: Any) -> None:
-        for row, mask in zip(rollout.completion_ids, rollout.completion_mask, strict=True):
-            self.texts.append(tokenizer.decode(row[mask.bool()], skip_special_tokens=True))
-        self.tokens += rollout.lengths.tolist()
-        self.ended += rollout.ended.tolist()
-
 
 @torch.no_grad()
 def sequence_kl(
@@ -196,7 +190,6 @@ def sequence_kl(
 
 def generate_answers(
     engine: RolloutEngine,
-    tokenizer: Any,
     prompts: list[list[int]],
     sampling: SamplingConfig,
     batch_size: int,
@@ -206,16 +199,14 @@ def generate_answers(
 ) -> Answers:
     """Answers to token-id prompts in batches, with progress; with `reference`, also each answer's KL of
     the engine's model to it."""
-    out = Answers()
     t0 = time.perf_counter()
-    with _progress(True) as progress:
-        task = progress.add_task(label, total=len(prompts), status="")
-        for start in range(0, len(prompts), batch_size):
-            rollout = engine.generate(prompts[start : start + batch_size], sampling, generator)
-            out.add(rollout, tokenizer)
-            if reference is not None:
-                out.kl += sequence_kl(engine.model, reference, rollout, engine.pad_token_id).tolist()
-            progress.update(task, completed=len(out.texts))
+    generation = engine.sample_texts(prompts, sampling, generator, batch_size, label)
+    out = Answers(texts=generation.texts)
+    for rollout in generation.rollouts:
+        out.tokens += rollout.lengths.tolist()
+        out.ended += rollout.ended.tolist()
+        if reference is not None:
+            out.kl += sequence_kl(engine.model, reference, rollout, engine.pad_token_id).tolist()
     console.print(f"eval: {label}: {len(prompts)} answers in {time.perf_counter() - t0:.1f}s")
     return out
 
@@ -271,13 +262,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     n, k = len(records), cfg.kl_samples
 
     greedy = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
-    ref_engine = RolloutEngine(reference, ref_tokenizer, eos_token_ids(ref_tokenizer, reference))
-    engine = RolloutEngine(policy, tokenizer, eos_token_ids(tokenizer, policy))
-    ref = generate_answers(ref_engine, ref_tokenizer, ids, greedy, cfg.batch_size, "reference (greedy)")
+    ref_engine = RolloutEngine(reference, ref_tokenizer)
+    engine = RolloutEngine(policy, tokenizer)
+    ref = generate_answers(ref_engine, ids, greedy, cfg.batch_size, "reference (greedy)")
     del ref_engine  # its fused weight copies (Llama fast path) are not needed any more
-    pol = generate_answers(engine, tokenizer, ids, greedy, cfg.batch_size, "policy (greedy)")
+    pol = generate_answers(engine, ids, greedy, cfg.batch_size, "policy (greedy)")
     sampled = generate_answers(
-        engine, tokenizer, [p for p in ids for _ in range(k)],
+        engine, [p for p in ids for _ in range(k)],
         SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0), cfg.batch_size,
         f"policy samples for the KL ({k} per prompt)", torch.Generator().manual_seed(cfg.seed), reference,
     )  # fmt: skip

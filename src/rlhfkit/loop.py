@@ -23,7 +23,6 @@ import json
 import math
 import os
 import random
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -33,15 +32,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from rlhfkit.checkpoint import clean_partial, latest_checkpoint, read_checkpoint, write_checkpoint
 from rlhfkit.config import claim_run_dir
+from rlhfkit.console import console, progress
 from rlhfkit.errors import ConfigError, NonFiniteLossError
 from rlhfkit.runtime import keep_freed_memory
-
-console = Console(stderr=True)
 
 Batch = dict[str, Any]
 LossFn = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -119,11 +115,11 @@ def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
             return (step + 1) / (cfg.warmup_steps + 1)
         if cfg.scheduler == "constant":
             return 1.0
-        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        progress = min(max(progress, 0.0), 1.0)
+        done = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        done = min(max(done, 0.0), 1.0)
         if cfg.scheduler == "linear":
-            return 1.0 - progress
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0 - done
+        return 0.5 * (1.0 + math.cos(math.pi * done))
 
     return fn
 
@@ -424,8 +420,8 @@ class TrainLoop:
         total = self.total_steps()
         eval_metrics: dict[str, float] = {}
         start_time, start_step, start_tokens = time.perf_counter(), self.step, self.tokens_seen
-        with _progress(self.is_main) as progress:
-            task = progress.add_task(self.name, total=total, completed=self.step, status="")
+        with progress(self.is_main) as bar:
+            task = bar.add_task(self.name, total=total, completed=self.step, status="")
             while self.step < total:
                 t0 = time.perf_counter()
                 metrics = self.train_step(self.step)
@@ -436,9 +432,9 @@ class TrainLoop:
                 if self.step % max(self.cfg.log_every, 1) == 0 or self.step == total:
                     self.log("train", metrics)
                 status = f"loss {metrics.get('loss', float('nan')):.4f}"
-                progress.update(task, completed=self.step, status=status)
+                bar.update(task, completed=self.step, status=status)
                 plain_every = max(1, total // 50)
-                if progress.disable and self.is_main and (self.step % plain_every == 0 or self.step == total):
+                if bar.disable and self.is_main and (self.step % plain_every == 0 or self.step == total):
                     console.print(f"{self.name} step {self.step}/{total} {status} ({elapsed:.0f}s)")
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < total:
                     self.log("eval", self.evaluate())
@@ -472,17 +468,3 @@ def _tensorboard(out: Path) -> Any:
     except ImportError:
         return None
     return SummaryWriter(str(out / "tensorboard"))
-
-
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=console,
-        disable=not (enabled and sys.stderr.isatty()),
-    )

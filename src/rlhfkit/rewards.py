@@ -27,10 +27,9 @@ Shapes: N sequences, T tokens, C hidden size.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,9 +47,9 @@ from rlhfkit.data import (
     resolve_data_path,
 )
 from rlhfkit.encoding import pad, prompt_answer_ids
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.errors import ConfigError
 from rlhfkit.fileio import write_atomic
-from rlhfkit.models import load_tokenizer, resolve_model, unwrap
+from rlhfkit.models import load_reward_model, normalization, reward_parts
 from rlhfkit.prefix import SharedPromptBatch, last_token_hidden, shared_prompt_forward
 
 if TYPE_CHECKING:
@@ -63,20 +62,8 @@ Scorer = Callable[[list[str], list[str], "Rollout", list["PromptRecord"]], torch
 # columns of the prompt data set (e.g. `answer`), one list each
 RewardFn = Callable[..., Sequence[float]]
 
-SHIFT_KEY = "rlhfkit_reward_shift"
-SCALE_KEY = "rlhfkit_reward_scale"
-
 
 # ------------------------------------------------------------------------------------------- the score
-def reward_parts(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """(decoder stack -> hidden states, score head) of a sequence classifier (DDP and peft unwrapped)."""
-    base = unwrap(model)
-    head = getattr(base, "score", None)
-    if head is None:
-        raise RlhfkitError(f"{type(base).__name__} has no `score` head: not a causal-LM reward model")
-    return getattr(base, base.base_model_prefix), head
-
-
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position of the last real token of each row, whatever the padding side (-1 for an empty row)."""
     positions = torch.arange(attention_mask.shape[-1], device=attention_mask.device)  # (T,)
@@ -129,50 +116,7 @@ def score_sequences(
     return out
 
 
-def normalization(config: Any) -> tuple[float, float]:
-    """(shift, scale) stored by `rlhfkit rm`; (0, 1) for a reward model trained elsewhere."""
-    return float(getattr(config, SHIFT_KEY, 0.0) or 0.0), float(getattr(config, SCALE_KEY, 1.0) or 1.0)
-
-
-# ------------------------------------------------------------------------------------------- loading
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load report and progress bars (we report what matters ourselves)."""
-    from transformers.utils import logging
-
-    verbosity = logging.get_verbosity()
-    bars = logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
-
-
-def load_reward_model(name_or_path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) of a saved reward model, float32, in eval mode. Refuses anything that is not a
-    one-output sequence-classification checkpoint (transformers would silently add a random head)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-
-    path = resolve_model(name_or_path)
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    architectures = list(getattr(config, "architectures", None) or [])
-    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
-        raise RlhfkitError(
-            f"{name_or_path}: not a reward model (architectures {architectures}, "
-            f"{config.num_labels} labels); train one with `rlhfkit rm`"
-        )
-    with quiet_transformers():
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    return model.eval(), tokenizer
-
-
+# ------------------------------------------------------------------------------------------- the scorer
 class RewardModelScorer:
     """Normalised rewards of a trained reward model; see the module docstring."""
 

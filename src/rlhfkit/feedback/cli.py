@@ -39,19 +39,22 @@ def prepare(
     guidelines: Annotated[str | None, typer.Option(help="Text file with labelling guidelines.")] = None,
 ) -> None:
     """Sample K answers per prompt and store them as a labelling project."""
-    from rlhfkit.cli import _run, err
+    from rlhfkit.console import console as err
+    from rlhfkit.console import run_command
     from rlhfkit.feedback.prepare import PrepareConfig, run_prepare
+    from rlhfkit.rollout import SamplingConfig
 
     def go() -> None:
         cfg = PrepareConfig(
-            model=model, prompts=prompts, db=str(db), k=k, overlap=overlap, max_new_tokens=max_new_tokens,
-            temperature=temperature, seed=seed, batch_size=batch_size, guidelines=guidelines,
+            model=model, prompts=prompts, db=str(db), k=k, overlap=overlap, seed=seed, batch_size=batch_size,
+            sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+            guidelines=guidelines,
         )  # fmt: skip
         n = run_prepare(cfg)
         dropped = f" ({n['dropped']} prompts dropped: fewer than 2 distinct answers)" if n["dropped"] else ""
         err.print(f"[bold]feedback[/]: {n['items']} items, {n['answers']} answers stored in {db}{dropped}")
 
-    _run(go)
+    run_command(go)
 
 
 @feedback_app.command("add-user")
@@ -71,7 +74,8 @@ def add_user(
     ] = "",
 ) -> None:
     """Create an account (or set a new password and role for an existing one)."""
-    from rlhfkit.cli import _run, err
+    from rlhfkit.console import console as err
+    from rlhfkit.console import run_command
     from rlhfkit.feedback.store import add_user as store_add_user
     from rlhfkit.feedback.store import open_db
 
@@ -83,7 +87,7 @@ def add_user(
             conn.close()
         err.print(f"[bold]feedback[/]: {'added' if created else 'updated'} {role} '{name.strip()}'")
 
-    _run(go)
+    run_command(go)
 
 
 @feedback_app.command()
@@ -100,7 +104,8 @@ def serve(
     ] = False,
 ) -> None:
     """Serve the labelling app (log in with an account made by add-user)."""
-    from rlhfkit.cli import _run, err
+    from rlhfkit.console import console as err
+    from rlhfkit.console import run_command
 
     def go() -> None:
         import uvicorn
@@ -119,7 +124,7 @@ def serve(
         err.print(f"[bold]feedback[/]: serving {db} on http://{host}:{port}/ (Ctrl-C stops)")
         uvicorn.run(app, host=host, port=port, log_level="warning")
 
-    _run(go)
+    run_command(go)
 
 
 @feedback_app.command()
@@ -129,7 +134,8 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="pairs (prompt/chosen/rejected), rankings")] = "pairs",
 ) -> None:
     """Write the rankings, or the preference pairs they imply, for `rlhfkit rm` / `rlhfkit dpo`."""
-    from rlhfkit.cli import _run, err
+    from rlhfkit.console import console as err
+    from rlhfkit.console import run_command
     from rlhfkit.errors import RlhfkitError
     from rlhfkit.feedback.export import FORMATS
     from rlhfkit.feedback.export import export as run_export
@@ -148,4 +154,4 @@ def export(
             f"(left out: {n['all_bad']} all-bad, {n['skip']} skipped labels)"
         )
 
-    _run(go)
+    run_command(go)

@@ -11,10 +11,11 @@ interrupted run leaves no half-made project behind.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.rollout.engine import SamplingConfig
 
 MAX_K = 10  # more answers than this cannot be ranked carefully on one page (and keys a-j name them)
 
@@ -33,12 +34,8 @@ class PrepareConfig:
     """Answers sampled per prompt (2 to 10)."""
     overlap: int = 2
     """N: annotators who label each item (agreement needs at least 2)."""
-    max_new_tokens: int = 64
-    """Longest answer in tokens."""
-    temperature: float = 0.8
-    """Sampling temperature (0 = greedy, which makes the K answers identical)."""
-    top_p: float = 1.0
-    """Nucleus sampling threshold."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.8))
+    """How answers are sampled (temperature 0 would make the K answers identical)."""
     seed: int = 0
     """Seed of the sampling generator: the same seed gives the same answers."""
     batch_size: int = 16
@@ -52,9 +49,9 @@ def _check(cfg: PrepareConfig) -> None:
         raise RlhfkitError(f"--k must be between 2 and {MAX_K}, got {cfg.k}")
     if cfg.overlap < 1:
         raise RlhfkitError(f"--overlap must be at least 1, got {cfg.overlap}")
-    if cfg.temperature <= 0:
+    if cfg.sampling.temperature <= 0:
         raise RlhfkitError("--temperature must be > 0: greedy decoding gives K identical answers")
-    if cfg.batch_size < 1 or cfg.max_new_tokens < 1:
+    if cfg.batch_size < 1 or cfg.sampling.max_new_tokens < 1:
         raise RlhfkitError("--batch-size and --max-new-tokens must be at least 1")
 
 
@@ -63,26 +60,16 @@ def sample_answers(cfg: PrepareConfig, prompts: list) -> list[list[str]]:
     import torch
 
     from rlhfkit.encoding import prompt_ids
-    from rlhfkit.loop import _progress
-    from rlhfkit.models import eos_token_ids, load_causal_lm
-    from rlhfkit.rollout import RolloutEngine, SamplingConfig
+    from rlhfkit.models import load_causal_lm
+    from rlhfkit.rollout import RolloutEngine
 
     model, tokenizer = load_causal_lm(cfg.model)
-    engine = RolloutEngine(model, tokenizer, eos_token_ids(tokenizer, model))
-    sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p)
-    generator = torch.Generator().manual_seed(cfg.seed)
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
     rows = [i for i in range(len(prompts)) for _ in range(cfg.k)]  # prompt index of each sequence
-    texts: list[str] = []
-    with _progress(True) as progress:
-        task = progress.add_task("feedback: sampling", total=len(rows), status="")
-        for lo in range(0, len(rows), cfg.batch_size):
-            rollout = engine.generate(
-                [encoded[i] for i in rows[lo : lo + cfg.batch_size]], sampling, generator
-            )
-            for ids, mask in zip(rollout.completion_ids, rollout.completion_mask, strict=True):  # (T,) each
-                texts.append(tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip())
-            progress.update(task, completed=len(texts))
+    texts = RolloutEngine(model, tokenizer).sample_texts(
+        [encoded[i] for i in rows], cfg.sampling, torch.Generator().manual_seed(cfg.seed),
+        cfg.batch_size, "feedback: sampling",
+    ).texts  # fmt: skip
     return [texts[p * cfg.k : (p + 1) * cfg.k] for p in range(len(prompts))]
 
 

@@ -45,20 +45,20 @@ import hashlib
 import json
 import math
 import os
-import sys
 import time
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from rlhfkit.data import load_preferences, resolve_data_path, split_holdout
-from rlhfkit.encoding import SequenceExample
+from rlhfkit.console import console, progress
+from rlhfkit.data import DATA_RENAMED, DataSettings, load_preferences
+from rlhfkit.encoding import PreferenceExample, SequenceExample, encode_preferences
 from rlhfkit.errors import ConfigError
-from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, console, set_seed
+from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
 from rlhfkit.losses import dpo_loss
 from rlhfkit.models import (
     DEFAULT_MODEL,
@@ -69,7 +69,6 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
-from rlhfkit.trainers.rm import RMConfig, RMExample, encode_preferences
 
 CACHE_FILE = "reference_logprobs.safetensors"
 CACHE_VERSION = 1  # bump when the meaning of the cached numbers changes
@@ -83,26 +82,16 @@ class DPOConfig:
     """Policy to optimise (normally the SFT model): registered name, directory or hub id."""
     reference: str | None = None
     """Frozen reference model (default: the starting policy); it must share the policy's tokenizer."""
-    data: str = ""
-    """Preference pairs and/or rankings (.jsonl/.json/.parquet/.csv or a datasets directory)."""
+    data: DataSettings = field(default_factory=DataSettings)
+    """Preference pairs and/or rankings (`data.path`), held-out pairs, lengths."""
     output: str = "runs/dpo"
     """Output directory: the policy (transformers format), metrics, checkpoints, reference log-probs."""
-    eval_data: str | None = None
-    """Held-out preferences; if unset, `eval_fraction` of `data` is held out."""
-    eval_fraction: float = 0.05
-    """Fraction of `data` (records) held out for eval loss/accuracy/margin when `eval_data` is unset."""
-    max_length: int = 512
-    """Longest prompt + answer in tokens."""
-    truncation: bool = False
-    """Cut over-long answers instead of stopping with an error (records left uninformative are dropped)."""
     beta: float = 0.1
     """Strength of the implicit KL constraint to the reference (DPO's beta; TRL's default 0.1)."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """"sigmoid": DPO (with `label_smoothing` > 0: conservative DPO); "ipo": IPO on mean log-probs."""
     label_smoothing: float = 0.0
     """cDPO: the assumed probability that a preference label is flipped (0: plain DPO; sigmoid only)."""
-    group_window: int = 16
-    """Length grouping: sort pairs within windows of this many batches (1 disables grouping)."""
     trust_remote_code: bool = False
     """Allow model code from the model directory (off: only transformers' own architectures)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -111,6 +100,8 @@ class DPOConfig:
         default_factory=lambda: TrainConfig(lr=1e-6, batch_size=8, epochs=1.0, scheduler="linear")
     )
     """The shared training loop; `batch_size` counts pairs."""
+
+    RENAMED: ClassVar[dict[str, str]] = DATA_RENAMED
 
 
 @dataclass(frozen=True)
@@ -144,28 +135,19 @@ def reference_logprobs(
 ) -> torch.Tensor:
     """Summed answer log-probs (S,) of every sequence under `model`, in length-sorted no-grad batches,
     with a progress bar (or a line per quarter when stderr is not a terminal)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     out = torch.zeros(len(sequences))  # (S,)
     t0, done, quarter = time.perf_counter(), 0, 0
-    columns = (
-        TextColumn("[bold]dpo[/] reference log-probs"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} answers"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, disable=not sys.stderr.isatty()) as progress:
-        task = progress.add_task("reference", total=len(sequences))
+    with progress() as bar:
+        task = bar.add_task("dpo reference log-probs", total=len(sequences), status="")
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
             out[index] = answer_logprobs(
                 model, SharedPromptBatch.from_examples([sequences[i] for i in index], pad_id)
             )
             done += len(index)
-            progress.update(task, completed=done)
-            if progress.disable and done * 4 >= (quarter + 1) * len(sequences):
+            bar.update(task, completed=done)
+            if bar.disable and done * 4 >= (quarter + 1) * len(sequences):
                 quarter = done * 4 // len(sequences)
                 seconds = time.perf_counter() - t0
                 console.print(f"dpo reference log-probs: {done}/{len(sequences)} answers ({seconds:.0f}s)")
@@ -237,7 +219,7 @@ class DPOTrainer(TrainLoop):
         self.train_examples = train
         self.eval_examples = evals
         self.stream = EpochStream([ex.length for ex in train], cfg.train.batch_size, cfg.train.seed,
-                                  cfg.group_window)  # fmt: skip
+                                  cfg.data.group_window)  # fmt: skip
         self._tb = None  # `run` opens it after `prepare_output`, which already logs the reference pass
 
     def total_steps(self) -> int:
@@ -390,7 +372,7 @@ class DPOTrainer(TrainLoop):
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def preference_pairs(examples: list[RMExample]) -> list[DPOExample]:
+def preference_pairs(examples: list[PreferenceExample]) -> list[DPOExample]:
     """Every (better, worse) pair of each prompt's answers: a pair record gives one, a ranking of K
     answers up to K(K-1)/2 (tied answers form no pair)."""
     pairs = []
@@ -404,24 +386,23 @@ def preference_pairs(examples: list[RMExample]) -> list[DPOExample]:
 
 def prepare_dpo(cfg: DPOConfig) -> tuple[list[DPOExample], list[DPOExample]]:
     """Read, validate and tokenise all data (nothing is written anywhere until this succeeds)."""
-    if not cfg.data:
-        raise ConfigError("data is not set: give the preference file with --data FILE")
     if cfg.beta <= 0:
         raise ConfigError(f"beta must be > 0, got {cfg.beta}")
     if not 0.0 <= cfg.label_smoothing < 0.5:
         raise ConfigError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
-    records = load_preferences(resolve_data_path(cfg.data))
-    if cfg.eval_data:
-        train_records, eval_records = records, load_preferences(resolve_data_path(cfg.eval_data))
-    else:
-        train_records, eval_records = split_holdout(records, cfg.eval_fraction, cfg.train.seed)
+    train_records, eval_records = cfg.data.split(load_preferences, cfg.train.seed, "preference")
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
-    # the reward model's encoder: same validation (length, identical answers) and error messages
-    settings = RMConfig(max_length=cfg.max_length, truncation=cfg.truncation)
-    train = preference_pairs(encode_preferences(train_records, tokenizer, settings))
-    evals = preference_pairs(encode_preferences(eval_records, tokenizer, settings))
+    d = cfg.data  # the reward model's encoder: same validation (length, identical answers) and messages
+    train_examples, dropped = encode_preferences(train_records, tokenizer, d.max_length, d.truncation)
+    eval_examples, dropped_eval = encode_preferences(eval_records, tokenizer, d.max_length, d.truncation)
+    if dropped + dropped_eval:
+        console.print(
+            f"[bold]dpo[/]: {dropped + dropped_eval} record(s) dropped: "
+            "nothing left to compare after truncation"
+        )
+    train, evals = preference_pairs(train_examples), preference_pairs(eval_examples)
     if not train:
-        raise ConfigError(f"{cfg.data}: no training pair is left (check max_length and truncation)")
+        raise ConfigError(f"{d.path}: no training pair is left (check data.max_length and data.truncation)")
     return train, evals
 
 

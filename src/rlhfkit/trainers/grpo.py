@@ -159,9 +159,9 @@ class GRPOTrainer(RLTrainer):
         aggregation averages over (tokens for "dapo", sequences otherwise), as the loop expects."""
         cfg = self.grpo
         batch, lmask = mb["batch"], mb["loss_mask"]
-        logprobs, entropy = completion_logprobs(model, batch, cfg.temperature)  # (B, T)
+        logprobs, entropy = completion_logprobs(model, batch, cfg.sampling.temperature)  # (B, T)
         agg = AGGREGATION[cfg.loss_type]
-        max_len = cfg.max_new_tokens
+        max_len = cfg.sampling.max_new_tokens
         pg, m = losses.policy_loss(
             logprobs, mb["old_logprobs"], mb["advantages"], lmask, cfg.clip_low, cfg.clip_high, agg, max_len
         )

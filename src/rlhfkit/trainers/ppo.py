@@ -32,11 +32,10 @@ import torch
 from rlhfkit import losses
 from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
 from rlhfkit.loop import TrainConfig
-from rlhfkit.models import load_tokenizer, save_model, unwrap
+from rlhfkit.models import build_reward_model, load_tokenizer, normalization, save_model, unwrap
 from rlhfkit.prefix import SharedPromptBatch, answer_predictors, completion_logprobs, shared_prompt_forward
-from rlhfkit.rewards import RewardMix, Scorer, normalization
+from rlhfkit.rewards import RewardMix, Scorer
 from rlhfkit.trainers.rl import RLConfig, RLTrainer, check_prompt_lengths, reward_mix
-from rlhfkit.trainers.rm import build_reward_model
 
 
 @dataclass
@@ -173,7 +172,7 @@ class PPOTrainer(RLTrainer):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + vf_coef x clipped value loss of one minibatch, as a sum over its tokens."""
         batch, cmask = mb["batch"], mb["completion_mask"]
-        logprobs, entropy = completion_logprobs(model.policy, batch, self.ppo.temperature)  # (B, T)
+        logprobs, entropy = completion_logprobs(model.policy, batch, self.ppo.sampling.temperature)  # (B, T)
         values = token_values(model.value, batch)  # (B, T)
         pg_loss, pg_metrics = losses.policy_loss(
             logprobs, mb["old_logprobs"], mb["advantages"], cmask, clip_low=self.ppo.cliprange

@@ -4,8 +4,9 @@ One iteration of any of them starts the same way:
  1. pick the iteration's prompts (a seeded epoch order, so a resumed run sees the same prompts), repeat
     each `group` times (GRPO/RLOO groups; PPO uses 1) and sample answers with the rollout engine, keeping
     the per-token log-probs of logits / temperature (the "old" log-probs of the first update);
- 2. decode the answers and score them with the reward mixture: reward models and Python functions with
-    weights, each component logged on its own; answers that never reach EOS may get `no_eos_score`;
+ 2. decode the answers (`RolloutEngine.decode`: special tokens dropped, whitespace stripped) and score
+    them with the reward mixture: reward models and Python functions with weights, each component logged
+    on its own; answers that never reach EOS may get `no_eos_score`;
  3. the reference log-probs (the frozen start policy; with LoRA the policy with its adapters disabled, so
     no second copy of the weights is held).
 What differs (advantages, losses, the critic) lives in each trainer.
@@ -21,7 +22,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,10 +30,11 @@ from rlhfkit.data import PromptRecord
 from rlhfkit.encoding import chat_prompt_text, prompt_ids
 from rlhfkit.errors import DataError
 from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
-from rlhfkit.models import DEFAULT_MODEL, LoraSettings, eos_token_ids, load_causal_lm
+from rlhfkit.models import DEFAULT_MODEL, LoraSettings, load_causal_lm
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.rewards import RewardComponent, RewardMix, Scorer
 from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
+from rlhfkit.rollout.engine import SAMPLING_RENAMED
 
 
 @dataclass
@@ -56,14 +58,8 @@ class RLConfig:
     """Output directory: the final policy (transformers format), metrics, checkpoints."""
     max_prompt_length: int = 256
     """Prompts longer than this (in tokens) are an error naming the record."""
-    max_new_tokens: int = 64
-    """Longest answer."""
-    temperature: float = 0.7
-    """Sampling temperature (log-probs use logits / temperature everywhere)."""
-    top_p: float = 1.0
-    """Nucleus sampling."""
-    top_k: int = 0
-    """Top-k sampling (0: off)."""
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
+    """How answers are sampled (`sampling.max_new_tokens`, `.temperature`, `.top_p`, `.top_k`)."""
     no_eos_score: float | None = None
     """Score given to answers that never reach EOS (None: keep the reward's score)."""
     sample_every: int = 10
@@ -74,6 +70,8 @@ class RLConfig:
     """LoRA adapters on the policy (and the value model); the reference is then the adapter-free policy."""
     train: TrainConfig = field(default_factory=TrainConfig)
     """The shared loop: `max_steps` = RL iterations."""
+
+    RENAMED: ClassVar[dict[str, str]] = SAMPLING_RENAMED
 
 
 @dataclass
@@ -134,8 +132,7 @@ class RLTrainer(TrainLoop):
         self.records = records
         self.prompt_ids = [prompt_ids(tokenizer, r.prompt) for r in records]
         self.reward = as_reward_mix(reward)
-        self.rollout_engine = RolloutEngine(policy, tokenizer, eos_token_ids(tokenizer, policy))
-        self.sampling = SamplingConfig(cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+        self.rollout_engine = RolloutEngine(policy, tokenizer)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * self.rank)
         self.gold_fn = None
         if cfg.gold:
@@ -173,15 +170,12 @@ class RLTrainer(TrainLoop):
         """Rollout (each prompt `group` times, consecutively) and reward of one iteration."""
         rows = [i for i in indices for _ in range(self.group)]
         t0 = time.perf_counter()
-        rollout = self.rollout_engine.generate(
-            [self.prompt_ids[i] for i in rows], self.sampling, self.generator
+        generation = self.rollout_engine.sample_texts(
+            [self.prompt_ids[i] for i in rows], self.rl.sampling, self.generator
         )
+        rollout, completions = generation.rollout, generation.texts
         t1 = time.perf_counter()
         records = [self.records[i] for i in rows]
-        completions = [
-            self.tokenizer.decode(ids[m.bool()], skip_special_tokens=True)
-            for ids, m in zip(rollout.completion_ids, rollout.completion_mask, strict=True)
-        ]
         prompts = [chat_prompt_text(r.prompt) for r in records]
         raw, parts = self.reward(prompts, completions, rollout, records)  # (B,), {name: (B,)}
         scores = raw.float()
@@ -213,10 +207,10 @@ class RLTrainer(TrainLoop):
     def reference_logprobs(self, batch: SharedPromptBatch) -> torch.Tensor:
         """log pi_ref of each answer token (B, T), zero on padding."""
         if self.reference is not None:
-            lp, _ = completion_logprobs(self.reference, batch, self.rl.temperature, entropy=False)
+            lp, _ = completion_logprobs(self.reference, batch, self.rl.sampling.temperature, entropy=False)
         else:
             with self.policy.disable_adapter():
-                lp, _ = completion_logprobs(self.policy, batch, self.rl.temperature, entropy=False)
+                lp, _ = completion_logprobs(self.policy, batch, self.rl.sampling.temperature, entropy=False)
         return lp  # (B, T), zero on padding
 
     def log_samples(self, prompts: list[str], completions: list[str], scores: torch.Tensor) -> None:

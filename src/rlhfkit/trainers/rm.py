@@ -44,42 +44,26 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
-from rlhfkit.data import (
-    PreferenceRecord,
-    RankingRecord,
-    load_preferences,
-    load_sft,
-    resolve_data_path,
-    split_holdout,
-)
-from rlhfkit.encoding import SequenceExample, encode_pair
-from rlhfkit.errors import ConfigError, DataError, RlhfkitError
-from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, console, set_seed
+from rlhfkit.console import console
+from rlhfkit.data import DATA_RENAMED, DataSettings, load_preferences, load_sft, resolve_data_path
+from rlhfkit.encoding import PreferenceExample, SequenceExample, encode_answer, encode_preferences
+from rlhfkit.errors import ConfigError
+from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
 from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
 from rlhfkit.models import (
     DEFAULT_MODEL,
     LoraSettings,
-    apply_lora,
-    disable_dropout,
+    build_reward_model,
     load_tokenizer,
-    resolve_model,
     save_model,
-    set_pad_token,
-    unwrap,
+    set_normalization,
 )
 from rlhfkit.prefix import SharedPromptBatch
-from rlhfkit.rewards import (
-    SCALE_KEY,
-    SHIFT_KEY,
-    quiet_transformers,
-    reward_parts,
-    score_sequences,
-    shared_sequence_rewards,
-)
+from rlhfkit.rewards import score_sequences, shared_sequence_rewards
 
 SCORE_BATCH = 16  # sequences per forward pass when scoring without gradients (calibration)
 
@@ -90,18 +74,10 @@ class RMConfig:
 
     model: str = DEFAULT_MODEL
     """Start from a causal LM (the SFT model) or a reward model: registered name, directory or hub id."""
-    data: str = ""
-    """Preference pairs and/or rankings (.jsonl/.json/.parquet/.csv or a datasets directory)."""
+    data: DataSettings = field(default_factory=DataSettings)
+    """Preference pairs and/or rankings (`data.path`), held-out pairs, lengths."""
     output: str = "runs/rm"
     """Output directory: the reward model (transformers format), metrics, checkpoints."""
-    eval_data: str | None = None
-    """Held-out preferences; if unset, `eval_fraction` of `data` is held out."""
-    eval_fraction: float = 0.05
-    """Fraction of `data` (records) held out for eval loss/accuracy/calibration when `eval_data` is unset."""
-    max_length: int = 512
-    """Longest prompt + answer in tokens."""
-    truncation: bool = False
-    """Cut over-long answers instead of stopping with an error (records left uninformative are dropped)."""
     centering_coef: float = 0.0
     """Reward centering: adds coef * mean((r_chosen + r_rejected)^2) to the loss (Eisenstein et al.: 0.01)."""
     normalize: Literal["none", "shift", "shift_scale"] = "shift"
@@ -111,8 +87,6 @@ class RMConfig:
     of the preference data (train and eval), which in the pipeline are samples of the reference policy."""
     calibration_samples: int = 1024
     """Score at most this many calibration answers (a seeded random subset)."""
-    group_window: int = 16
-    """Length grouping: sort prompts within windows of this many batches (1 disables grouping)."""
     trust_remote_code: bool = False
     """Allow model code from the model directory (off: only transformers' own architectures)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -122,113 +96,22 @@ class RMConfig:
     )
     """The shared training loop; `batch_size` counts prompts (a pair is one prompt with 2 answers)."""
 
-
-@dataclass(frozen=True)
-class RMExample:
-    """One prompt with its K >= 2 answers (prompt + answer token ids each), their rank levels and margin."""
-
-    answers: tuple[SequenceExample, ...]
-    ranks: tuple[int, ...]
-    margin: float = 0.0
-
-    @property
-    def length(self) -> int:
-        """The longest answer: the padded length this example brings into a batch."""
-        return max(len(a) for a in self.answers)
-
-
-# ------------------------------------------------------------------------------------------ model
-def init_head(head: torch.nn.Linear) -> None:
-    """N(0, 1/(C + 1)) weights and zero bias, as lm-human-preferences initialises its reward head: the
-    initial rewards then have about unit variance for unit-RMS hidden states."""
-    torch.nn.init.normal_(head.weight, std=1.0 / math.sqrt(head.in_features + 1))
-    if head.bias is not None:
-        torch.nn.init.zeros_(head.bias)
-
-
-def build_reward_model(
-    name_or_path: str, lora: LoraSettings | None = None, trust_remote_code: bool = False
-) -> tuple[Any, Any]:
-    """(model, tokenizer): a one-output sequence classifier from a causal LM (new head, seeded by the
-    caller) or from an existing reward model (head kept), float32, dropout off, pad != EOS."""
-    from transformers import AutoModelForSequenceClassification
-
-    path = resolve_model(name_or_path)
-    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    try:
-        with quiet_transformers():
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, num_labels=1, dtype=torch.float32, trust_remote_code=trust_remote_code,
-                use_safetensors=True, output_loading_info=True,
-            )  # fmt: skip
-    except (OSError, ValueError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise RlhfkitError(
-            f"cannot load '{name_or_path}' as a sequence-classification model: {first}"
-        ) from None
-    _, head = reward_parts(model)
-    if any(key.split(".")[0] == "score" for key in info["missing_keys"]):
-        init_head(head)
-    set_pad_token(tokenizer, model)
-    disable_dropout(model)
-    if lora is not None and lora.enabled:
-        # a classifier: SEQ_CLS task, and the head is trained in full (`modules_to_save`)
-        model = apply_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score"])
-    return model, tokenizer
+    RENAMED: ClassVar[dict[str, str]] = DATA_RENAMED
 
 
 # ------------------------------------------------------------------------------------------ data
-def encode_preferences(
-    records: list[PreferenceRecord | RankingRecord], tokenizer: Any, cfg: RMConfig
-) -> list[RMExample]:
-    """Tokenise and length-check every record before training starts (errors name file:line:field)."""
-    examples, dropped = [], 0
-    for rec in records:
-        if isinstance(rec, PreferenceRecord):
-            answers, ranks, margin = (rec.chosen, rec.rejected), (0, 1), rec.margin
-            fields: tuple[str, ...] = ("chosen", "rejected")
-        else:
-            answers, ranks, margin = rec.completions, rec.ranks, 0.0
-            fields = tuple(f"completions[{i}]" for i in range(len(answers)))
-        encoded = [
-            _encode(tokenizer, cfg, rec, answer, name) for answer, name in zip(answers, fields, strict=True)
-        ]
-        clash = _same_ids(encoded, ranks)
-        if clash is not None or any(e is None for e in encoded):
-            if not cfg.truncation and clash is not None:
-                i, j = clash
-                message = f"tokenises to the same ids as '{fields[i]}', so the pair cannot be learned"
-                raise DataError(rec.source.path, rec.source.line, fields[j], message)
-            dropped += 1  # truncation left nothing to compare: no prompt fits, or the answers became equal
-            continue
-        examples.append(RMExample(tuple(encoded), tuple(ranks), margin))  # type: ignore[arg-type]
-    if dropped:
-        console.print(f"[bold]rm[/]: {dropped} record(s) dropped: nothing left to compare after truncation")
-    return examples
-
-
-def _encode(tokenizer: Any, cfg: RMConfig, rec: Any, answer: Any, name: str) -> SequenceExample | None:
-    return encode_pair(
-        tokenizer, rec.prompt, answer, max_length=cfg.max_length, truncation=cfg.truncation,
-        path=rec.source.path, line=rec.source.line, field=name,
-    )  # fmt: skip
-
-
-def _same_ids(encoded: list[SequenceExample | None], ranks: tuple[int, ...]) -> tuple[int, int] | None:
-    """The first (i, j) of differently ranked answers with identical token ids, if any."""
-    for j, b in enumerate(encoded):
-        for i, a in enumerate(encoded[:j]):
-            if a is not None and b is not None and ranks[i] != ranks[j] and a.input_ids == b.input_ids:
-                return i, j
-    return None
-
-
-def calibration_set(cfg: RMConfig, tokenizer: Any, examples: list[RMExample]) -> list[SequenceExample]:
+def calibration_set(
+    cfg: RMConfig, tokenizer: Any, examples: list[PreferenceExample]
+) -> list[SequenceExample]:
     """The answers whose raw scores set the normalisation: `calibration_data`, or every distinct answer of
     the preference examples; at most `calibration_samples` of them (a seeded random subset)."""
     if cfg.calibration_data:
         records = load_sft(resolve_data_path(cfg.calibration_data))
-        found = [_encode(tokenizer, cfg, rec, rec.completion, rec.answer_field) for rec in records]
+        d = cfg.data
+        found = [
+            encode_answer(tokenizer, r, r.completion, r.answer_field, d.max_length, d.truncation)
+            for r in records
+        ]
         answers = [a for a in found if a is not None]
     else:
         answers = list({a.input_ids: a for ex in examples for a in ex.answers}.values())
@@ -273,8 +156,8 @@ class RMTrainer(TrainLoop):
     def __init__(
         self,
         cfg: RMConfig,
-        train: list[RMExample],
-        evals: list[RMExample],
+        train: list[PreferenceExample],
+        evals: list[PreferenceExample],
         calibration: list[SequenceExample],
     ) -> None:
         set_seed(cfg.train.seed)  # the new head's initialisation
@@ -288,7 +171,7 @@ class RMTrainer(TrainLoop):
         self.eval_examples = evals
         self.calibration = calibration
         lengths = [ex.length for ex in train]
-        self.stream = EpochStream(lengths, cfg.train.batch_size, cfg.train.seed, cfg.group_window)
+        self.stream = EpochStream(lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_window)
         self._calibration_rows: list[dict[str, Any]] = []
 
     def total_steps(self) -> int:
@@ -296,13 +179,13 @@ class RMTrainer(TrainLoop):
             return self.cfg.max_steps
         return max(1, math.ceil(self.cfg.epochs * len(self.train_examples) / self.cfg.batch_size))
 
-    def step_examples(self, step: int) -> list[RMExample]:
+    def step_examples(self, step: int) -> list[PreferenceExample]:
         return [self.train_examples[i] for i in self.stream.batch(step)]
 
-    def example_length(self, example: RMExample) -> int:
+    def example_length(self, example: PreferenceExample) -> int:
         return example.length
 
-    def collate(self, examples: list[RMExample]) -> dict[str, Any]:
+    def collate(self, examples: list[PreferenceExample]) -> dict[str, Any]:
         """A flat batch of the N answers of all prompts, plus the weighted (better, worse) pairs."""
         shared = SharedPromptBatch.from_examples(
             [a for ex in examples for a in ex.answers], self.tokenizer.pad_token_id
@@ -383,10 +266,7 @@ class RMTrainer(TrainLoop):
             shift = float(raw.mean())
             std = float(raw.std(unbiased=False))
             scale = std if self.rm.normalize == "shift_scale" and std > 0 else 1.0
-        config = unwrap(self.model).config
-        setattr(config, SHIFT_KEY, shift)
-        setattr(config, SCALE_KEY, scale)
-        config.rlhfkit_reward_normalize = self.rm.normalize
+        set_normalization(self.model, shift, scale, self.rm.normalize)
         stats = {"shift": shift, "scale": scale, "answers": len(raw)}
         if len(raw):
             stats["raw_std"] = float(raw.std(unbiased=False))
@@ -418,20 +298,24 @@ def print_calibration(rows: list[dict[str, Any]]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ entry points
-def prepare_rm(cfg: RMConfig) -> tuple[list[RMExample], list[RMExample], list[SequenceExample]]:
+def prepare_rm(
+    cfg: RMConfig,
+) -> tuple[list[PreferenceExample], list[PreferenceExample], list[SequenceExample]]:
     """Read, validate and tokenise all data (nothing is written anywhere until this succeeds)."""
-    if not cfg.data:
-        raise ConfigError("data is not set: give the preference file with --data FILE")
-    records = load_preferences(resolve_data_path(cfg.data))
-    if cfg.eval_data:
-        train_records, eval_records = records, load_preferences(resolve_data_path(cfg.eval_data))
-    else:
-        train_records, eval_records = split_holdout(records, cfg.eval_fraction, cfg.train.seed)
+    train_records, eval_records = cfg.data.split(load_preferences, cfg.train.seed, "preference")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    train = encode_preferences(train_records, tokenizer, cfg)
-    evals = encode_preferences(eval_records, tokenizer, cfg)
+    d = cfg.data
+    train, dropped = encode_preferences(train_records, tokenizer, d.max_length, d.truncation)
+    evals, dropped_eval = encode_preferences(eval_records, tokenizer, d.max_length, d.truncation)
+    if dropped + dropped_eval:
+        console.print(
+            f"[bold]rm[/]: {dropped + dropped_eval} record(s) dropped: "
+            "nothing left to compare after truncation"
+        )
     if not train:
-        raise ConfigError(f"{cfg.data}: no training example is left (check max_length and truncation)")
+        raise ConfigError(
+            f"{d.path}: no training example is left (check data.max_length and data.truncation)"
+        )
     return train, evals, calibration_set(cfg, tokenizer, train + evals)
 
 

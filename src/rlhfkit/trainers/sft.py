@@ -21,15 +21,22 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from rlhfkit.data import SFTRecord, load_sft, resolve_data_path, split_holdout
-from rlhfkit.encoding import SequenceExample, encode_pair, pad
+from rlhfkit.data import DATA_RENAMED, DataSettings, SFTRecord, load_sft
+from rlhfkit.encoding import SequenceExample, encode_answer, pad
 from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
 from rlhfkit.losses import token_logprobs_entropy
-from rlhfkit.models import DEFAULT_MODEL, LoraSettings, decoder_and_head, load_causal_lm, save_model
+from rlhfkit.models import (
+    DEFAULT_MODEL,
+    LoraSettings,
+    decoder_and_head,
+    load_causal_lm,
+    load_tokenizer,
+    save_model,
+)
 
 
 @dataclass
@@ -38,22 +45,12 @@ class SFTConfig:
 
     model: str = DEFAULT_MODEL
     """Model to fine-tune: a registered name, a local directory or a hub id."""
-    data: str = "bundled:sft.jsonl"
-    """Demonstrations (.jsonl/.json/.parquet/.csv or a datasets directory); `bundled:NAME` = shipped data."""
+    data: DataSettings = field(default_factory=lambda: DataSettings(path="bundled:sft.jsonl"))
+    """Demonstrations (`data.path`), held-out demonstrations, lengths."""
     output: str = "runs/sft"
     """Output directory: the fine-tuned model (transformers format), metrics, checkpoints."""
-    eval_data: str | None = None
-    """Held-out demonstrations; if unset, `eval_fraction` of `data` is held out."""
-    eval_fraction: float = 0.05
-    """Fraction of `data` held out for eval loss/perplexity when `eval_data` is unset."""
-    max_length: int = 512
-    """Longest prompt + answer in tokens."""
-    truncation: bool = False
-    """Cut over-long samples instead of stopping with an error naming them."""
     completion_only_loss: bool = True
     """Train on answer tokens only (prompt tokens masked)."""
-    group_window: int = 16
-    """Length grouping: sort examples within windows of this many batches (1 disables grouping)."""
     trust_remote_code: bool = False
     """Allow model code from the model directory (off: only transformers' own architectures)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -61,18 +58,16 @@ class SFTConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5, batch_size=8, epochs=2.0))
     """The shared training loop."""
 
+    RENAMED: ClassVar[dict[str, str]] = DATA_RENAMED
 
-def encode_sft(records: list[SFTRecord], tokenizer: Any, cfg: SFTConfig) -> list[SequenceExample]:
+
+def encode_sft(records: list[SFTRecord], tokenizer: Any, data: DataSettings) -> list[SequenceExample]:
     """Tokenise and length-check every record before training starts (errors name file:line:field)."""
-    examples = []
-    for rec in records:
-        ex = encode_pair(
-            tokenizer, rec.prompt, rec.completion, max_length=cfg.max_length, truncation=cfg.truncation,
-            path=rec.source.path, line=rec.source.line, field=rec.answer_field,
-        )  # fmt: skip
-        if ex is not None:
-            examples.append(ex)
-    return examples
+    examples = (
+        encode_answer(tokenizer, rec, rec.completion, rec.answer_field, data.max_length, data.truncation)
+        for rec in records
+    )
+    return [ex for ex in examples if ex is not None]
 
 
 class SFTTrainer(TrainLoop):
@@ -87,7 +82,7 @@ class SFTTrainer(TrainLoop):
         self.train_examples = train
         self.eval_examples = evals
         self.stream = EpochStream(
-            [len(ex) for ex in train], cfg.train.batch_size, cfg.train.seed, cfg.group_window
+            [len(ex) for ex in train], cfg.train.batch_size, cfg.train.seed, cfg.data.group_window
         )
 
     def total_steps(self) -> int:
@@ -162,15 +157,9 @@ class SFTTrainer(TrainLoop):
 
 def prepare_sft(cfg: SFTConfig) -> tuple[list[SequenceExample], list[SequenceExample]]:
     """Read, validate and tokenise the data (nothing is written anywhere until this succeeds)."""
-    from rlhfkit.models import load_tokenizer
-
-    records = load_sft(resolve_data_path(cfg.data))
-    if cfg.eval_data:
-        train_records, eval_records = records, load_sft(resolve_data_path(cfg.eval_data))
-    else:
-        train_records, eval_records = split_holdout(records, cfg.eval_fraction, cfg.train.seed)
+    train_records, eval_records = cfg.data.split(load_sft, cfg.train.seed, "demonstrations")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    return encode_sft(train_records, tokenizer, cfg), encode_sft(eval_records, tokenizer, cfg)
+    return encode_sft(train_records, tokenizer, cfg.data), encode_sft(eval_records, tokenizer, cfg.data)
 
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:

@@ -1,0 +1,71 @@
+"""What the user sees on the terminal: one stderr console, progress bars, quiet library logs, and the way
+every command turns a user error into one line and exit code 2.
+
+Every module that prints goes through `console` (stderr, so stdout stays free for data, e.g. `rlhfkit
+score` without `--output`). Progress bars show only on a terminal; in logs and CI they are silent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from rlhfkit.errors import RlhfkitError
+
+T = TypeVar("T")
+
+console = Console(stderr=True)
+
+
+def progress(enabled: bool = True) -> Progress:
+    """A progress bar on stderr (label, bar, done/total, elapsed, eta, a `status` field); off unless
+    `enabled` and stderr is a terminal. Add a task with `add_task(label, total=N, status="")`."""
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        disable=not (enabled and sys.stderr.isatty()),
+    )
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load reports and progress bars (we report what matters ourselves)."""
+    from transformers.utils import logging
+
+    verbosity = logging.get_verbosity()
+    bars = logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def run_command(fn: Callable[[], T]) -> T:
+    """Run a CLI command: a user error (`RlhfkitError`) prints one line on stderr and exits with its code
+    (2); Ctrl-C says that the last checkpoint is kept and exits with 130. Anything else is a bug and keeps
+    its traceback."""
+    import typer
+
+    try:
+        return fn()
+    except RlhfkitError as exc:
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=exc.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("interrupted; the last checkpoint is kept and the same command resumes from it")
+        raise typer.Exit(code=130) from None
