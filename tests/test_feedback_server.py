@@ -1,13 +1,14 @@
 """The labelling app over real HTTP: a uvicorn server on a free loopback port, httpx clients.
 
-Authentication on every route, annotators confined to their own items, escaping of model text, CSRF, the
-admin page, and many annotators submitting at once (with doubled and retried requests) without a label
-lost or doubled. The helpers here are shared with the browser test.
+Authentication on every route, login throttling, annotators confined to their own items, escaping of model
+text, CSRF, the admin page, and many annotators submitting at once (with doubled and retried requests)
+without a label lost or doubled. The helpers here are shared with the browser test.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 import socket
@@ -31,6 +32,7 @@ from fastapi.routing import APIRoute
 from rlhfkit.feedback import store
 from rlhfkit.feedback.app import create_app, display_order
 from rlhfkit.feedback.export import export_rows, to_jsonl
+from rlhfkit.feedback.security import LoginThrottle
 
 PASSWORD = "correct horse battery"
 XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2"><b>bold</b>'
@@ -51,11 +53,12 @@ def make_project(
 
 
 @contextmanager
-def live_server(db: Path) -> Iterator[str]:
-    """Serve the app with uvicorn in a thread on a free loopback port; yields the base URL."""
+def live_server(db: Path, **options: Any) -> Iterator[str]:
+    """Serve the app (``create_app(db, **options)``) with uvicorn in a thread on a free loopback port; yields
+    the base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(db), log_level="warning", lifespan="off"))
+    server = uvicorn.Server(uvicorn.Config(create_app(db, **options), log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 15
@@ -85,6 +88,16 @@ def login(base: str, name: str, password: str = PASSWORD) -> httpx.Client:
     )
     assert reply.status_code == 303, reply.text
     return client
+
+
+def attempt_login(base: str, name: str, password: str, address: str = "127.0.0.1") -> httpx.Response:
+    """The reply to one login through the form, sent from ``address`` (Linux routes all of 127/8 to lo)."""
+    transport = httpx.HTTPTransport(local_address=address)
+    with httpx.Client(base_url=base, transport=transport, follow_redirects=False, timeout=30) as client:
+        page = client.get("/login")
+        return client.post(
+            "/login", data={"csrf": hidden(page.text, "csrf"), "name": name, "password": password}
+        )
 
 
 def next_item(client: httpx.Client) -> tuple[int, str] | None:
@@ -292,6 +305,88 @@ def test_labelling_flow_and_admin_page(project):
     with store.connect(db) as conn:
         assert exported.text == to_jsonl(export_rows(conn, "rankings"))
     assert len(exported.text.splitlines()) == 3
+
+
+# ------------------------------------------------------------------------------------------ login throttling
+@pytest.fixture()
+def clocked(tmp_path: Path) -> Iterator[tuple[str, list[float]]]:
+    """(base URL, now): a server with accounts ann and bob whose throttle reads its time from ``now[0]``."""
+    db = tmp_path / "fb.sqlite"
+    make_project(db, [("P", ["a", "b"])], overlap=1, users={"ann": "annotator", "bob": "annotator"}).close()
+    now = [1000.0]
+    with live_server(db, clock=lambda: now[0]) as base:
+        yield base, now
+
+
+def test_failed_logins_lock_the_account_until_the_window_passes(clocked):
+    base, now = clocked
+    for i in range(10):  # one failure from each of 10 addresses: only the account's count can lock
+        now[0] += 1  # failures at t = 1001 ... 1010
+        assert attempt_login(base, "ann", f"wrong {i}", f"127.0.1.{i}").status_code == 401
+    now[0] += 0.5
+    locked = attempt_login(base, "ann", PASSWORD, "127.0.2.1")  # the right password, a fresh address
+    assert locked.status_code == 429 and "rlhfkit_session" not in locked.cookies
+    assert locked.headers["retry-after"] == "51"  # the failure at 1001 leaves the window at 1061
+    assert "try again" in locked.text and len(locked.text) < 100
+    assert attempt_login(base, "bob", PASSWORD, "127.0.2.1").status_code == 303  # other names are not locked
+    now[0] += 50  # 1060.5: the 10 failures are all still in the window
+    assert attempt_login(base, "ann", PASSWORD, "127.0.2.1").headers["retry-after"] == "1"
+    now[0] += 1
+    assert attempt_login(base, "ann", PASSWORD, "127.0.2.1").status_code == 303
+
+
+def test_failed_logins_lock_the_address(project):
+    _, base = project
+    for name in [*(f"nobody{i}" for i in range(8)), "bob", "root"]:  # unknown and real names alike
+        assert attempt_login(base, name, "wrong password", "127.0.3.1").status_code == 401
+    locked = attempt_login(base, "ann", PASSWORD, "127.0.3.1")
+    assert locked.status_code == 429 and 1 <= int(locked.headers["retry-after"]) <= 60
+    assert attempt_login(base, "ann", PASSWORD, "127.0.3.2").status_code == 303  # another address may
+
+
+def test_a_login_clears_the_accounts_failures_not_the_addresses(project):
+    _, base = project
+    for _ in range(9):
+        assert attempt_login(base, "ann", "wrong password", "127.0.4.1").status_code == 401
+    assert attempt_login(base, "ann", PASSWORD, "127.0.4.1").status_code == 303
+    for _ in range(9):  # 18 failures for ann in all, but only 9 since her login
+        assert attempt_login(base, "ann", "wrong password", "127.0.4.2").status_code == 401
+    assert attempt_login(base, "ann", PASSWORD, "127.0.4.2").status_code == 303
+    # 127.0.4.1 kept its 9 failures: one more locks it
+    assert attempt_login(base, "nobody", "wrong password", "127.0.4.1").status_code == 401
+    assert attempt_login(base, "bob", PASSWORD, "127.0.4.1").status_code == 429
+
+
+def test_failed_and_refused_logins_are_logged_without_the_password(tmp_path: Path, caplog):
+    db = tmp_path / "fb.sqlite"
+    make_project(db, [("P", ["a", "b"])], overlap=1, users={"ann": "annotator"}).close()
+    with live_server(db, login_failures=2) as base, caplog.at_level(logging.INFO, logger="rlhfkit.feedback"):
+        for password in ("hunter2-first", "hunter2-second"):
+            assert attempt_login(base, "ann", password, "127.0.5.1").status_code == 401
+        assert attempt_login(base, "ann", PASSWORD, "127.0.5.1").status_code == 429
+    records = [r for r in caplog.records if r.name == "rlhfkit.feedback"]
+    messages = [r.getMessage() for r in records]
+    assert len(messages) == 3, messages
+    assert all("'ann'" in m and "127.0.5.1" in m for m in messages)
+    assert "throttled" in messages[2] and "throttled" not in messages[0]
+    logged = " ".join(messages + [repr(r.args) for r in records])
+    assert "hunter2" not in logged and PASSWORD not in logged
+
+
+def test_the_throttle_keeps_its_memory_bounded():
+    now = [0.0]
+    throttle = LoginThrottle(limit=3, window=60, max_keys=5, clock=lambda: now[0])
+    for i in range(20):
+        now[0] += 1
+        throttle.failed(f"name{i}", "10.0.0.1")
+    assert list(throttle._names) == [f"name{i}" for i in range(15, 20)]  # the 5 latest names
+    assert len(throttle._addresses["10.0.0.1"]) == 3  # no more times per key than the limit
+    now[0] = 76.5  # name15 failed at t = 16, name16 at 17: only name15 has left the window
+    throttle.failed("late", "10.0.0.2")
+    assert list(throttle._names) == [f"name{i}" for i in range(16, 20)] + ["late"]
+    now[0] = 200
+    throttle.failed("later", "10.0.0.3")
+    assert list(throttle._names) == ["later"] and list(throttle._addresses) == ["10.0.0.3"]
 
 
 # ------------------------------------------------------------------------------------------ concurrency

@@ -6,6 +6,12 @@ Security model:
   SameSite=Strict; the database keeps only its hash). Without one a page request is redirected to the
   login page and anything else gets 401; nothing else is revealed. Annotators see and submit only the
   items assigned to them; ``/admin`` pages need the admin role (403 otherwise).
+* Login throttling. After 10 failed logins within 60 s (``create_app`` arguments) for one user name, existing
+  or not, or from one client address, further attempts get 429 with ``Retry-After`` and their password is
+  not checked. A login clears its name's failures, not its address's. Failed and refused logins are logged
+  (logger ``rlhfkit.feedback``) with name and address. The counts live in memory and are per process:
+  several workers each count their own, and a restart forgets them. Behind a reverse proxy the address is
+  the one uvicorn takes from ``X-Forwarded-For`` (it trusts that header only from the local host).
 * CSRF. Every POST carries the session's CSRF token in a form field, compared in constant time; a POST
   whose ``Origin`` header names another host is refused too. SameSite=Strict already keeps the cookie off
   cross-site requests; the token also covers browsers and proxies that do not honour it. The login form,
@@ -20,10 +26,12 @@ display slot; the server maps slots back to stored positions.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,12 +47,13 @@ from rlhfkit.errors import RlhfkitError
 from rlhfkit.feedback import store
 from rlhfkit.feedback.agreement import agreement_report, dense_levels
 from rlhfkit.feedback.export import FORMATS, export_rows, to_jsonl
-from rlhfkit.feedback.security import new_token, same_secret
+from rlhfkit.feedback.security import LoginThrottle, new_token, same_secret
 from rlhfkit.feedback.templates import environment
 
 SESSION_COOKIE = "rlhfkit_session"
 LOGIN_COOKIE = "rlhfkit_login_csrf"
 LETTERS = "abcdefghij"
+log = logging.getLogger("rlhfkit.feedback")
 _SUBMISSION_ID = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 _STATIC_HEADERS = {
     "X-Content-Type-Options": "nosniff",
@@ -116,10 +125,23 @@ def parse_label(form: FormData, order: list[int]) -> tuple[str, list[int] | None
 
 
 def create_app(
-    db: str | Path, lease: float = store.DEFAULT_LEASE_SECONDS, secure_cookies: bool = False
+    db: str | Path,
+    lease: float = store.DEFAULT_LEASE_SECONDS,
+    secure_cookies: bool = False,
+    login_failures: int = 10,
+    login_window: float = 60.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> FastAPI:
-    """The app over an existing project database. ``secure_cookies`` marks cookies HTTPS-only (behind TLS)."""
+    """The app over an existing project database. ``secure_cookies`` marks cookies HTTPS-only (behind TLS);
+    ``login_failures`` failed logins within ``login_window`` seconds lock a name or address; ``clock`` is for
+    tests."""
+    if login_failures < 1 or login_window <= 0:
+        raise RlhfkitError(
+            f"login failures must be at least 1 and the window over 0 s, got {login_failures} "
+            f"in {login_window} s"
+        )
     store.open_db(db).close()  # fail now, with a clear message, if the file is not a project
+    throttle = LoginThrottle(login_failures, login_window, clock=clock)
     env = environment()
     app = FastAPI(title="rlhfkit feedback", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -216,6 +238,14 @@ def create_app(
         if not same_secret(str(form.get("csrf", "")), request.cookies.get(LOGIN_COOKIE)):
             raise Forbidden("the login form expired; reload the page and try again")
         name, password = str(form.get("name", "")), str(form.get("password", ""))
+        key = name[:64]  # no account name is longer; keeps an attacker's names from filling memory
+        address = request.client.host if request.client else "unknown"
+        wait = throttle.retry_after(key, address)
+        if wait:
+            # refused before the password is checked: a right one must not get through, nor cost scrypt time
+            log.warning("login refused (throttled) for user %r from %s", key, address)
+            message = f"Too many failed logins; try again in {wait} s."
+            return PlainTextResponse(message, status_code=429, headers={"Retry-After": str(wait)})
 
         def check() -> tuple[str, str] | None:
             with db_conn() as conn:
@@ -224,10 +254,13 @@ def create_app(
 
         session = await run_in_threadpool(check)
         if session is None:
+            throttle.failed(key, address)
+            log.warning("failed login for user %r from %s", key, address)  # %r: a name cannot forge log lines
             token = new_token()
             response = render("login.html", request, 401, login_csrf=token, error="Wrong name or password.")
             set_cookie(response, LOGIN_COOKIE, token, path="/login")
             return response
+        throttle.succeeded(key)
         response = RedirectResponse("/", status_code=303)
         set_cookie(response, SESSION_COOKIE, session[0], max_age=store.SESSION_SECONDS)
         response.delete_cookie(LOGIN_COOKIE, path="/login")

@@ -102,6 +102,10 @@ def serve(
     secure_cookies: Annotated[
         bool, typer.Option(help="HTTPS-only cookies (when served behind TLS).")
     ] = False,
+    login_failures: Annotated[
+        int, typer.Option(help="Failed logins per user name or address that lock it (429) for a while.")
+    ] = 10,
+    login_window: Annotated[float, typer.Option(help="Seconds over which failed logins count.")] = 60.0,
 ) -> None:
     """Serve the labelling app (log in with an account made by add-user)."""
     from rlhfkit.console import console as err
@@ -120,7 +124,10 @@ def serve(
             conn = open_db(db)
             set_meta(conn, "overlap", str(overlap))
             conn.close()
-        app = create_app(db, lease=lease_minutes * 60, secure_cookies=secure_cookies)
+        app = create_app(
+            db, lease=lease_minutes * 60, secure_cookies=secure_cookies, login_failures=login_failures,
+            login_window=login_window,
+        )  # fmt: skip
         err.print(f"[bold]feedback[/]: serving {db} on http://{host}:{port}/ (Ctrl-C stops)")
         uvicorn.run(app, host=host, port=port, log_level="warning")
 
