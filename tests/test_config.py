@@ -32,3 +32,21 @@ def test_scalar_for_a_list_setting_is_a_list_of_one_and_unknown_keys_fail():
     assert load_config(GRPOConfig, None, ["reward=runs/rm"]).reward == ["runs/rm"]
     with pytest.raises(ConfigError, match=r"unknown setting 'rl.ppo.epochs'"):
         load_config(PipelineConfig, None, ["rl.ppo.epochs=3"])
+
+
+def test_renamed_settings_still_work_with_a_deprecation_message(capsys: pytest.CaptureFixture[str]):
+    from rlhfkit.trainers.grpo import GRPOConfig
+
+    sft = load_config(SFTConfig, overrides=["data=demos.jsonl", "max_length=30", "eval_fraction=0"])
+    assert (sft.data.path, sft.data.max_length, sft.data.eval_fraction) == ("demos.jsonl", 30, 0.0)
+    assert sft.data.group_window == 16  # untouched settings of the section keep their defaults
+    err = capsys.readouterr().err
+    assert "setting 'max_length' is now 'data.max_length'" in err and "'data' is now 'data.path'" in err
+    grpo = load_config(GRPOConfig, overrides=["max_new_tokens=8", "temperature=0.5"])
+    assert (grpo.sampling.max_new_tokens, grpo.sampling.temperature) == (8, 0.5)
+    nested = load_config(PipelineConfig, overrides=["sft.max_length=40", "rl.ppo.top_p=0.9"])
+    assert nested.sft.data.max_length == 40 and nested.rl.ppo.sampling.top_p == 0.9
+    assert "'sft.max_length' is now 'sft.data.max_length'" in capsys.readouterr().err
+    # the new keys print nothing
+    new = load_config(SFTConfig, overrides=["data.path=demos.jsonl", "data.max_length=30"])
+    assert new.data.max_length == 30 and "deprecated" not in capsys.readouterr().err

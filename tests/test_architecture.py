@@ -1,0 +1,90 @@
+"""The layering of docs/ARCHITECTURE.md, checked on the source: no import circle, trainers are leaves, no
+module reaches for another module's private names, and every file stays readable in one sitting."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+PACKAGE = SRC / "rlhfkit"
+MAX_LINES = 500
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[str, list[str]]]:
+    """(imported rlhfkit module, names taken from it) for every import in the file, lazy ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rlhfkit"):
+            found.append((node.module, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names if a.name.startswith("rlhfkit")]
+    return found
+
+
+def graph() -> dict[str, set[str]]:
+    modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    edges: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        for target, names in imports(path):
+            # `from rlhfkit import losses` names a module; `from rlhfkit.x import f` names x
+            for sub in names:
+                if f"{target}.{sub}" in modules:
+                    edges[name].add(f"{target}.{sub}")
+            if target in modules and not all(f"{target}.{sub}" in modules for sub in names or ["?"]):
+                edges[name].add(target)
+    return edges
+
+
+def test_no_import_circle():
+    edges = graph()
+    assert "rlhfkit.models" in edges["rlhfkit.trainers.rm"]  # the graph sees ordinary imports
+    assert "rlhfkit.losses" in edges["rlhfkit.trainers.ppo"]  # and `from rlhfkit import losses`
+    # a package's __init__ re-exporting its own modules is not a circle through them
+    edges = {m: {t for t in ts if not m.startswith(f"{t}.")} for m, ts in edges.items()}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError("import circle: " + " -> ".join([*path[path.index(nxt) :], nxt]))
+            if nxt not in state:
+                visit(nxt)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(edges):
+        if node not in state:
+            visit(node)
+
+
+def test_trainers_import_no_other_trainer_but_the_shared_rl_base():
+    for path in (PACKAGE / "trainers").glob("*.py"):
+        me = module_name(path)
+        for target, _ in imports(path):
+            if target.startswith("rlhfkit.trainers.") and target != me:
+                assert target == "rlhfkit.trainers.rl", f"{me} imports {target}"
+
+
+def test_no_private_name_crosses_a_module():
+    for path in PACKAGE.rglob("*.py"):
+        for target, names in imports(path):
+            private = [n for n in names if n.startswith("_")]
+            assert not private, f"{module_name(path)} imports {private} from {target}"
+
+
+def test_every_source_file_is_under_the_line_limit():
+    long = {
+        str(p.relative_to(SRC)): n
+        for p in PACKAGE.rglob("*.py")
+        if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
+    assert not long, f"files over {MAX_LINES} lines: {long}"
