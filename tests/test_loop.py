@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from tests.test_sft import sft_config
 
 from rlhfkit.checkpoint import list_checkpoints, read_checkpoint
-from rlhfkit.errors import ConfigError, NonFiniteLossError
+from rlhfkit.errors import ConfigError, NonFiniteLossError, SaveError
 from rlhfkit.trainers.sft import SFTTrainer, prepare_sft, run_sft
 
 STEPS = ["train.max_steps=8", "train.lr=3e-3", "train.warmup_steps=2", "train.batch_size=4"]
@@ -149,8 +149,8 @@ def test_crash_during_checkpoint_write_leaves_previous_checkpoint(
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "save_file", broken)
-    with pytest.raises(OSError, match="disk full"):
-        checkpoint.write_checkpoint(root, 2, weights, {"step": 2}, keep=2)
+    with pytest.raises(SaveError, match=r"^disk full while writing checkpoint .*step-00000002$"):
+        checkpoint.write_checkpoint(root, 2, weights, {"step": 2}, keep=2)  # one line, no traceback
     assert [s for s, _ in checkpoint.list_checkpoints(root)] == [1]
     tensors, state = checkpoint.read_checkpoint(root / "step-00000001")
     assert (

@@ -13,7 +13,6 @@ TRL side). The driver, `bench/side_by_side.py`, runs this in a fresh process per
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import tempfile
 import time
@@ -194,7 +193,12 @@ def build_grpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
         "output": out,
         "prompts_per_step": S.batch_size,
         "num_generations": S.num_generations,
-        "sampling": {"max_new_tokens": S.completion_length, "temperature": S.grpo_temperature},
+        # every answer runs to completion_length tokens, as TRL's side does (min_new_tokens)
+        "sampling": {
+            "max_new_tokens": S.completion_length,
+            "temperature": S.grpo_temperature,
+            "stop_at_eos": False,
+        },
         "beta": S.grpo_beta,
         "loss_type": "dapo",
         "sample_every": 0,
@@ -202,7 +206,6 @@ def build_grpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
     }
     cfg = load_config(GRPOConfig, base=base)
     trainer = GRPOTrainer(cfg, load_prompts(path), function_scorer(length_reward))
-    trainer.sampling = dataclasses.replace(trainer.sampling, stop_at_eos=False)
     tap(trainer, "sample", count_rollout(rec, S.num_generations, {}))
     return trainer
 
@@ -224,7 +227,11 @@ def build_ppo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
         "rollout_batch": S.ppo_rollouts,
         "ppo_epochs": S.ppo_epochs,
         "minibatches": 1,
-        "sampling": {"max_new_tokens": S.completion_length, "temperature": S.ppo_temperature},
+        "sampling": {
+            "max_new_tokens": S.completion_length,
+            "temperature": S.ppo_temperature,
+            "stop_at_eos": False,
+        },
         "kl_coef": S.ppo_kl_coef,
         "no_eos_score": None,
         "sample_every": 0,
@@ -241,7 +248,6 @@ def build_ppo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
         ).float()
 
     trainer = PPOTrainer(cfg, load_prompts(path), score)
-    trainer.sampling = dataclasses.replace(trainer.sampling, stop_at_eos=False)
     tap(trainer, "sample", count_rollout(rec, 1, {"epochs": S.ppo_epochs}))
     return trainer
 

@@ -22,7 +22,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhfkit.fileio import fsync_dir, fsync_tree
+from rlhfkit.errors import SaveError
+from rlhfkit.fileio import fsync_dir, fsync_tree, io_error_message
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -93,6 +94,11 @@ def write_checkpoint(
             shutil.rmtree(final)
         tmp.rename(final)
         fsync_dir(root)
+    except Exception as exc:
+        reason = io_error_message(exc)
+        if reason is None:
+            raise
+        raise SaveError(f"{reason} while writing checkpoint {final}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for _, old in list_checkpoints(root)[: -max(keep, 1)]:

@@ -28,6 +28,14 @@ app = typer.Typer(
 )
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file with settings.")]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume-with-changes",
+        help="Resume a stopped run in --output although its learning rate, schedule, step count or guard "
+        "settings changed (recorded in config_history.jsonl); other changes are still refused.",
+    ),
+]
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Override a setting: --set train.lr=1e-5 (repeatable).")
 ]
@@ -37,6 +45,17 @@ SetOpt = Annotated[
 def _root() -> None:
     """rlhfkit: RLHF end to end (run a command with --help for its options)."""
     keep_freed_memory()
+
+
+def _claim_changes(cfg: Any, resume_with_changes: bool) -> None:
+    """With --resume-with-changes, the changed config takes over its stopped run (config.accept_changes)."""
+    if not resume_with_changes:
+        return
+    from rlhfkit.config import accept_changes
+    from rlhfkit.training import RESUMABLE
+
+    for change in accept_changes(cfg, Path(cfg.output), RESUMABLE):
+        err.print(f"resuming with a changed setting: {change}")
 
 
 def _overrides(sets: list[str] | None, **explicit: Any) -> list[str]:
@@ -54,6 +73,7 @@ def sft(
     output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    resume_with_changes: ResumeOpt = False,
 ) -> None:
     """Step A: supervised fine-tuning on demonstrations."""
     from rlhfkit.config import load_config
@@ -63,6 +83,7 @@ def sft(
         cfg = load_config(
             SFTConfig, config, _overrides(set_, model=model, output=output, **{"data.path": data})
         )
+        _claim_changes(cfg, resume_with_changes)
         metrics = run_sft(cfg)
         if metrics:
             err.print(
@@ -80,6 +101,7 @@ def rm(
     output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    resume_with_changes: ResumeOpt = False,
 ) -> None:
     """Step B: train a reward model on preference pairs and rankings."""
     from rlhfkit.config import load_config
@@ -89,6 +111,7 @@ def rm(
         cfg = load_config(
             RMConfig, config, _overrides(set_, model=model, output=output, **{"data.path": data})
         )
+        _claim_changes(cfg, resume_with_changes)
         metrics = run_rm(cfg)
         if metrics:
             err.print(
@@ -106,6 +129,7 @@ def dpo(
     output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
+    resume_with_changes: ResumeOpt = False,
 ) -> None:
     """Step C offline: DPO / IPO / conservative DPO on preference pairs, no reward model."""
     from rlhfkit.config import load_config
@@ -115,6 +139,7 @@ def dpo(
         cfg = load_config(
             DPOConfig, config, _overrides(set_, policy=policy, output=output, **{"data.path": data})
         )
+        _claim_changes(cfg, resume_with_changes)
         metrics = run_dpo(cfg)
         summary = f"eval loss {metrics['loss']:.4f}, accuracy {metrics['accuracy']:.3f}; " if metrics else ""
         err.print(f"[bold]dpo[/]: {summary}policy saved to {cfg.output}")
@@ -127,13 +152,17 @@ def score(
     reward: Annotated[str, typer.Option(help="Reward model directory (from `rlhfkit rm`).")],
     data: Annotated[str, typer.Option(help="prompt/completion, messages, pair or ranking records.")],
     output: Annotated[str | None, typer.Option(help="JSONL file to write (default: stdout).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.")] = 16,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward pass.", min=1)] = 16,
+    max_length: Annotated[
+        int | None,
+        typer.Option(help="Longest prompt + answer in tokens (default: the model's context).", min=2),
+    ] = None,
 ) -> None:
     """Add normalised rewards to records: `reward`, or `reward_chosen` and `reward_rejected`, or `rewards`."""
     from rlhfkit.rewards import score_file
 
     def go() -> None:
-        n = score_file(reward, data, output, batch_size)
+        n = score_file(reward, data, output, batch_size, max_length)
         if output is not None:
             err.print(f"[bold]score[/]: {n} records written to {output}")
 
@@ -183,6 +212,7 @@ def _rl_command(name: str, module: str, config_class: str, runner: str, doc: str
         output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
         config: ConfigOpt = None,
         set_: SetOpt = None,
+        resume_with_changes: ResumeOpt = False,
     ) -> None:
         import importlib
 
@@ -195,6 +225,7 @@ def _rl_command(name: str, module: str, config_class: str, runner: str, doc: str
             cfg = load_config(
                 getattr(trainer, config_class), config, _overrides(set_, output=output, **named)
             )
+            _claim_changes(cfg, resume_with_changes)
             getattr(trainer, runner)(cfg)
             err.print(f"[bold]{name}[/]: policy saved to {cfg.output}")
 

@@ -7,9 +7,12 @@ the key, so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,6 +21,37 @@ import yaml
 from rlhfkit.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def setting(default: Any, *, gt: float | None = None, ge: float | None = None,
+            lt: float | None = None, le: float | None = None) -> Any:  # fmt: skip
+    """A dataclass field with a numeric range, checked where the config is parsed (`from_dict`):
+    `lr: float = setting(2e-5, gt=0)`. None (for optional settings) is always allowed."""
+    return dataclasses.field(default=default, metadata={"range": (gt, ge, lt, le)})
+
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check every ranged setting of a config built in Python (`from_dict` checks what it parses)."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if "range" in f.metadata:
+            _check_range(value, f.metadata["range"], f"{prefix}{f.name}")
+        if isinstance(value, float) and not math.isfinite(value) and f.default is not value:
+            raise ConfigError(f"{prefix}{f.name}: expected a finite number, got {value!r}")
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            validate(value, f"{prefix}{f.name}.")
+
+
+def _check_range(value: Any, bounds: tuple[float | None, ...], key: str) -> None:
+    if value is None:
+        return
+    gt, ge, lt, le = bounds
+    tests = [(gt, lambda v, b: v > b, ">"), (ge, lambda v, b: v >= b, ">="),
+             (lt, lambda v, b: v < b, "<"), (le, lambda v, b: v <= b, "<=")]  # fmt: skip
+    failed = [f"{op} {bound:g}" for bound, ok, op in tests if bound is not None and not ok(value, bound)]
+    if failed:
+        wanted = " and ".join(f"{op} {bound:g}" for bound, _, op in tests if bound is not None)
+        raise ConfigError(f"{key}: must be {wanted}, got {value!r}")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -70,14 +104,17 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML reads "1e-5" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -133,6 +170,8 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             # a section's own defaults (e.g. SFT's learning rate in its `train` section) stay unless set
             value = _merge(to_dict(default()), value)
         kwargs[key] = _coerce(value, hints[key], f"{prefix}{key}")
+        if "range" in fields[key].metadata:
+            _check_range(kwargs[key], fields[key].metadata["range"], f"{prefix}{key}")
     return cls(**kwargs)
 
 
@@ -217,11 +256,63 @@ def claim_run_dir(cfg: Any, out: Path, write: bool = True) -> None:
         if diff:
             raise ConfigError(
                 f"{out} holds a run with a different configuration ({'; '.join(diff[:3])}); "
-                "use another --output or delete that directory"
+                "use another --output or delete that directory (after a stop, --resume-with-changes takes a "
+                "changed learning rate, schedule or step count)"
             )
     elif write:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, saved)
+
+
+def accept_changes(cfg: Any, out: Path, safe: Sequence[str]) -> list[str]:
+    """`--resume-with-changes`: let `cfg` take over the run in `out` when it differs from the saved config
+    only in `safe` settings (dotted keys; a key ending in "." stands for its whole section). config.yaml is
+    rewritten and the change appended to config_history.jsonl; returns the changes (empty: none). Any
+    other difference is refused, naming the key."""
+    import json
+    import time
+
+    from rlhfkit.fileio import write_atomic
+
+    saved = out / "config.yaml"
+    if not saved.is_file():
+        return []
+    old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+    changes = _changed_keys(old, to_dict(cfg))
+    unsafe = [
+        c for c in changes if not any(c[0] == k or (k.endswith(".") and c[0].startswith(k)) for k in safe)
+    ]
+    if unsafe:
+        key, a, b = unsafe[0]
+        allowed = ", ".join(k.rstrip(".") + ("*" if k.endswith(".") else "") for k in safe)
+        raise ConfigError(
+            f"{out}: cannot resume with {key} changed ({a!r} -> {b!r}); only these settings may change on a "
+            f"resume: {allowed}. Use another --output for a different run"
+        )
+    if changes:
+        described = [f"{k}: {a!r} -> {b!r}" for k, a, b in changes]
+        record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "changes": described}
+        with open(out / "config_history.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        write_atomic(saved, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        return described
+    return []
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((f"{prefix}{key}", a, b))
+    return out
+
+
+def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Human-readable differences between two config dicts (for refusing to resume a different run)."""
+    return [f"{key}: {a!r} -> {b!r}" for key, a, b in _changed_keys(old, new, prefix)]
 
 
 def import_spec(spec: str, setting: str) -> Any:
@@ -235,15 +326,3 @@ def import_spec(spec: str, setting: str) -> Any:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"{setting} {spec!r}: {exc}") from None
-
-
-def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable differences between two config dicts (for refusing to resume a different run)."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_diff(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return out

@@ -8,6 +8,7 @@ score` without `--output`). Progress bars show only on a terminal; in logs and C
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -40,8 +41,13 @@ def progress(enabled: bool = True) -> Progress:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """Silence transformers' load reports and progress bars (we report what matters ourselves)."""
+    """Silence transformers' load reports, warnings and progress bars (we report what matters ourselves);
+    `RLHFKIT_VERBOSE=1` keeps them."""
     from transformers.utils import logging
+
+    if os.environ.get("RLHFKIT_VERBOSE"):
+        yield
+        return
 
     verbosity = logging.get_verbosity()
     bars = logging.is_progress_bar_enabled()

@@ -41,6 +41,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
 
+from rlhfkit.config import setting
 from rlhfkit.datafiles import Row, read_rows, type_name
 from rlhfkit.errors import ConfigError, DataError
 
@@ -115,14 +116,14 @@ class DataSettings:
     """Training data (.jsonl/.json/.parquet/.csv or a datasets directory); `bundled:NAME` = shipped data."""
     eval_path: str | None = None
     """Held-out data; if unset, `eval_fraction` of `path` is held out."""
-    eval_fraction: float = 0.05
+    eval_fraction: float = setting(0.05, ge=0, lt=1)
     """Fraction of the records of `path` held out for evaluation when `eval_path` is unset."""
-    max_length: int = 512
+    max_length: int = setting(512, ge=2)
     """Longest prompt + answer in tokens."""
     truncation: bool = False
     """Cut over-long answers instead of stopping with an error naming the record (records left with
     nothing to learn from are dropped)."""
-    group_window: int = 16
+    group_window: int = setting(16, ge=1)
     """Length grouping: sort examples within windows of this many batches (1 disables grouping)."""
 
     def split(self, load: Callable[[Path], list[T]], seed: int, what: str) -> tuple[list[T], list[T]]:
@@ -164,6 +165,18 @@ def _require(row: Row, key: str, src: Source) -> Any:
 def _text(value: str, field: str, src: Source) -> str:
     if not value.strip():
         _fail(src, field, "is empty")
+    return _unicode(value, field, src)
+
+
+def _unicode(value: str, field: str, src: Source) -> str:
+    """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800" from a JSON escape):
+    tokenizers cannot encode it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        _fail(
+            src, field, f"is not valid Unicode: {exc.reason} ({value[exc.start]!r} at character {exc.start})"
+        )
     return value
 
 
@@ -192,7 +205,7 @@ def _require_string(message: Row, key: str, where: str, src: Source) -> str:
     value = message[key]
     if not isinstance(value, str):
         _fail(src, f"{where}.{key}", f"must be a string, got {type_name(value)}")
-    return value
+    return _unicode(value, f"{where}.{key}", src)
 
 
 def _prompt(row: Row, src: Source) -> Prompt:

@@ -36,6 +36,52 @@ def _ids(encoded: Any) -> list[int]:
     return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)
 
 
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters one token can stand for: the longest token string of the vocabulary, special
+    tokens included (a byte-level token string has at least one character per byte it decodes to). Cached
+    on the tokenizer."""
+    cached = getattr(tokenizer, "_rlhfkit_max_token_chars", None)
+    if cached is None:
+        cached = max((len(token) for token in tokenizer.get_vocab()), default=1)
+        tokenizer._rlhfkit_max_token_chars = cached
+    return cached
+
+
+def text_chars(value: Any) -> int:
+    """Characters of a prompt or answer: the string, or the contents of its messages."""
+    if isinstance(value, list):
+        return sum(len(m.get("content") or "") for m in value)
+    return len(value)
+
+
+def char_limit(tokenizer: Any, max_tokens: int) -> int:
+    """A text longer than this many characters cannot fit in `max_tokens` tokens, whatever it says: the
+    cheap check before tokenising (a 10 MB string is refused in microseconds, not after gigabytes). Eight
+    tokens of slack cover merges at the edges of a chat template."""
+    return (max_tokens + 8) * max_token_chars(tokenizer)
+
+
+def _cut(value: Any, limit: int) -> Any:
+    """A text (or each message's content) cut to `limit` characters, for truncation before tokenising."""
+    if isinstance(value, list):
+        return [{**m, "content": m["content"][:limit]} for m in value]
+    return value[:limit]
+
+
+def checked_prompt_ids(tokenizer: Any, rec: Any, max_tokens: int, setting: str) -> list[int]:
+    """`prompt_ids` of a record's prompt, refused (DataError naming file:line) when it is longer than
+    `max_tokens`, checked on characters before tokenising and then on tokens; `setting` names the limit."""
+    chars = text_chars(rec.prompt)
+    if chars > char_limit(tokenizer, max_tokens):
+        message = f"is {chars} characters long, far more than {setting}={max_tokens} tokens hold"
+        raise DataError(rec.source.path, rec.source.line, "prompt", message)
+    ids = prompt_ids(tokenizer, rec.prompt)
+    if len(ids) > max_tokens:
+        message = f"is {len(ids)} tokens, more than {setting}={max_tokens}"
+        raise DataError(rec.source.path, rec.source.line, "prompt", message)
+    return ids
+
+
 def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
     """Token ids of a prompt, ready for the model to continue with an answer."""
     if is_conversational(prompt):
@@ -93,7 +139,20 @@ def encode_pair(
     """Encode prompt + answer, enforcing `max_length`.
 
     Too long with truncation off: a DataError naming the record. With truncation on: the answer is cut
-    from the right (it then has no EOS); None when not even one answer token fits."""
+    from the right (it then has no EOS); None when not even one answer token fits. Lengths are checked
+    on characters first (`char_limit`), so a huge text is refused or cut before it is tokenised."""
+    limit = char_limit(tokenizer, max_length)
+    chars = text_chars(prompt) + text_chars(answer)
+    if chars > limit:
+        if not truncation:
+            raise DataError(
+                path, line, field,
+                f"is {chars} characters long with its prompt, far more than max_length={max_length} tokens "
+                "hold (raise max_length or set truncation: true)",
+            )  # fmt: skip
+        if text_chars(prompt) > limit:
+            return None  # the prompt alone does not fit
+        answer = _cut(answer, limit)  # the cut lies beyond every token that can be kept
     p_ids, a_ids = prompt_answer_ids(tokenizer, prompt, answer)
     total = len(p_ids) + len(a_ids)
     if total > max_length:

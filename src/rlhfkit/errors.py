@@ -28,3 +28,15 @@ class ConfigError(RlhfkitError):
 
 class NonFiniteLossError(RlhfkitError):
     """Training produced a NaN/inf loss; the run stops and the last good checkpoint is kept."""
+
+
+class DivergenceError(RlhfkitError):
+    """The divergence guard stopped a run (loss spike, dead gradients); the good checkpoints are kept."""
+
+
+class NonFiniteRewardError(RlhfkitError):
+    """A reward component returned NaN or inf; the message names the component and the rows."""
+
+
+class SaveError(RlhfkitError):
+    """Writing a checkpoint or a model failed (disk full, no permission): one line naming the path."""

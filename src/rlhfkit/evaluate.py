@@ -47,10 +47,11 @@ from typing import Any
 
 import torch
 
+from rlhfkit.config import setting, validate
 from rlhfkit.console import console
 from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
-from rlhfkit.encoding import chat_prompt_text, prompt_ids
-from rlhfkit.errors import ConfigError, RlhfkitError
+from rlhfkit.encoding import chat_prompt_text
+from rlhfkit.errors import RlhfkitError
 from rlhfkit.fileio import write_atomic
 from rlhfkit.judge import load_gold
 from rlhfkit.losses import kl_estimate
@@ -82,15 +83,15 @@ class EvalConfig:
     """Gold preference: `module:function` of (prompt, answer) -> float; None: `rlhfkit.judge.gold_score`."""
     output: str = "runs/eval"
     """Output directory for eval.json and answers.jsonl."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = setting(64, ge=1)
     """Longest answer, in tokens (use the RL stage's value, so answers are cut where training cut them)."""
-    batch_size: int = 16
+    batch_size: int = setting(16, ge=1)
     """Prompts per generation batch (and sequences per reward-model pass)."""
-    kl_samples: int = 1
+    kl_samples: int = setting(1, ge=1)
     """Answers sampled from the policy per prompt (temperature 1) to estimate the KL."""
-    seed: int = 0
+    seed: int = setting(0, ge=0)
     """Seed of the sampling generator (the greedy answers do not depend on it)."""
-    limit: int | None = None
+    limit: int | None = setting(None, ge=1)
     """Evaluate only the first N prompts (quick checks)."""
     trust_remote_code: bool = False
     """Allow custom model code from the model directories."""
@@ -232,19 +233,11 @@ def reward_model_scores(
     return [flat[i * (2 + k) : (i + 1) * (2 + k)] for i in range(len(records))]
 
 
-def _check_config(cfg: EvalConfig) -> None:
-    for name in ("max_new_tokens", "batch_size", "kl_samples"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.limit is not None and cfg.limit < 1:
-        raise ConfigError(f"limit must be at least 1 (or null for all prompts), got {cfg.limit}")
-
-
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     """Evaluate `cfg.policy` against `cfg.reference`; writes eval.json and answers.jsonl, returns eval.json.
 
     Prompts, gold function and models are all checked before anything is generated or written."""
-    _check_config(cfg)
+    validate(cfg)
     records = load_prompts(resolve_data_path(cfg.prompts))[: cfg.limit]
     gold_fn = load_gold(cfg.gold)
     t_start = time.perf_counter()
@@ -257,13 +250,13 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
         )
     policy.requires_grad_(False).eval()
     reference.requires_grad_(False).eval()
-    ids = [prompt_ids(tokenizer, r.prompt) for r in records]
     texts = [chat_prompt_text(r.prompt) for r in records]
     n, k = len(records), cfg.kl_samples
 
     greedy = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=0.0)
     ref_engine = RolloutEngine(reference, ref_tokenizer)
     engine = RolloutEngine(policy, tokenizer)
+    ids = engine.encode_prompts(records, cfg.max_new_tokens)
     ref = generate_answers(ref_engine, ids, greedy, cfg.batch_size, "reference (greedy)")
     del ref_engine  # its fused weight copies (Llama fast path) are not needed any more
     pol = generate_answers(engine, ids, greedy, cfg.batch_size, "policy (greedy)")

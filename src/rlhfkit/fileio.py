@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,6 +28,24 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)
+
+
+def io_error_message(exc: BaseException) -> str | None:
+    """ "disk full" or the system's words for an I/O error (OSError, or safetensors' own error that wraps
+    one); None for anything else, which is a bug to show with its traceback."""
+    text = str(exc)
+    if isinstance(exc, OSError):
+        if exc.errno == errno.ENOSPC:
+            return "disk full"
+        return exc.strerror or text or type(exc).__name__
+    found = _OS_ERROR.search(text)
+    if type(exc).__name__ == "SafetensorError" and found:
+        return "disk full" if int(found.group(2)) == errno.ENOSPC else found.group(1)
+    return None
+
+
+# how safetensors (Rust) words an OS error: "Error while serializing: I/O error: File too large (os error 27)"
+_OS_ERROR = re.compile(r"(?:I/O error: )?([^:()]+?) \(os error (\d+)\)")
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

@@ -22,155 +22,31 @@ import contextlib
 import json
 import math
 import os
-import random
+import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 
-from rlhfkit.checkpoint import clean_partial, latest_checkpoint, read_checkpoint, write_checkpoint
-from rlhfkit.config import claim_run_dir
+from rlhfkit.checkpoint import (
+    clean_partial,
+    latest_checkpoint,
+    list_checkpoints,
+    read_checkpoint,
+    write_checkpoint,
+)
+from rlhfkit.config import claim_run_dir, validate
 from rlhfkit.console import console, progress
-from rlhfkit.errors import ConfigError, NonFiniteLossError
+from rlhfkit.errors import ConfigError, DivergenceError, NonFiniteLossError, SaveError
+from rlhfkit.fileio import io_error_message
 from rlhfkit.runtime import keep_freed_memory
+from rlhfkit.training import TrainConfig, lr_lambda, rng_state, set_rng_state, set_seed, step_optimizer
 
 Batch = dict[str, Any]
 LossFn = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
-
-
-@dataclass
-class TrainConfig:
-    """Settings of the shared training loop."""
-
-    seed: int = 0
-    """Seed of every random number generator (data order, sampling, head initialisation)."""
-    lr: float = 2e-5
-    """Peak learning rate of AdamW."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    """AdamW betas."""
-    adam_eps: float = 1e-8
-    """AdamW epsilon."""
-    scheduler: Literal["constant", "linear", "cosine"] = "cosine"
-    """Learning-rate decay after warm-up (to 0 for linear and cosine)."""
-    warmup_steps: int = 0
-    """Optimizer steps of linear warm-up from 0 to `lr`."""
-    epochs: float = 1.0
-    """Passes over the training data (for trainers that have an epoch)."""
-    max_steps: int = 0
-    """Stop after this many optimizer steps (0: derived from `epochs`)."""
-    batch_size: int = 8
-    """Global batch: examples per optimizer step, over all accumulation steps and processes."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step in each process (batch_size / (grad_accum * processes) each)."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient norm to this value (0 disables clipping)."""
-    eval_every: int = 0
-    """Evaluate every N optimizer steps (0: only at the end)."""
-    save_every: int = 50
-    """Write a checkpoint every N steps (0: never mid-run); a restarted run resumes from the newest."""
-    keep_checkpoints: int = 2
-    """How many checkpoints to keep."""
-    log_every: int = 1
-    """Write train metrics every N steps."""
-    threads: int = 0
-    """CPU threads per process (0: all cores shared between the local processes)."""
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global RNG state, in a checkpointable form."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "torch": torch.get_rng_state(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-
-
-def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
-    """Multiplier of the peak learning rate at optimizer step `step` (linear warm-up, then decay)."""
-
-    def fn(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        if cfg.scheduler == "constant":
-            return 1.0
-        done = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        done = min(max(done, 0.0), 1.0)
-        if cfg.scheduler == "linear":
-            return 1.0 - done
-        return 0.5 * (1.0 + math.cos(math.pi * done))
-
-    return fn
-
-
-def epoch_order(lengths: list[int], batch_size: int, window: int, seed: int, epoch: int) -> list[int]:
-    """A shuffled order of example indices for one epoch, grouped by length when window > 1: each window
-    of `window * batch_size` shuffled examples is sorted by length and cut into batches, and the batches
-    are shuffled, so a batch holds examples of similar length (little compute spent on padding)."""
-    rng = random.Random(f"{seed}-{epoch}")
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    if window <= 1:
-        return order
-    span = window * batch_size
-    batches = []
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start : start + span], key=lambda i: lengths[i])
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    rng.shuffle(batches)
-    return [i for batch in batches for i in batch]
-
-
-def step_optimizer(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
-    """`optimizer.step()`, then bump the version counter of every parameter.
-
-    Fused optimizers write parameters without bumping their version counters; the rollout engine keys its
-    derived weights (fused QKV, norm-folded projections) on `(data_ptr, _version)`, so without the bump it
-    would keep sampling from the weights of before the step."""
-    optimizer.step()
-    torch._C._autograd._unsafe_set_version_counter(tuple(params), tuple(p._version + 1 for p in params))
-
-
-class EpochStream:
-    """The endless stream of shuffled epochs over a dataset; batch `step` holds stream positions
-    [step * B, (step + 1) * B). A pure function of the step, so a resumed run sees exactly the data an
-    uninterrupted run would have seen, with no replay; no example is dropped at an epoch's end."""
-
-    def __init__(self, lengths: list[int], batch_size: int, seed: int, window: int = 1) -> None:
-        self.lengths, self.batch_size, self.seed, self.window = lengths, batch_size, seed, window
-        self._orders: dict[int, list[int]] = {}
-
-    def _order(self, epoch: int) -> list[int]:
-        if epoch not in self._orders:
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}  # at most two cached
-            self._orders[epoch] = epoch_order(self.lengths, self.batch_size, self.window, self.seed, epoch)
-        return self._orders[epoch]
-
-    def batch(self, step: int) -> list[int]:
-        n = len(self.lengths)
-        positions = range(step * self.batch_size, (step + 1) * self.batch_size)
-        return [self._order(pos // n)[pos % n] for pos in positions]
 
 
 class _Forward(torch.nn.Module):
@@ -189,10 +65,18 @@ class TrainLoop:
     """Base class of every trainer; see the module docstring."""
 
     name = "train"
+    positive_loss = True
+    """The loss is positive by nature (cross-entropy, Bradley-Terry, DPO): the guard watches it for spikes."""
+    uniform_loss: float | None = None
+    """The loss of a model that predicts the uniform distribution (SFT: ln V), if there is one."""
+    watch_zero_gradients: bool = True
+    """A gradient norm of exactly 0 means a dead model (off for RL: a batch whose groups all got equal
+    rewards, at the reference, legitimately has no gradient)."""
 
     def __init__(self, cfg: TrainConfig, model: Any, output_dir: str | Path, run_config: Any) -> None:
         from accelerate import Accelerator
 
+        validate(run_config)  # a config built in Python gets the checks a parsed one had
         keep_freed_memory()  # no page faults on the buffers every step re-allocates (rlhfkit.runtime)
         self.cfg = cfg
         self.model = model
@@ -223,6 +107,8 @@ class TrainLoop:
         self.callbacks: list[Callable[[TrainLoop, dict[str, float]], None]] = []
         """Called after every step (after its checkpoint is written) with the step's metrics."""
         self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self._recent_losses: list[float] = []  # the guard's running window
+        self._zero_grad_since: int | None = None  # first step of the current run of zero gradient norms
 
     # ---- hooks for trainers ------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -325,6 +211,7 @@ class TrainLoop:
                 f"{self.step + 1} (loss={loss_value}, grad_norm={grad_norm}); the update was not applied "
                 f"and {where}; lower train.lr or check the data"
             )
+        self.check_divergence(loss_value, grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
         step_optimizer(self.optimizer, self.params)
         self.scheduler.step()
@@ -333,6 +220,57 @@ class TrainLoop:
         for key, value in sums.items():
             metrics[key] = self._reduce(value) / max(n_global, 1.0)
         return metrics
+
+    def check_divergence(self, loss: float, grad_norm: float) -> None:
+        """The divergence guard (`train.guard`), before the update of step `self.step + 1` is applied.
+
+        Its loss comes from the weights after step `self.step`: when it spikes, those weights (and any
+        checkpoint of them) are the diverged ones. A run of zero gradient norms that started at step s
+        condemns the weights after step s - 1."""
+        guard = self.cfg.guard
+        if not guard.enabled:
+            return
+        step = self.step + 1
+        problem, first_bad = None, None
+        if self.positive_loss and self._recent_losses:
+            median = statistics.median(self._recent_losses)
+            if loss > guard.spike_factor * max(median, 1.0):
+                problem = (f"loss {loss:.4g} at step {step} is {loss / max(median, 1e-12):.3g}x the median "
+                           f"{median:.4g} of the steps before it")  # fmt: skip
+                first_bad = step - 1
+        if problem is None and self.watch_zero_gradients:
+            self._zero_grad_since = (self._zero_grad_since or step) if grad_norm == 0.0 else None
+            since = self._zero_grad_since
+            uniform = (
+                self.uniform_loss is not None and abs(loss - self.uniform_loss) < 1e-3 * self.uniform_loss
+            )
+            if since is not None and (step - since + 1 >= guard.zero_grad_steps or uniform):
+                what = "the model predicts the uniform distribution and " if uniform else ""
+                problem = f"{what}the gradient norm has been 0 since step {since} (loss {loss:.4g})"
+                first_bad = since - 1
+        if problem is None:
+            self._recent_losses = [*self._recent_losses, loss][-guard.window :]
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        kept = self.set_aside_checkpoints(first_bad) if self.is_main else None
+        if kept is not None:
+            where = (f"the last good checkpoint is {kept}; resume from it with a lower learning rate: the "
+                     "same command with --resume-with-changes --set train.lr=...")  # fmt: skip
+        else:
+            where = "no good checkpoint was written; start again in a new --output with a lower train.lr"
+        raise DivergenceError(
+            f"training diverged: {problem}; the update was not applied and {where} "
+            "(train.guard.enabled=false turns this check off)"
+        )
+
+    def set_aside_checkpoints(self, first_bad: int) -> Path | None:
+        """Rename checkpoints of step >= first_bad to `diverged-step-...` (kept for inspection, never resumed
+        from); returns the newest remaining one."""
+        root = self.output_dir / "checkpoints"
+        for step, path in list_checkpoints(root):
+            if step >= first_bad:
+                path.rename(path.with_name(f"diverged-{path.name}"))
+        return latest_checkpoint(root)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -364,6 +302,15 @@ class TrainLoop:
                 params[name].copy_(tensor)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        # the learning rate and schedule come from this run's config (`--resume-with-changes` may have
+        # changed them): the same product base_lr x lambda(step) LambdaLR computes, so an unchanged run
+        # resumes bit for bit
+        self.scheduler.base_lrs = [self.cfg.lr for _ in self.optimizer.param_groups]
+        for group, base, fn in zip(
+            self.optimizer.param_groups, self.scheduler.base_lrs, self.scheduler.lr_lambdas, strict=True
+        ):
+            group["initial_lr"] = base
+            group["lr"] = base * fn(self.scheduler.last_epoch)
         set_rng_state(state["rng"])
         self.load_extra_state(state["extra"])
         self.step = int(state["step"])
@@ -402,6 +349,25 @@ class TrainLoop:
         return not (state.is_file() and json.loads(state.read_text(encoding="utf-8")).get("finished"))
 
     def run(self) -> dict[str, float]:
+        """Train to the end (or resume and finish); I/O errors on the output directory (disk full, no
+        permission) become one line naming the file and the last good checkpoint."""
+        try:
+            return self._run()
+        except SaveError as exc:
+            raise SaveError(f"{exc}; {self._last_good()}") from None
+        except OSError as exc:
+            raise SaveError(f"{io_error_message(exc)} while writing {exc.filename or self.output_dir}; "
+                            f"{self._last_good()}") from None  # fmt: skip
+
+    def _last_good(self) -> str:
+        kept = latest_checkpoint(self.output_dir / "checkpoints")
+        if kept is None:
+            return "no checkpoint was written yet; the same command starts again once the problem is fixed"
+        return (
+            f"the last good checkpoint is {kept}; the same command resumes from it once the problem is fixed"
+        )
+
+    def _run(self) -> dict[str, float]:
         if not self.prepare_output():
             console.print(f"[bold]{self.name}[/]: {self.output_dir} already finished; nothing to do")
             return {}

@@ -37,9 +37,10 @@ from typing import Any
 
 import torch
 
+from rlhfkit.config import setting
 from rlhfkit.console import console, quiet_transformers
-from rlhfkit.errors import RlhfkitError
-from rlhfkit.fileio import file_lock, fsync_dir, fsync_tree, sha256_file
+from rlhfkit.errors import RlhfkitError, SaveError
+from rlhfkit.fileio import file_lock, fsync_dir, fsync_tree, io_error_message, sha256_file
 
 # A pad token distinct from EOS: with pad == EOS the model is never trained to stop (the EOS labels get
 # masked as padding) and the reward is read at the wrong token. We reuse a special token the vocabulary
@@ -91,11 +92,11 @@ class LoraSettings:
 
     enabled: bool = False
     """Train low-rank adapters instead of all weights."""
-    r: int = 16
+    r: int = setting(16, ge=1)
     """Adapter rank."""
-    alpha: int = 32
+    alpha: int = setting(32, gt=0)
     """Scaling numerator: the adapter output is scaled by alpha / r."""
-    dropout: float = 0.0
+    dropout: float = setting(0.0, ge=0, lt=1)
     """Dropout on the adapter input (0 keeps the PPO ratio exactly 1 on the first minibatch)."""
     target_modules: list[str] | str = field(default_factory=lambda: "all-linear")
     """Which linear layers get adapters; "all-linear" = every linear layer except the output head."""
@@ -205,7 +206,8 @@ def _convert_gguf(gguf: Path, spec: EmbeddedModel, out: Path) -> None:
 
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    with quiet_transformers():
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
@@ -282,6 +284,12 @@ def _load_error(name_or_path: str, exc: Exception) -> RlhfkitError:
     )
 
 
+def context_length(model: Any) -> int:
+    """The longest sequence (prompt + answer) the model takes: its config's `max_position_embeddings`."""
+    config = unwrap(model).config
+    return int(getattr(config, "max_position_embeddings", None) or 2048)
+
+
 def disable_dropout(model: torch.nn.Module) -> None:
     """Dropout off everywhere: it would make log-probs of the same tokens differ between passes."""
     for module in model.modules():
@@ -308,9 +316,10 @@ def load_causal_lm(
     path = resolve_model(name_or_path)
     tokenizer = load_tokenizer(path, padding_side=padding_side, trust_remote_code=trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
-        )
+        with quiet_transformers():  # no "Loading weights" bar: our own progress says what happens
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+            )
     except OSError as exc:
         raise _load_error(name_or_path, exc) from None
     set_pad_token(tokenizer, model)
@@ -368,14 +377,23 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     if hasattr(model, "merge_and_unload"):
         # fold every LoRA update W + (alpha/r) B A into a copy, leaving the training model untouched
         model = copy.deepcopy(model).merge_and_unload()
-    tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
+        tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
+    except OSError as exc:
+        raise SaveError(f"{io_error_message(exc)} while writing the model to {out}") from None
+    try:
+        with quiet_transformers():  # no "Writing model shards" bar
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
         fsync_tree(tmp)
         for item in tmp.iterdir():
             os.replace(item, out / item.name)
         fsync_dir(out)
+    except Exception as exc:
+        reason = io_error_message(exc)
+        if reason is None:
+            raise
+        raise SaveError(f"{reason} while writing the model to {out}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out

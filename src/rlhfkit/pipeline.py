@@ -33,20 +33,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhfkit.config import claim_run_dir
+from rlhfkit.config import claim_run_dir, setting
 from rlhfkit.console import console
 from rlhfkit.errors import ConfigError
 from rlhfkit.evaluate import EvalConfig
 from rlhfkit.feedback.agreement import pair_agreement
 from rlhfkit.feedback.export import ranking_json
 from rlhfkit.fileio import write_atomic
-from rlhfkit.loop import TrainConfig
 from rlhfkit.models import DEFAULT_MODEL
 from rlhfkit.rollout.engine import SamplingConfig
 from rlhfkit.trainers.grpo import GRPOConfig
 from rlhfkit.trainers.ppo import PPOConfig
 from rlhfkit.trainers.rm import RMConfig
 from rlhfkit.trainers.sft import SFTConfig
+from rlhfkit.training import TrainConfig
 
 STAGES = ("sft", "feedback", "rm", "rl", "eval", "report")
 
@@ -57,22 +57,22 @@ class FeedbackConfig:
 
     prompts: str = "bundled:prompts.jsonl"
     """Prompts to collect answers for (the first `num_prompts`)."""
-    num_prompts: int = 96
+    num_prompts: int = setting(96, ge=1)
     """How many prompts are labelled."""
-    k: int = 4
+    k: int = setting(4, ge=2)
     """Answers per prompt (the annotators rank all K; duplicates are dropped)."""
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=1.0))
     """How answers are sampled: diverse answers make informative rankings (`max_new_tokens`: set by the
     pipeline)."""
-    batch_size: int = 64
+    batch_size: int = setting(64, ge=1)
     """Rollouts per generation batch."""
-    annotators: int = 4
+    annotators: int = setting(4, ge=1)
     """Size of the simulated panel; items are dealt round-robin."""
-    labels_per_item: int = 1
+    labels_per_item: int = setting(1, ge=1)
     """How many annotators rank each item (> 1 gives inter-annotator agreement and repeated labels)."""
-    flip_prob: float = 0.25
+    flip_prob: float = setting(0.25, ge=0, le=1)
     """Each annotator swaps each adjacent pair of its ranking with this probability (AlpacaFarm: 0.25)."""
-    seed: int = 0
+    seed: int = setting(0, ge=0)
     """Sampling and panel seed."""
 
 
@@ -116,7 +116,7 @@ class PipelineConfig:
     """The pretrained model step A starts from."""
     output: str = "runs/pipeline"
     """Run directory (one sub-directory per stage)."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = setting(64, ge=1)
     """Longest answer everywhere: feedback sampling, RL and evaluation (so the reward model sees answers
     like the ones it will score, and the evaluation cuts them where training did)."""
     gold: str = "default"
@@ -172,16 +172,17 @@ def collect_feedback(
     import torch
 
     from rlhfkit.data import load_prompts, resolve_data_path
-    from rlhfkit.encoding import chat_prompt_text, prompt_ids
+    from rlhfkit.encoding import chat_prompt_text
     from rlhfkit.judge import gold_ranks, make_panel
     from rlhfkit.models import load_causal_lm
     from rlhfkit.rollout import RolloutEngine
 
     records = load_prompts(resolve_data_path(cfg.prompts))[: cfg.num_prompts]
-    model, tokenizer = load_causal_lm(policy_dir)
+    engine = RolloutEngine(*load_causal_lm(policy_dir))
+    ids = engine.encode_prompts(records, cfg.sampling.max_new_tokens)
     rows = [i for i in range(len(records)) for _ in range(cfg.k)]
-    answers = RolloutEngine(model, tokenizer).sample_texts(
-        [prompt_ids(tokenizer, records[i].prompt) for i in rows], cfg.sampling,
+    answers = engine.sample_texts(
+        [ids[i] for i in rows], cfg.sampling,
         torch.Generator().manual_seed(cfg.seed), cfg.batch_size, "feedback: sampling",
     ).texts  # fmt: skip
     panel = make_panel(cfg.annotators, cfg.flip_prob, cfg.seed)

@@ -46,10 +46,10 @@ from rlhfkit.data import (
     read_rows,
     resolve_data_path,
 )
-from rlhfkit.encoding import pad, prompt_answer_ids
-from rlhfkit.errors import ConfigError
+from rlhfkit.encoding import encode_answer, pad, prompt_answer_ids
+from rlhfkit.errors import ConfigError, NonFiniteRewardError
 from rlhfkit.fileio import write_atomic
-from rlhfkit.models import load_reward_model, normalization, reward_parts
+from rlhfkit.models import context_length, load_reward_model, normalization, reward_parts
 from rlhfkit.prefix import SharedPromptBatch, last_token_hidden, shared_prompt_forward
 
 if TYPE_CHECKING:
@@ -193,6 +193,8 @@ class RewardComponent:
     name: str
     weight: float
     scorer: Scorer
+    source: str = ""
+    """Where it comes from (a reward model directory or `module:function`), for messages."""
 
 
 class RewardMix:
@@ -227,31 +229,57 @@ class RewardMix:
             name = Path(spec).name if kind == "rm" else spec.rpartition(":")[2]
             if any(c.name == name for c in components):
                 name = f"{name}_{i}"
-            components.append(RewardComponent(name, float(weights[i]) if weights else 1.0, scorer))
+            weight = float(weights[i]) if weights else 1.0
+            components.append(RewardComponent(name, weight, scorer, source=spec))
         return cls(components)
 
     def __call__(
         self, prompts: list[str], completions: list[str], rollout: Rollout, records: list[PromptRecord]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        parts = {c.name: c.scorer(prompts, completions, rollout, records).float() for c in self.components}
+        parts = {}
+        for c in self.components:
+            scores = c.scorer(prompts, completions, rollout, records).float()  # (B,)
+            bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+            if bad:
+                rows = ", ".join(f"{i} ({_where(records[i])}: {scores[i].item()})" for i in bad[:5])
+                more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+                raise NonFiniteRewardError(
+                    f"reward '{c.name}' ({c.source or c.name}) returned non-finite scores for {len(bad)} of "
+                    f"{len(scores)} answers: rows {rows}{more}"
+                )
+            parts[c.name] = scores
         total = sum(c.weight * parts[c.name] for c in self.components)  # (B,)
         return torch.as_tensor(total), parts
 
 
+def _where(record: Any) -> str:
+    source = getattr(record, "source", None)
+    return f"prompt {source.path}:{source.line}" if source is not None else "prompt"
+
+
 # ------------------------------------------------------------------------------------- `rlhfkit score`
-def _answers(rec: SFTRecord | PreferenceRecord | RankingRecord) -> list[Any]:
+def _answers(rec: SFTRecord | PreferenceRecord | RankingRecord) -> list[tuple[Any, str]]:
+    """(answer, field name) of each answer of a record."""
     if isinstance(rec, SFTRecord):
-        return [rec.completion]
+        return [(rec.completion, rec.answer_field)]
     if isinstance(rec, RankingRecord):
-        return list(rec.completions)
-    return [rec.chosen, rec.rejected]
+        return [(a, f"completions[{i}]") for i, a in enumerate(rec.completions)]
+    return [(rec.chosen, "chosen"), (rec.rejected, "rejected")]
 
 
-def score_file(reward: str, data: str, output: str | None = None, batch_size: int = 16) -> int:
+def score_file(
+    reward: str, data: str, output: str | None = None, batch_size: int = 16, max_length: int | None = None
+) -> int:
     """Add rewards to every record of a data file; JSONL to `output` (atomically) or stdout.
 
     prompt/completion or messages records get `reward`; preference pairs `reward_chosen` and
-    `reward_rejected`; rankings `rewards` (one per completion). Returns the number of records."""
+    `reward_rejected`; rankings `rewards` (one per completion). Every prompt + answer must fit in
+    `max_length` tokens (default: the reward model's context), checked on characters before tokenising;
+    one that does not is an error naming file:line:field. Returns the number of records."""
+    if batch_size < 1 or (max_length is not None and max_length < 2):
+        raise ConfigError(
+            f"--batch-size must be >= 1 and --max-length >= 2, got {batch_size} and {max_length}"
+        )
     path = resolve_data_path(data)
     rows = [row for _, row in read_rows(path)]
     preference = any(key in rows[0] for key in ("chosen", "rejected", "completions"))
@@ -259,9 +287,14 @@ def score_file(reward: str, data: str, output: str | None = None, batch_size: in
         load_preferences(path) if preference else load_sft(path)
     )  # every record is validated before the model is loaded
     scorer = RewardModelScorer(reward, batch_size)
+    limit = max_length or context_length(scorer.model)
     answers = [_answers(rec) for rec in records]
-    prompts = [rec.prompt for rec, group in zip(records, answers, strict=True) for _ in group]
-    flat = scorer.score(prompts, [a for group in answers for a in group]).tolist()  # (sum of K,)
+    sequences = [
+        encode_answer(scorer.tokenizer, rec, answer, name, limit, truncation=False).input_ids  # type: ignore[union-attr]
+        for rec, group in zip(records, answers, strict=True)
+        for answer, name in group
+    ]
+    flat = scorer.score_token_ids(sequences).tolist()  # (sum of K,)
     lines, start = [], 0
     for row, rec, group in zip(rows, records, answers, strict=True):
         values = flat[start : start + len(group)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhfkit.config import setting
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rollout.engine import SamplingConfig
 
@@ -30,15 +31,15 @@ class PrepareConfig:
     """Prompts file ({"prompt": ...} rows; .jsonl/.json/.csv/.parquet) or bundled:NAME."""
     db: str
     """SQLite file to create (refused if it already holds a project)."""
-    k: int = 3
+    k: int = setting(3, ge=2, le=MAX_K)
     """Answers sampled per prompt (2 to 10)."""
-    overlap: int = 2
+    overlap: int = setting(2, ge=1)
     """N: annotators who label each item (agreement needs at least 2)."""
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.8))
     """How answers are sampled (temperature 0 would make the K answers identical)."""
-    seed: int = 0
+    seed: int = setting(0, ge=0)
     """Seed of the sampling generator: the same seed gives the same answers."""
-    batch_size: int = 16
+    batch_size: int = setting(16, ge=1)
     """Sequences per RolloutEngine batch."""
     guidelines: str | None = None
     """Text file with the labelling guidelines shown to annotators (default: a short generic text)."""
@@ -55,22 +56,25 @@ def _check(cfg: PrepareConfig) -> None:
         raise RlhfkitError("--batch-size and --max-new-tokens must be at least 1")
 
 
-def sample_answers(cfg: PrepareConfig, prompts: list) -> list[list[str]]:
-    """K decoded answers for each prompt, sampled in batches of ``cfg.batch_size`` sequences."""
+def sample_answers(cfg: PrepareConfig, records: list) -> list[list[str]]:
+    """K decoded answers for each prompt record, sampled in batches of ``cfg.batch_size`` sequences."""
     import torch
 
-    from rlhfkit.encoding import prompt_ids
-    from rlhfkit.models import load_causal_lm
+    from rlhfkit.encoding import checked_prompt_ids
+    from rlhfkit.models import context_length, load_causal_lm
     from rlhfkit.rollout import RolloutEngine
 
     model, tokenizer = load_causal_lm(cfg.model)
-    encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    rows = [i for i in range(len(prompts)) for _ in range(cfg.k)]  # prompt index of each sequence
+    limit = context_length(model) - cfg.sampling.max_new_tokens
+    encoded = [
+        checked_prompt_ids(tokenizer, r, limit, "the model's context minus --max-new-tokens") for r in records
+    ]
+    rows = [i for i in range(len(records)) for _ in range(cfg.k)]  # prompt index of each sequence
     texts = RolloutEngine(model, tokenizer).sample_texts(
         [encoded[i] for i in rows], cfg.sampling, torch.Generator().manual_seed(cfg.seed),
         cfg.batch_size, "feedback: sampling",
     ).texts  # fmt: skip
-    return [texts[p * cfg.k : (p + 1) * cfg.k] for p in range(len(prompts))]
+    return [texts[p * cfg.k : (p + 1) * cfg.k] for p in range(len(records))]
 
 
 def distinct(answers: list[str]) -> list[str]:
@@ -95,7 +99,7 @@ def run_prepare(cfg: PrepareConfig) -> dict[str, int]:
     try:
         if conn.execute("SELECT count(*) FROM items").fetchone()[0]:  # fail before sampling, not after
             raise RlhfkitError(f"{cfg.db} already holds a labelling project; use a new --db file")
-        answers = sample_answers(cfg, [r.prompt for r in records])
+        answers = sample_answers(cfg, records)
         items = [
             (rec.prompt, [(text, cfg.model) for text in distinct(texts)])
             for rec, texts in zip(records, answers, strict=True)

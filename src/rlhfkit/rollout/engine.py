@@ -31,8 +31,9 @@ from typing import Any
 import torch
 
 from rlhfkit import models
+from rlhfkit.config import setting
 from rlhfkit.console import progress
-from rlhfkit.encoding import left_pad, position_ids_from_mask
+from rlhfkit.encoding import checked_prompt_ids, left_pad, position_ids_from_mask
 from rlhfkit.rollout.llama_cpu import LlamaCPUBackend, llama_fast_path_supported
 
 
@@ -41,13 +42,13 @@ class SamplingConfig:
     """How to sample answers: temperature, then top-k, then top-p (nucleus; the top token is always kept).
     The `sampling` section of every config that samples (RL trainers, labelling, the pipeline)."""
 
-    max_new_tokens: int = 64
+    max_new_tokens: int = setting(64, ge=1)
     """Longest answer, in tokens."""
-    temperature: float = 1.0
+    temperature: float = setting(1.0, ge=0)
     """Sampling temperature (0: greedy); log-probs are those of logits / temperature everywhere."""
-    top_p: float = 1.0
+    top_p: float = setting(1.0, gt=0, le=1)
     """Nucleus sampling: draw from the smallest set of tokens with this much probability (1: off)."""
-    top_k: int = 0
+    top_k: int = setting(0, ge=0)
     """Draw from the k most likely tokens only (0: off)."""
     stop_at_eos: bool = True
     """Stop an answer at its EOS (False: sample all max_new_tokens, lm-human-preferences style)."""
@@ -248,6 +249,14 @@ class RolloutEngine:
             raise ValueError(f"the Llama fast path does not support {type(model).__name__}")
         self.fast_path = supported if fast_path is None else fast_path
         self._llama = LlamaCPUBackend(model) if self.fast_path else None
+
+    def encode_prompts(self, records: list[Any], max_new_tokens: int) -> list[list[int]]:
+        """Token ids of the records' prompts, each checked (characters, then tokens) to leave room for
+        `max_new_tokens` in the model's context; a DataError names the file and line of one that does not."""
+        limit = models.context_length(self.model) - max_new_tokens
+        return [
+            checked_prompt_ids(self.tokenizer, r, limit, "the context minus max_new_tokens") for r in records
+        ]
 
     def decode(self, rollout: Rollout) -> list[str]:
         """The answers of a rollout as text: the real tokens, special tokens (EOS) left out, surrounding

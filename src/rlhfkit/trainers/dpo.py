@@ -54,28 +54,29 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from rlhfkit.config import setting, validate
 from rlhfkit.console import console, progress
 from rlhfkit.data import DATA_RENAMED, DataSettings, load_preferences
 from rlhfkit.encoding import PreferenceExample, SequenceExample, encode_preferences
 from rlhfkit.errors import ConfigError
-from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
+from rlhfkit.loop import TrainLoop
 from rlhfkit.losses import dpo_loss
 from rlhfkit.models import (
     DEFAULT_MODEL,
-    LoraSettings,
     load_causal_lm,
     load_tokenizer,
     resolve_model,
     save_model,
 )
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
+from rlhfkit.training import EpochStream, StageConfig, TrainConfig, set_seed
 
 CACHE_FILE = "reference_logprobs.safetensors"
 CACHE_VERSION = 1  # bump when the meaning of the cached numbers changes
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(StageConfig):
     """Settings of `rlhfkit dpo`."""
 
     policy: str = DEFAULT_MODEL
@@ -86,16 +87,12 @@ class DPOConfig:
     """Preference pairs and/or rankings (`data.path`), held-out pairs, lengths."""
     output: str = "runs/dpo"
     """Output directory: the policy (transformers format), metrics, checkpoints, reference log-probs."""
-    beta: float = 0.1
+    beta: float = setting(0.1, gt=0)
     """Strength of the implicit KL constraint to the reference (DPO's beta; TRL's default 0.1)."""
     loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
     """"sigmoid": DPO (with `label_smoothing` > 0: conservative DPO); "ipo": IPO on mean log-probs."""
-    label_smoothing: float = 0.0
+    label_smoothing: float = setting(0.0, ge=0, lt=0.5)
     """cDPO: the assumed probability that a preference label is flipped (0: plain DPO; sigmoid only)."""
-    trust_remote_code: bool = False
-    """Allow model code from the model directory (off: only transformers' own architectures)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA adapters instead of full fine-tuning (the reference is then the policy without adapters)."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=1e-6, batch_size=8, epochs=1.0, scheduler="linear")
     )
@@ -386,10 +383,7 @@ def preference_pairs(examples: list[PreferenceExample]) -> list[DPOExample]:
 
 def prepare_dpo(cfg: DPOConfig) -> tuple[list[DPOExample], list[DPOExample]]:
     """Read, validate and tokenise all data (nothing is written anywhere until this succeeds)."""
-    if cfg.beta <= 0:
-        raise ConfigError(f"beta must be > 0, got {cfg.beta}")
-    if not 0.0 <= cfg.label_smoothing < 0.5:
-        raise ConfigError(f"label_smoothing must be in [0, 0.5), got {cfg.label_smoothing}")
+    validate(cfg)  # before the data is read
     train_records, eval_records = cfg.data.split(load_preferences, cfg.train.seed, "preference")
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
     d = cfg.data  # the reward model's encoder: same validation (length, identical answers) and messages

@@ -31,13 +31,14 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit import losses
-from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
+from rlhfkit.config import setting
+from rlhfkit.data import PromptRecord
 from rlhfkit.errors import ConfigError
-from rlhfkit.loop import TrainConfig
-from rlhfkit.models import load_tokenizer, save_model
+from rlhfkit.models import save_model
 from rlhfkit.prefix import completion_logprobs
 from rlhfkit.rewards import RewardMix, Scorer
-from rlhfkit.trainers.rl import RLConfig, RLTrainer, check_prompt_lengths, reward_mix
+from rlhfkit.trainers.rl import RLConfig, RLTrainer, load_rl_prompts, reward_mix
+from rlhfkit.training import TrainConfig
 
 AGGREGATION: dict[str, losses.Aggregation] = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
 
@@ -46,27 +47,27 @@ AGGREGATION: dict[str, losses.Aggregation] = {"grpo": "sequence", "dapo": "token
 class GRPOConfig(RLConfig):
     """Settings of `rlhfkit grpo` (the shared ones are documented in `RLConfig`)."""
 
-    prompts_per_step: int = 8
+    prompts_per_step: int = setting(8, ge=1)
     """Prompts per iteration; each is answered `num_generations` times."""
-    num_generations: int = 4
+    num_generations: int = setting(4, ge=2)
     """G, the group size."""
     advantage: Literal["grpo", "rloo"] = "grpo"
     """Group-normalised advantages (GRPO) or the leave-one-out baseline (RLOO)."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """GRPO: divide the centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
-    beta: float = 0.04
+    beta: float = setting(0.04, ge=0)
     """KL coefficient: GRPO puts beta x k3 inside the loss, RLOO subtracts beta x sum_t k1 from the reward.
     0: no reference model at all."""
     loss_type: Literal["grpo", "dapo", "dr_grpo"] = "dapo"
     """Loss aggregation: mean per sequence then over sequences, mean over all tokens, or sum / (B x
     max_new_tokens)."""
-    clip_low: float = 0.2
+    clip_low: float = setting(0.2, gt=0, lt=1)
     """Lower ratio clip epsilon."""
-    clip_high: float = 0.2
+    clip_high: float = setting(0.2, gt=0)
     """Upper ratio clip epsilon (DAPO's clip-higher: 0.28)."""
-    num_iterations: int = 1
+    num_iterations: int = setting(1, ge=1)
     """Updates per rollout batch (mu); the first has ratio 1, the later ones use importance ratios."""
-    micro_batch: int = 0
+    micro_batch: int = setting(0, ge=0)
     """Rollouts per forward/backward pass within an update (gradient accumulation; 0: all at once)."""
     mask_truncated: bool = False
     """Leave answers that never reached EOS out of the loss."""
@@ -86,7 +87,7 @@ class RLOOConfig(GRPOConfig):
 
     advantage: Literal["grpo", "rloo"] = "rloo"
     """Group-normalised advantages (GRPO) or the leave-one-out baseline (RLOO)."""
-    beta: float = 0.05
+    beta: float = setting(0.05, ge=0)
     """KL coefficient, subtracted from each answer's reward as beta x sum_t (log pi - log pi_ref)."""
     output: str = "runs/rloo"
     """Output directory: the final policy (transformers format), metrics, checkpoints."""
@@ -216,9 +217,7 @@ class GRPOTrainer(RLTrainer):
 
 def run_grpo(cfg: GRPOConfig, reward: RewardMix | Scorer | None = None) -> dict[str, float]:
     """Validate the prompts and the reward before anything is written, then train (GRPO or RLOO)."""
-    records = load_prompts(resolve_data_path(cfg.prompts))
-    tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
-    check_prompt_lengths(records, tokenizer, cfg.max_prompt_length)
+    records = load_rl_prompts(cfg)
     return GRPOTrainer(cfg, records, reward or reward_mix(cfg)).run()
 
 

@@ -30,12 +30,13 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit import losses
-from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
-from rlhfkit.loop import TrainConfig
-from rlhfkit.models import build_reward_model, load_tokenizer, normalization, save_model, unwrap
+from rlhfkit.config import setting
+from rlhfkit.data import PromptRecord
+from rlhfkit.models import build_reward_model, normalization, save_model, unwrap
 from rlhfkit.prefix import SharedPromptBatch, answer_predictors, completion_logprobs, shared_prompt_forward
 from rlhfkit.rewards import RewardMix, Scorer
-from rlhfkit.trainers.rl import RLConfig, RLTrainer, check_prompt_lengths, reward_mix
+from rlhfkit.trainers.rl import RLConfig, RLTrainer, load_rl_prompts, reward_mix
+from rlhfkit.training import TrainConfig
 
 
 @dataclass
@@ -44,29 +45,29 @@ class PPOConfig(RLConfig):
 
     value_model: str | None = None
     """Initial value model (default: the first reward model; the policy when only functions are given)."""
-    rollout_batch: int = 16
+    rollout_batch: int = setting(16, ge=1)
     """Prompts (= answers) per PPO iteration."""
-    ppo_epochs: int = 4
+    ppo_epochs: int = setting(4, ge=1)
     """Passes over each rollout batch."""
-    minibatches: int = 1
+    minibatches: int = setting(1, ge=1)
     """Minibatches per pass (one optimizer step each)."""
-    kl_coef: float = 0.05
+    kl_coef: float = setting(0.05, ge=0)
     """Initial KL penalty coefficient beta."""
     kl_estimator: Literal["k1", "k3"] = "k1"
     """Per-token KL estimator in the reward (k1 = log pi/pi_ref; k3 = always-positive variant)."""
-    kl_target: float | None = None
+    kl_target: float | None = setting(None, gt=0)
     """Adaptive KL (Ziegler et al.): steer the sequence KL towards this value (None: fixed beta)."""
-    kl_horizon: int = 10000
+    kl_horizon: int = setting(10000, ge=1)
     """Adaptive KL horizon in rollouts."""
-    gamma: float = 1.0
+    gamma: float = setting(1.0, ge=0, le=1)
     """Discount."""
-    lam: float = 0.95
+    lam: float = setting(0.95, ge=0, le=1)
     """GAE lambda."""
-    cliprange: float = 0.2
+    cliprange: float = setting(0.2, gt=0)
     """Policy ratio clip epsilon."""
-    cliprange_value: float = 0.2
+    cliprange_value: float = setting(0.2, gt=0)
     """Value clip range."""
-    vf_coef: float = 0.1
+    vf_coef: float = setting(0.1, ge=0)
     """Weight of the value loss."""
     whiten_rewards: bool = False
     """Whiten the per-token rewards (before GAE) over the batch."""
@@ -233,7 +234,5 @@ class PPOTrainer(RLTrainer):
 
 def run_ppo(cfg: PPOConfig, reward: RewardMix | Scorer | None = None) -> dict[str, float]:
     """Validate the prompts and the reward before anything is written, then train."""
-    records = load_prompts(resolve_data_path(cfg.prompts))
-    tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
-    check_prompt_lengths(records, tokenizer, cfg.max_prompt_length)
+    records = load_rl_prompts(cfg)
     return PPOTrainer(cfg, records, reward or reward_mix(cfg)).run()

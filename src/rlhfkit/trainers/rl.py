@@ -26,19 +26,22 @@ from typing import Any, ClassVar
 
 import torch
 
-from rlhfkit.data import PromptRecord
-from rlhfkit.encoding import chat_prompt_text, prompt_ids
-from rlhfkit.errors import DataError
-from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
-from rlhfkit.models import DEFAULT_MODEL, LoraSettings, load_causal_lm
+from rlhfkit.checkpoint import latest_checkpoint
+from rlhfkit.config import setting
+from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
+from rlhfkit.encoding import chat_prompt_text, checked_prompt_ids, prompt_ids
+from rlhfkit.errors import NonFiniteRewardError
+from rlhfkit.loop import TrainLoop
+from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.rewards import RewardComponent, RewardMix, Scorer
 from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
 from rlhfkit.rollout.engine import SAMPLING_RENAMED
+from rlhfkit.training import EpochStream, StageConfig, TrainConfig, set_seed
 
 
 @dataclass
-class RLConfig:
+class RLConfig(StageConfig):
     """Settings every on-policy trainer has."""
 
     policy: str = DEFAULT_MODEL
@@ -56,20 +59,16 @@ class RLConfig:
     """RL prompts: {"prompt": ...} records; extra fields go to reward functions."""
     output: str = "runs/rl"
     """Output directory: the final policy (transformers format), metrics, checkpoints."""
-    max_prompt_length: int = 256
+    max_prompt_length: int = setting(256, ge=1)
     """Prompts longer than this (in tokens) are an error naming the record."""
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.7))
     """How answers are sampled (`sampling.max_new_tokens`, `.temperature`, `.top_p`, `.top_k`)."""
     no_eos_score: float | None = None
     """Score given to answers that never reach EOS (None: keep the reward's score)."""
-    sample_every: int = 10
+    sample_every: int = setting(10, ge=0)
     """Append sample answers to samples.jsonl every N iterations (0: never)."""
-    trust_remote_code: bool = False
-    """Allow model code from model directories."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA adapters on the policy (and the value model); the reference is then the adapter-free policy."""
     train: TrainConfig = field(default_factory=TrainConfig)
-    """The shared loop: `max_steps` = RL iterations."""
+    """The shared loop: `max_steps` = RL iterations; LoRA adapters also go on the value model."""
 
     RENAMED: ClassVar[dict[str, str]] = SAMPLING_RENAMED
 
@@ -91,16 +90,14 @@ class Samples:
         return self.rollout.completion_mask.float()
 
 
-def check_prompt_lengths(records: list[PromptRecord], tokenizer: Any, limit: int) -> None:
+def load_rl_prompts(cfg: RLConfig) -> list[PromptRecord]:
+    """The prompt records, each checked to fit in `max_prompt_length` (characters first, then tokens)
+    before anything is written; errors name file:line."""
+    records = load_prompts(resolve_data_path(cfg.prompts))
+    tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
     for rec in records:
-        n = len(prompt_ids(tokenizer, rec.prompt))
-        if n > limit:
-            raise DataError(
-                rec.source.path,
-                rec.source.line,
-                "prompt",
-                f"is {n} tokens, more than max_prompt_length={limit}",
-            )
+        checked_prompt_ids(tokenizer, rec, cfg.max_prompt_length, "max_prompt_length")
+    return records
 
 
 def as_reward_mix(reward: RewardMix | Scorer) -> RewardMix:
@@ -115,6 +112,8 @@ class RLTrainer(TrainLoop):
     """The shared half of PPO, GRPO and RLOO; subclasses build the trainable module and the update."""
 
     group = 1  # answers sampled per prompt
+    positive_loss = False  # surrogate losses: their size says nothing about divergence
+    watch_zero_gradients = False
 
     def __init__(
         self, cfg: RLConfig, records: list[PromptRecord], reward: RewardMix | Scorer, need_reference: bool
@@ -177,7 +176,14 @@ class RLTrainer(TrainLoop):
         t1 = time.perf_counter()
         records = [self.records[i] for i in rows]
         prompts = [chat_prompt_text(r.prompt) for r in records]
-        raw, parts = self.reward(prompts, completions, rollout, records)  # (B,), {name: (B,)}
+        try:
+            raw, parts = self.reward(prompts, completions, rollout, records)  # (B,), {name: (B,)}
+        except NonFiniteRewardError as exc:
+            kept = latest_checkpoint(self.output_dir / "checkpoints")
+            where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint was written yet"
+            raise NonFiniteRewardError(
+                f"{exc}; iteration {self.step + 1} was not trained on and {where}"
+            ) from None
         scores = raw.float()
         if self.rl.no_eos_score is not None:
             scores = torch.where(rollout.ended, scores, torch.full_like(scores, self.rl.no_eos_score))  # (B,)

@@ -48,15 +48,15 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from rlhfkit.config import setting
 from rlhfkit.console import console
 from rlhfkit.data import DATA_RENAMED, DataSettings, load_preferences, load_sft, resolve_data_path
 from rlhfkit.encoding import PreferenceExample, SequenceExample, encode_answer, encode_preferences
 from rlhfkit.errors import ConfigError
-from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
+from rlhfkit.loop import TrainLoop
 from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
 from rlhfkit.models import (
     DEFAULT_MODEL,
-    LoraSettings,
     build_reward_model,
     load_tokenizer,
     save_model,
@@ -64,12 +64,13 @@ from rlhfkit.models import (
 )
 from rlhfkit.prefix import SharedPromptBatch
 from rlhfkit.rewards import score_sequences, shared_sequence_rewards
+from rlhfkit.training import EpochStream, StageConfig, TrainConfig, set_seed
 
 SCORE_BATCH = 16  # sequences per forward pass when scoring without gradients (calibration)
 
 
 @dataclass
-class RMConfig:
+class RMConfig(StageConfig):
     """Settings of `rlhfkit rm`."""
 
     model: str = DEFAULT_MODEL
@@ -78,19 +79,15 @@ class RMConfig:
     """Preference pairs and/or rankings (`data.path`), held-out pairs, lengths."""
     output: str = "runs/rm"
     """Output directory: the reward model (transformers format), metrics, checkpoints."""
-    centering_coef: float = 0.0
+    centering_coef: float = setting(0.0, ge=0)
     """Reward centering: adds coef * mean((r_chosen + r_rejected)^2) to the loss (Eisenstein et al.: 0.01)."""
     normalize: Literal["none", "shift", "shift_scale"] = "shift"
     """After training: subtract the calibration mean ("shift"), also divide by the std ("shift_scale")."""
     calibration_data: str | None = None
     """Reference-policy samples (prompt/completion or messages) for the normalisation; default: every answer
     of the preference data (train and eval), which in the pipeline are samples of the reference policy."""
-    calibration_samples: int = 1024
+    calibration_samples: int = setting(1024, ge=1)
     """Score at most this many calibration answers (a seeded random subset)."""
-    trust_remote_code: bool = False
-    """Allow model code from the model directory (off: only transformers' own architectures)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA adapters instead of full fine-tuning (the head is always trained in full)."""
     train: TrainConfig = field(
         default_factory=lambda: TrainConfig(lr=1e-5, batch_size=8, epochs=1.0, scheduler="linear")
     )

@@ -27,20 +27,20 @@ import torch
 
 from rlhfkit.data import DATA_RENAMED, DataSettings, SFTRecord, load_sft
 from rlhfkit.encoding import SequenceExample, encode_answer, pad
-from rlhfkit.loop import EpochStream, TrainConfig, TrainLoop, set_seed
+from rlhfkit.loop import TrainLoop
 from rlhfkit.losses import token_logprobs_entropy
 from rlhfkit.models import (
     DEFAULT_MODEL,
-    LoraSettings,
     decoder_and_head,
     load_causal_lm,
     load_tokenizer,
     save_model,
 )
+from rlhfkit.training import EpochStream, StageConfig, TrainConfig, set_seed
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(StageConfig):
     """Settings of `rlhfkit sft`."""
 
     model: str = DEFAULT_MODEL
@@ -51,10 +51,6 @@ class SFTConfig:
     """Output directory: the fine-tuned model (transformers format), metrics, checkpoints."""
     completion_only_loss: bool = True
     """Train on answer tokens only (prompt tokens masked)."""
-    trust_remote_code: bool = False
-    """Allow model code from the model directory (off: only transformers' own architectures)."""
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """LoRA adapters instead of full fine-tuning."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5, batch_size=8, epochs=2.0))
     """The shared training loop."""
 
@@ -77,6 +73,7 @@ class SFTTrainer(TrainLoop):
         set_seed(cfg.train.seed)
         model, tokenizer = load_causal_lm(cfg.model, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
         super().__init__(cfg.train, model, cfg.output, cfg)
+        self.uniform_loss = math.log(decoder_and_head(model)[1].weight.shape[0])  # ln V
         self.sft = cfg
         self.tokenizer = tokenizer
         self.train_examples = train
