@@ -249,6 +249,36 @@ _rl_command(
 )  # fmt: skip
 
 
+@app.command()
+def opro(
+    task: Annotated[str, typer.Argument(help="The problem: linreg or tsp.")],
+    optimizer: Annotated[
+        str | None, typer.Option(help="The LLM that proposes solutions: model dir, registered name or URL.")
+    ] = None,
+    output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """The LLM as optimiser (OPRO, Yang et al. 2023): linear regression and TSP against random search."""
+    from rlhfkit.config import load_config
+    from rlhfkit.opro.loop import OPROConfig, run_opro
+
+    def go() -> None:
+        cfg = load_config(OPROConfig, config, _overrides(set_, task=task, optimizer=optimizer, output=output))
+        result = run_opro(cfg)
+        found = (
+            f"optimum at step {result['optimum_step']}" if result["optimum_found"] else "optimum not reached"
+        )
+        baseline = result["random_search"]["best"]
+        versus = f"random search {baseline:.6g}" if baseline is not None else "nothing scored to compare"
+        err.print(
+            f"[bold]opro[/]: {result['scored']} solutions scored in {result['steps']} steps, {found}; best "
+            f"{result['best']['score']:.6g} ({versus}); report: {Path(cfg.output) / 'report.html'}"
+        )
+
+    run_command(go)
+
+
 @app.command("eval")
 def eval_(
     policy: Annotated[str | None, typer.Option(help="Trained policy: model dir, name or hub id.")] = None,

@@ -103,7 +103,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 # ------------------------------------------------------------------------------------------ plots
-def _figure(ncols: int, height: float = 3.2, width: float | None = None) -> tuple[Any, list[Any]]:
+def figure(ncols: int, height: float = 3.2, width: float | None = None) -> tuple[Any, list[Any]]:
     """A matplotlib Figure on an Agg canvas (no pyplot) and its `ncols` axes side by side."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -114,7 +114,7 @@ def _figure(ncols: int, height: float = 3.2, width: float | None = None) -> tupl
     return fig, list(axes)
 
 
-def _png(fig: Any) -> bytes:
+def png_bytes(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
@@ -141,10 +141,10 @@ def curves_plot(rows: Sequence[dict[str, Any]], keys: Sequence[tuple[str, str]])
     present = [(k, t) for k, t in keys if any(series(rows, k, s)[0] for s in ("train", "eval"))]
     if not present:
         return None
-    fig, axes = _figure(len(present))
+    fig, axes = figure(len(present))
     for ax, (key, title) in zip(axes, present, strict=True):
         _curve(ax, rows, key, title)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 def overoptimisation_plot(
@@ -159,7 +159,7 @@ def overoptimisation_plot(
     ]
     if not points:
         return None
-    fig, (ax,) = _figure(1, height=3.8, width=6.8)
+    fig, (ax,) = figure(1, height=3.8, width=6.8)
     x, y, c = zip(*points, strict=True)
     ax.plot(x, y, color="#9aa4b5", lw=1.0, zorder=1)
     dots = ax.scatter(x, y, c=c, cmap="viridis", s=22, zorder=2, label="RL iterations (rollouts)")
@@ -174,7 +174,7 @@ def overoptimisation_plot(
     ax.set_ylabel("gold reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return png_bytes(fig)
 
 
 # ------------------------------------------------------------------------------------------ html
@@ -182,7 +182,7 @@ def esc(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _fmt(value: Any, digits: int = 3, pct: bool = False) -> str:
+def fmt(value: Any, digits: int = 3, pct: bool = False) -> str:
     """A number for the page: a percentage, or `digits` decimals (none from 1000 on); "—" when missing."""
     if not _is_number(value) or not math.isfinite(value):
         return "—"
@@ -191,7 +191,7 @@ def _fmt(value: Any, digits: int = 3, pct: bool = False) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()) -> str:
+def table_html(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequence[int] = ()) -> str:
     """An HTML table; cells must already be escaped; columns in `numeric` are right-aligned."""
     head = "".join(f"<th>{h}</th>" for h in header)
     body = "".join(
@@ -203,11 +203,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric: Sequen
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _note(text: str) -> str:
+def note_html(text: str) -> str:
     return f'<p class="note">{esc(text)}</p>'
 
 
-def _figure_html(png: bytes, name: str, caption: str) -> str:
+def figure_html(png: bytes, name: str, caption: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return (f'<figure><img src="data:image/png;base64,{data}" alt="{esc(name)}">'
             f"<figcaption>{esc(caption)}</figcaption></figure>")  # fmt: skip
@@ -219,41 +219,41 @@ def headline_html(ev: dict[str, Any]) -> str:
     pct = round(100 * wr.get("confidence", 0.95))
     rows = [[
         "Win rate of policy over reference (gold)", "—",
-        f"{_fmt(wr['rate'], pct=True)} [{_fmt(wr['low'], pct=True)}, {_fmt(wr['high'], pct=True)}]",
+        f"{fmt(wr['rate'], pct=True)} [{fmt(wr['low'], pct=True)}, {fmt(wr['high'], pct=True)}]",
         esc(f"{pct}% normal interval; wins {wr['wins']}, ties {wr['ties']}, losses {wr['losses']} "
             f"over {ev['n_prompts']} prompts"),
     ], [
-        "Gold reward (greedy answers)", _fmt(gold["reference"]), _fmt(gold["policy"]),
+        "Gold reward (greedy answers)", fmt(gold["reference"]), fmt(gold["policy"]),
         esc(f"change {gold['policy'] - gold['reference']:+.3f}; policy samples at T=1: "
-            f"{_fmt(gold.get('policy_sampled'))}"),
+            f"{fmt(gold.get('policy_sampled'))}"),
     ]]  # fmt: skip
     rm = ev.get("reward_model")
     if rm:
-        rows.append(["Reward-model score (greedy answers)", _fmt(rm["reference"]), _fmt(rm["policy"]),
+        rows.append(["Reward-model score (greedy answers)", fmt(rm["reference"]), fmt(rm["policy"]),
                      esc(f"change {rm['policy'] - rm['reference']:+.3f}")])  # fmt: skip
     else:
         rows.append(["Reward-model score", "—", "—", "no reward model given to the evaluation"])
     rows += [
-        ["KL(policy || reference), nats per answer", "0", f"{_fmt(kl['mean'])} ± {_fmt(kl['stderr'])}",
+        ["KL(policy || reference), nats per answer", "0", f"{fmt(kl['mean'])} ± {fmt(kl['stderr'])}",
          esc(f"mean ± standard error over {kl['samples']} policy samples at T=1")],
-        ["Answer length, tokens", _fmt(ev["length_tokens"]["reference"], 1),
-         _fmt(ev["length_tokens"]["policy"], 1), "greedy answers, EOS included"],
-        ["Answer length, words", _fmt(ev["length_words"]["reference"], 1),
-         _fmt(ev["length_words"]["policy"], 1), "whitespace-separated"],
-        ["Answers that end with EOS", _fmt(ev["eos_rate"]["reference"], pct=True),
-         _fmt(ev["eos_rate"]["policy"], pct=True), "the rest were cut at max_new_tokens"],
+        ["Answer length, tokens", fmt(ev["length_tokens"]["reference"], 1),
+         fmt(ev["length_tokens"]["policy"], 1), "greedy answers, EOS included"],
+        ["Answer length, words", fmt(ev["length_words"]["reference"], 1),
+         fmt(ev["length_words"]["policy"], 1), "whitespace-separated"],
+        ["Answers that end with EOS", fmt(ev["eos_rate"]["reference"], pct=True),
+         fmt(ev["eos_rate"]["policy"], pct=True), "the rest were cut at max_new_tokens"],
     ]  # fmt: skip
     acc = ev.get("rm_accuracy")
     if acc and acc.get("accuracy") is not None:
         human = acc.get("human_agreement", ALPACAEVAL_HUMAN_AGREEMENT)
         rows.append([
-            "Reward model agrees with gold", "—", _fmt(acc["accuracy"], pct=True),
+            "Reward model agrees with gold", "—", fmt(acc["accuracy"], pct=True),
             esc(f"over {acc['pairs']} answer pairs whose gold differs; human-human agreement on AlpacaEval: "
                 f"{100 * human:.1f}% ({acc.get('human_agreement_source', ALPACAEVAL_SOURCE)})"),
         ])  # fmt: skip
     elif acc:
         rows.append(["Reward model agrees with gold", "—", "—", "no answer pair with different gold scores"])
-    return _table(["Metric", "Reference (before)", "Policy (after)", "Notes"], rows, numeric=(1, 2))
+    return table_html(["Metric", "Reference (before)", "Policy (after)", "Notes"], rows, numeric=(1, 2))
 
 
 def timings_html(pipeline: dict[str, Any]) -> str:
@@ -267,7 +267,7 @@ def timings_html(pipeline: dict[str, Any]) -> str:
             total += seconds
         rows.append([esc(name), esc(info.get("status", "—")), _duration(seconds)])
     rows.append(["<b>total</b>", "", f"<b>{_duration(total)}</b>"])
-    return _table(["Stage", "Status", "Time"], rows, numeric=(2,))
+    return table_html(["Stage", "Status", "Time"], rows, numeric=(2,))
 
 
 def _duration(seconds: Any) -> str:
@@ -287,9 +287,9 @@ def answers_html(rows: Sequence[dict[str, Any]]) -> str:
         prompt_text = chat_prompt_text(prompt) if isinstance(prompt, list | str) and prompt else ""
         cells = []
         for who in ("reference", "policy"):
-            scores = f"gold {_fmt(row.get(f'{who}_gold'))}"
+            scores = f"gold {fmt(row.get(f'{who}_gold'))}"
             if row.get(f"{who}_rm") is not None:
-                scores += f", RM {_fmt(row.get(f'{who}_rm'))}"
+                scores += f", RM {fmt(row.get(f'{who}_rm'))}"
             cells.append(f"<div><b>{who}</b> <span class='meta'>({esc(scores)})</span>"
                          f"<div class='answer'>{esc(row.get(f'{who}_answer', ''))}</div></div>")  # fmt: skip
         parts.append(f"<p class='prompt'>{esc(prompt_text)} <span class='{css}'>· {label}</span></p>"
@@ -329,13 +329,13 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     if evaluation:
         body.append(headline_html(evaluation))
     elif missing:
-        body.append(_note(f"eval/eval.json lacks {', '.join(missing)}: run `rlhfkit eval` again."))
+        body.append(note_html(f"eval/eval.json lacks {', '.join(missing)}: run `rlhfkit eval` again."))
     else:
-        body.append(_note("No eval/eval.json in this run: run `rlhfkit eval` for the headline numbers."))
+        body.append(note_html("No eval/eval.json in this run: run `rlhfkit eval` for the headline numbers."))
 
     body.append("<h2>Stage timings</h2>")
     body.append(
-        timings_html(pipeline) if pipeline else _note("No pipeline.json in this run: no stage timings.")
+        timings_html(pipeline) if pipeline else note_html("No pipeline.json in this run: no stage timings.")
     )
 
     plots: dict[str, tuple[bytes, str]] = {}
@@ -350,24 +350,28 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     for name, label, rows, keys, caption in figures:
         png = curves_plot(rows, keys)
         if png is None:
-            body.append(_note(f"{label}: no metrics ({name.split('_')[0]}/metrics.jsonl missing or empty)."))
+            body.append(
+                note_html(f"{label}: no metrics ({name.split('_')[0]}/metrics.jsonl missing or empty).")
+            )
             continue
         plots[name] = (png, f"{label}. {caption}")
-        body.append(f"<h3>{esc(label)}</h3>" + _figure_html(png, name, plots[name][1]))
+        body.append(f"<h3>{esc(label)}</h3>" + figure_html(png, name, plots[name][1]))
         if name == "rl_curves" and not series(rl, "gold")[0]:
-            body.append(_note("RL metrics have no gold score: the gold curve is not shown."))
+            body.append(note_html("RL metrics have no gold score: the gold curve is not shown."))
 
     body.append("<h2>Over-optimisation (Gao et al. 2022)</h2>")
     png = overoptimisation_plot(rl, evaluation)
     if png is None:
-        body.append(_note("Needs RL metrics with both kl and gold per iteration; not available in this run."))
+        body.append(
+            note_html("Needs RL metrics with both kl and gold per iteration; not available in this run.")
+        )
     else:
         caption = (
             "Gold reward against sqrt(KL) per RL iteration. The star is the final evaluation (KL and gold of "
             "the same temperature-1 policy samples); the lines are the greedy answers' gold."
         )
         plots["overoptimisation"] = (png, caption)
-        body.append(_figure_html(png, "overoptimisation", caption))
+        body.append(figure_html(png, "overoptimisation", caption))
 
     body.append("<h2>Answers before and after</h2>")
     if answers:
@@ -375,15 +379,19 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         intro = f"The first {shown} prompts of the evaluation set (greedy answers), not picked."
         body.append(f"<p class='meta'>{intro}</p>" + answers_html(answers))
     else:
-        body.append(_note("No eval/answers.jsonl in this run."))
+        body.append(note_html("No eval/answers.jsonl in this run."))
 
     for name, (png, _) in plots.items():
         write_atomic(run / "plots" / f"{name}.png", png)
-    page = (
+    write_atomic(out, page_html(title, body))
+    return out
+
+
+def page_html(title: str, body: Sequence[str]) -> str:
+    """A self-contained page: inline CSS, no script, a Content-Security-Policy that allows nothing else."""
+    return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8">'
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">'
         f'<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>{''.join(body)}</body></html>\n"
     )
-    write_atomic(out, page)
-    return out
