@@ -251,20 +251,26 @@ _rl_command(
 
 @app.command()
 def opro(
-    task: Annotated[str, typer.Argument(help="The problem: linreg or tsp.")],
+    task: Annotated[str, typer.Argument(help="The problem: linreg, tsp or prompt.")],
     optimizer: Annotated[
         str | None, typer.Option(help="The LLM that proposes solutions: model dir, registered name or URL.")
+    ] = None,
+    scorer: Annotated[
+        str | None,
+        typer.Option(help="prompt task: the LLM whose instruction is optimised (default: optimizer)."),
     ] = None,
     output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """The LLM as optimiser (OPRO, Yang et al. 2023): linear regression and TSP against random search."""
+    """The LLM as optimiser (OPRO, Yang et al. 2023): linear regression, TSP and prompts vs random search."""
     from rlhfkit.config import load_config
     from rlhfkit.opro.loop import OPROConfig, run_opro
 
     def go() -> None:
-        cfg = load_config(OPROConfig, config, _overrides(set_, task=task, optimizer=optimizer, output=output))
+        cfg = load_config(
+            OPROConfig, config, _overrides(set_, task=task, optimizer=optimizer, scorer=scorer, output=output)
+        )
         result = run_opro(cfg)
         found = (
             f"optimum at step {result['optimum_step']}" if result["optimum_found"] else "optimum not reached"

@@ -32,6 +32,7 @@ from rlhfkit.fileio import write_atomic
 from rlhfkit.llm import LLM, load_llm
 from rlhfkit.models import DEFAULT_MODEL
 from rlhfkit.opro.linreg import LinearRegression, LinRegSettings
+from rlhfkit.opro.prompt import PromptOptimisation, PromptSettings
 from rlhfkit.opro.task import Task
 from rlhfkit.opro.tsp import TravellingSalesman, TSPSettings
 from rlhfkit.rollout.engine import SamplingConfig
@@ -43,10 +44,12 @@ STATE = "state.json"
 class OPROConfig:
     """Settings of `rlhfkit opro`."""
 
-    task: Literal["linreg", "tsp"] = "linreg"
+    task: Literal["linreg", "tsp", "prompt"] = "linreg"
     """The problem to optimise."""
     optimizer: str = DEFAULT_MODEL
     """The LLM that proposes solutions: a model directory, a registered name or an OpenAI-compatible URL."""
+    scorer: str | None = None
+    """`prompt` only: the LLM whose instruction is optimised (default: the optimizer itself)."""
     output: str = "runs/opro"
     """Output directory: state.json (the history, for resuming), results.json, report.html."""
     steps: int = setting(50, ge=1)
@@ -64,12 +67,18 @@ class OPROConfig:
     """The linear regression instance."""
     tsp: TSPSettings = field(default_factory=TSPSettings)
     """The travelling salesman instance."""
+    prompt: PromptSettings = field(default_factory=PromptSettings)
+    """The prompt optimisation task."""
 
 
-def make_task(cfg: OPROConfig) -> Task:
+def make_task(cfg: OPROConfig, scorer: LLM | None = None) -> Task:
     if cfg.task == "linreg":
         return LinearRegression(cfg.linreg)
-    return TravellingSalesman(cfg.tsp)
+    if cfg.task == "tsp":
+        return TravellingSalesman(cfg.tsp)
+    if scorer is None:
+        raise ValueError("the prompt task needs a scorer LLM")
+    return PromptOptimisation(cfg.prompt, scorer)
 
 
 @dataclass
@@ -189,6 +198,8 @@ def summarise(cfg: OPROConfig, task: Task, history: History, seconds: float) -> 
     if isinstance(task, TravellingSalesman):
         result["gap"] = task.gap(best_score)
         result["random_search"]["gap"] = task.gap(baseline[-1]) if baseline else None
+    if isinstance(task, PromptOptimisation):
+        result["test_accuracy"] = task.test_accuracies(best_solution)
     return result
 
 
@@ -196,11 +207,15 @@ def run_opro(cfg: OPROConfig, llm: LLM | None = None) -> dict[str, Any]:
     """Optimise, write results.json and report.html; returns the results."""
     from rlhfkit.opro.report import write_report
 
-    task = make_task(cfg)  # the instance (and for small TSP its exact optimum) before anything is written
     out = Path(cfg.output)
     claim_run_dir(cfg, out)
+    llm = llm or load_llm(cfg.optimizer)
+    scorer = None
+    if cfg.task == "prompt":
+        scorer = llm if cfg.scorer in (None, cfg.optimizer) else load_llm(cfg.scorer)
+    task = make_task(cfg, scorer)
     t0 = time.perf_counter()
-    history = optimise(cfg, llm or load_llm(cfg.optimizer), task, out)
+    history = optimise(cfg, llm, task, out)
     result = summarise(cfg, task, history, time.perf_counter() - t0)
     write_atomic(out / "results.json", json.dumps(result, indent=2))
     write_report(out, cfg, task, history, result)

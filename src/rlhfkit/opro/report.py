@@ -67,6 +67,8 @@ def write_report(out: Path, cfg: Any, task: Task, history: Any, result: dict[str
         ["optimum reached", f"step {result['optimum_step']}" if result["optimum_found"] else "no"],
         ["random search at equal evaluations, best", fmt(result["random_search"]["best"], 6)],
     ]
+    for name, accuracy in result.get("test_accuracy", {}).items():
+        rows.append([f"held-out accuracy: {esc(name)}", f"{accuracy:.1f}%"])
     if "gap" in result:
         gaps = f"{fmt(result['gap'], 3, pct=True)} / {fmt(result['random_search']['gap'], 3, pct=True)}"
         rows.append(["optimality gap (LLM / random search)", gaps])
