@@ -78,3 +78,21 @@ def test_quick_pipeline_with_a_users_gold_preference_and_grpo(tmp_path: Path):
     assert all(a["policy_gold"] == -float(len(a["policy_answer"])) for a in answers)
     assert json.loads((out / "pipeline.json").read_text())["algorithm"] == "grpo"
     assert (out / "rl" / "config.yaml").read_text().count("advantage: grpo") == 1
+
+
+@pytest.mark.slow
+def test_quick_pipeline_over_seeds_reports_mean_and_spread(tmp_path: Path):
+    out = tmp_path / "seeds"
+    output = run("--output", str(out), "--seeds", "2")
+    summary = json.loads((out / "seeds.json").read_text())
+    assert [r["seed"] for r in summary["seeds"]] == [0, 1]
+    rates = [r["win_rate"] for r in summary["seeds"]]
+    assert summary["mean_win_rate"] == pytest.approx(sum(rates) / 2)
+    assert "mean win rate" in output and (out / "seed-1" / "report.html").exists()
+    # each seed reaches every stage: seed 1's RL run and its sampling differ from seed 0's
+    configs = [(out / f"seed-{s}" / "rl" / "config.yaml").read_text() for s in (0, 1)]
+    assert "seed: 0" in configs[0] and "seed: 1" in configs[1]
+    feedback = [(out / f"seed-{s}" / "feedback" / "rankings.jsonl").read_text() for s in (0, 1)]
+    assert feedback[0] != feedback[1]
+    bad = CliRunner().invoke(app, ["pipeline", "--quick", "--output", str(tmp_path / "x"), "--seeds", "-1"])
+    assert bad.exit_code == 2 and "--seeds must be 0" in bad.output

@@ -175,16 +175,27 @@ def pipeline(
     quick: Annotated[
         bool, typer.Option("--quick", help="The whole chain on a tiny random model, in a minute or two.")
     ] = False,
+    seeds: Annotated[
+        int, typer.Option(help="Run seeds 0..N-1 in OUTPUT/seed-N and report the win rate's mean and spread.")
+    ] = 0,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
     """The main job: SFT -> simulated feedback -> reward model -> PPO/GRPO -> evaluation -> report."""
     from rlhfkit.config import load_config
-    from rlhfkit.pipeline import QUICK, PipelineConfig, run_pipeline
+    from rlhfkit.errors import ConfigError
+    from rlhfkit.pipeline import QUICK, PipelineConfig, run_pipeline, run_seeds
 
     def go() -> None:
         sets = (QUICK if quick else []) + _overrides(set_, output=output)
         cfg = load_config(PipelineConfig, config, sets)
+        if seeds < 0:
+            raise ConfigError(f"--seeds must be 0 (one run) or more, got {seeds}")
+        if seeds:
+            summary = run_seeds(cfg, seeds)
+            err.print(f"[bold]pipeline[/]: {seeds} seeds; summary in {cfg.output}/seeds.json "
+                      f"(mean win rate {summary['mean_win_rate']:.1%})")  # fmt: skip
+            return
         state = run_pipeline(cfg)
         err.print(
             f"[bold]pipeline[/]: done in {state['total_seconds'] / 60:.1f} min; "

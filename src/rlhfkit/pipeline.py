@@ -116,6 +116,9 @@ class PipelineConfig:
     """The pretrained model step A starts from."""
     output: str = "runs/pipeline"
     """Run directory (one sub-directory per stage)."""
+    seed: int = setting(0, ge=0)
+    """Seed of every stage (data order, sampling, the annotator panel, evaluation samples); set into each
+    section by the pipeline. `rlhfkit pipeline --seeds N` runs seeds 0..N-1."""
     max_new_tokens: int = setting(64, ge=1)
     """Longest answer everywhere: feedback sampling, RL and evaluation (so the reward model sees answers
     like the ones it will score, and the evaluation cuts them where training did)."""
@@ -237,25 +240,31 @@ class Pipeline:
         self.state_path = self.out / "pipeline.json"
 
     # -- stage configs: the pipeline wires the paths; everything else comes from the sections
+    def _train(self, train: TrainConfig) -> TrainConfig:
+        return dataclasses.replace(train, seed=self.cfg.seed)
+
     def feedback_config(self) -> FeedbackConfig:
         sampling = dataclasses.replace(self.cfg.feedback.sampling, max_new_tokens=self.cfg.max_new_tokens)
-        return dataclasses.replace(self.cfg.feedback, sampling=sampling)
+        return dataclasses.replace(self.cfg.feedback, sampling=sampling, seed=self.cfg.seed)
 
     def sft_config(self) -> SFTConfig:
-        return dataclasses.replace(self.cfg.sft, model=self.cfg.model, output=str(self.dirs["sft"]))
+        return dataclasses.replace(self.cfg.sft, model=self.cfg.model, output=str(self.dirs["sft"]),
+                                   train=self._train(self.cfg.sft.train))  # fmt: skip
 
     def rm_config(self) -> RMConfig:
         data = dataclasses.replace(self.cfg.rm.data, path=str(self.dirs["feedback"] / "rankings.jsonl"))
         return dataclasses.replace(
-            self.cfg.rm, model=str(self.dirs["sft"]), data=data, output=str(self.dirs["rm"])
-        )
+            self.cfg.rm, model=str(self.dirs["sft"]), data=data, output=str(self.dirs["rm"]),
+            train=self._train(self.cfg.rm.train),
+        )  # fmt: skip
 
     def rl_config(self) -> PPOConfig | GRPOConfig:
         section = self.cfg.rl
         cfg = section.ppo if section.algorithm == "ppo" else section.grpo
         sampling = dataclasses.replace(cfg.sampling, max_new_tokens=self.cfg.max_new_tokens)
         wiring = {"policy": str(self.dirs["sft"]), "reward": [str(self.dirs["rm"])], "reward_fn": [],
-                  "gold": self.cfg.gold, "output": str(self.dirs["rl"]), "sampling": sampling}  # fmt: skip
+                  "gold": self.cfg.gold, "output": str(self.dirs["rl"]), "sampling": sampling,
+                  "train": self._train(cfg.train)}  # fmt: skip
         if section.algorithm == "ppo":
             return dataclasses.replace(section.ppo, **wiring)
         return dataclasses.replace(section.grpo, advantage=section.algorithm, **wiring)
@@ -265,6 +274,7 @@ class Pipeline:
             self.cfg.eval, policy=str(self.dirs["rl"]), reference=str(self.dirs["sft"]),
             reward=str(self.dirs["rm"]), gold=self.cfg.gold, output=str(self.dirs["eval"]),
             max_new_tokens=self.cfg.max_new_tokens,  # answers cut where training cut them
+            seed=self.cfg.seed,
         )  # fmt: skip
 
     # -- stages
@@ -345,3 +355,30 @@ class Pipeline:
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:
     return Pipeline(cfg).run()
+
+
+def run_seeds(cfg: PipelineConfig, seeds: int) -> dict[str, Any]:
+    """The whole pipeline with seeds 0..seeds-1, each in OUTPUT/seed-N (each resumable on its own), then
+    OUTPUT/seeds.json: every seed's win rate with its interval, KL, reward-model accuracy and minutes, and
+    the mean and standard deviation of the win rate over seeds."""
+    import statistics
+
+    out, rows = Path(cfg.output), []
+    for seed in range(seeds):
+        console.rule(f"[bold]pipeline: seed {seed} of {seeds}")
+        run_dir = out / f"seed-{seed}"
+        state = run_pipeline(dataclasses.replace(cfg, seed=seed, output=str(run_dir)))
+        ev = json.loads((run_dir / "eval" / "eval.json").read_text(encoding="utf-8"))
+        wr = ev["win_rate"]
+        rows.append({"seed": seed, "win_rate": wr["rate"], "low": wr["low"], "high": wr["high"],
+                     "kl": ev["kl"]["mean"], "rm_accuracy": (ev.get("rm_accuracy") or {}).get("accuracy"),
+                     "minutes": state["total_seconds"] / 60})  # fmt: skip
+    rates = [r["win_rate"] for r in rows]
+    summary = {"seeds": rows, "mean_win_rate": statistics.fmean(rates),
+               "sd_win_rate": statistics.stdev(rates) if len(rates) > 1 else 0.0}  # fmt: skip
+    write_atomic(out / "seeds.json", json.dumps(summary, indent=2))
+    for r in rows:
+        console.print(f"seed {r['seed']}: win rate {r['win_rate']:.1%} [{r['low']:.1%}, {r['high']:.1%}], "
+                      f"KL {r['kl']:.2f}, {r['minutes']:.1f} min")  # fmt: skip
+    console.print(f"mean win rate {summary['mean_win_rate']:.1%} (sd {summary['sd_win_rate']:.1%})")
+    return summary
