@@ -3,6 +3,7 @@ models (policy == reference gives KL 0 and win rate 0.5; two different models ma
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -239,6 +240,32 @@ def test_two_models_match_a_recomputation(models: dict[str, Path], tmp_path: Pat
     assert res["rm_accuracy"]["accuracy"] == pytest.approx(agree / pairs)
     assert res["rm_accuracy"]["human_agreement"] == ALPACAEVAL_HUMAN_AGREEMENT == 0.657
     assert res["config"]["gold"] == "tests.test_evaluate:vowel_gold"
+
+
+def test_best_of_n_picks_the_reward_models_favourite(models: dict[str, Path], tmp_path: Path):
+    cfg = EvalConfig(
+        policy=str(models["policy"]), reference=str(models["reference"]), reward=str(models["reward"]),
+        prompts=str(eval_prompts(tmp_path / "p.jsonl", n=5)), gold="tests.test_evaluate:vowel_gold",
+        output=str(tmp_path / "eval"), max_new_tokens=MAX_NEW, batch_size=4, best_of=3, seed=1,
+    )  # fmt: skip
+    res = run_eval(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    picked = []
+    for row in rows:
+        candidates = row["best_of_n"]
+        assert len(candidates) == 3 and len({c["answer"] for c in candidates}) > 1  # sampled at T=1
+        best = max(range(3), key=lambda j: candidates[j]["rm"])
+        assert row["best_of_n_pick"] == best
+        picked.append(vowel_gold("", candidates[best]["answer"]))
+    outcome = [
+        1.0 if g > r["reference_gold"] else 0.0 if g < r["reference_gold"] else 0.5
+        for g, r in zip(picked, rows, strict=True)
+    ]
+    assert res["best_of_n"]["n"] == 3
+    assert res["best_of_n"]["win_rate"]["rate"] == pytest.approx(statistics.fmean(outcome))
+    assert res["best_of_n"]["gold"] == pytest.approx(statistics.fmean(picked))
+    assert "rm_accuracy" in res and res["kl"]["samples"] == 5  # the rest of the evaluation is unchanged
+    assert "best_of_n" not in run_eval(dataclasses.replace(cfg, reward=None, output=str(tmp_path / "e2")))
 
 
 def test_bad_settings_are_user_errors(models: dict[str, Path], tmp_path: Path):

@@ -91,6 +91,9 @@ class EvalConfig:
     """Answers sampled from the policy per prompt (temperature 1) to estimate the KL."""
     seed: int = setting(0, ge=0)
     """Seed of the sampling generator (the greedy answers do not depend on it)."""
+    best_of: int = setting(0, ge=0)
+    """Also sample this many reference answers per prompt (T=1) and keep the one the reward model scores
+    highest: the best-of-N line RL is compared against (needs `reward`; 0: off)."""
     limit: int | None = setting(None, ge=1)
     """Evaluate only the first N prompts (quick checks)."""
     trust_remote_code: bool = False
@@ -218,19 +221,20 @@ def _pair(reference: Sequence[float], policy: Sequence[float]) -> dict[str, floa
 
 
 def reward_model_scores(
-    cfg: EvalConfig, records: Sequence[PromptRecord], ref: Answers, pol: Answers, sampled: Answers
+    cfg: EvalConfig, records: Sequence[PromptRecord], answers: Sequence[tuple[Answers, int]]
 ) -> list[list[float]]:
-    """Normalised reward-model scores per prompt, [reference, policy, *samples] (the order of the gold
-    groups), all N (2 + k) answers scored in one pass over batches of similar length."""
+    """Normalised reward-model scores per prompt of every answer set, in order (each set holds `m`
+    answers per prompt: reference 1, policy 1, samples k, best-of-N candidates N), all answers scored in
+    one pass over batches of similar length."""
     from rlhfkit.rewards import RewardModelScorer
 
     assert cfg.reward is not None
-    k = cfg.kl_samples
     scorer = RewardModelScorer(cfg.reward, cfg.batch_size, cfg.trust_remote_code)
-    groups = [[ref.texts[i], pol.texts[i], *sampled.texts[i * k : (i + 1) * k]] for i in range(len(records))]
-    prompts = [r.prompt for r in records for _ in range(2 + k)]
-    flat = scorer.score(prompts, [a for group in groups for a in group]).tolist()  # (N (2 + k),)
-    return [flat[i * (2 + k) : (i + 1) * (2 + k)] for i in range(len(records))]
+    groups = [[a for ans, m in answers for a in ans.texts[i * m : (i + 1) * m]] for i in range(len(records))]
+    width = len(groups[0])
+    prompts = [r.prompt for r in records for _ in range(width)]
+    flat = scorer.score(prompts, [a for group in groups for a in group]).tolist()  # (N width,)
+    return [flat[i * width : (i + 1) * width] for i in range(len(records))]
 
 
 def run_eval(cfg: EvalConfig) -> dict[str, Any]:
@@ -258,6 +262,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     engine = RolloutEngine(policy, tokenizer)
     ids = engine.encode_prompts(records, cfg.max_new_tokens)
     ref = generate_answers(ref_engine, ids, greedy, cfg.batch_size, "reference (greedy)")
+    best_of = cfg.best_of if cfg.reward is not None else 0
+    candidates = generate_answers(
+        ref_engine, [p for p in ids for _ in range(best_of)],
+        SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=1.0), cfg.batch_size,
+        f"reference samples for best-of-{best_of}", torch.Generator().manual_seed(cfg.seed + 1),
+    ) if best_of else Answers()  # fmt: skip
     del ref_engine  # its fused weight copies (Llama fast path) are not needed any more
     pol = generate_answers(engine, ids, greedy, cfg.batch_size, "policy (greedy)")
     sampled = generate_answers(
@@ -272,7 +282,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     sample_gold = [float(gold_fn(texts[i // k], a)) for i, a in enumerate(sampled.texts)]
     # answers per prompt, in the order reference, policy, samples: gold and (below) RM scores
     gold_groups = [[ref_gold[i], pol_gold[i], *sample_gold[i * k : (i + 1) * k]] for i in range(n)]
-    rm_groups = None if cfg.reward is None else reward_model_scores(cfg, records, ref, pol, sampled)
+    rm_all = None
+    if cfg.reward is not None:
+        rm_all = reward_model_scores(cfg, records, [(ref, 1), (pol, 1), (sampled, k), (candidates, best_of)])
+    rm_groups = None if rm_all is None else [g[: 2 + k] for g in rm_all]
 
     outcome = outcomes(pol_gold, ref_gold)
     wr = win_rate(outcome)
@@ -301,6 +314,15 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "accuracy": accuracy, "pairs": pairs,
             "human_agreement": ALPACAEVAL_HUMAN_AGREEMENT, "human_agreement_source": ALPACAEVAL_SOURCE,
         }  # fmt: skip
+    if best_of and rm_all is not None:
+        picks = [i * best_of + max(range(best_of), key=lambda j: g[2 + k + j]) for i, g in enumerate(rm_all)]
+        bon_gold = [float(gold_fn(texts[p // best_of], candidates.texts[p])) for p in picks]
+        result["best_of_n"] = {
+            "n": best_of, "win_rate": asdict(win_rate(outcomes(bon_gold, ref_gold))),
+            "gold": statistics.fmean(bon_gold),
+            "method": "per prompt, the reward model's favourite of N reference samples at T=1, judged by "
+                      "the gold preference against the reference's greedy answer",
+        }  # fmt: skip
     t_end = time.perf_counter()
     result["seconds"] = {"generation": t_generated - t_start, "total": t_end - t_start}
     result["config"] = asdict(cfg)
@@ -319,6 +341,12 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
             "reference_tokens": ref.tokens[i], "policy_tokens": pol.tokens[i],
             "reference_ended": ref.ended[i], "policy_ended": pol.ended[i], "samples": samples,
         })  # fmt: skip
+        if best_of and rm_all is not None:
+            rows[-1]["best_of_n"] = [
+                {"answer": candidates.texts[i * best_of + j], "rm": rm_all[i][2 + k + j]}
+                for j in range(best_of)
+            ]
+            rows[-1]["best_of_n_pick"] = picks[i] - i * best_of
     out = Path(cfg.output)
     write_atomic(out / "answers.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     write_atomic(out / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")

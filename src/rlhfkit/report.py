@@ -227,6 +227,14 @@ def headline_html(ev: dict[str, Any]) -> str:
         esc(f"change {gold['policy'] - gold['reference']:+.3f}; policy samples at T=1: "
             f"{fmt(gold.get('policy_sampled'))}"),
     ]]  # fmt: skip
+    bon = ev.get("best_of_n")
+    if bon:
+        b = bon["win_rate"]
+        rows.append([
+            f"Win rate of best-of-{bon['n']} reference samples (reward model picks)", "—",
+            f"{fmt(b['rate'], pct=True)} [{fmt(b['low'], pct=True)}, {fmt(b['high'], pct=True)}]",
+            esc(f"the line RL is compared against; gold of the picked answers {bon['gold']:.3f}"),
+        ])  # fmt: skip
     rm = ev.get("reward_model")
     if rm:
         rows.append(["Reward-model score (greedy answers)", fmt(rm["reference"]), fmt(rm["policy"]),
