@@ -301,6 +301,7 @@ def worker_args(description: str) -> Any:
         default=SETTINGS.max_length,
         help="SFT/RM/DPO length limit (a character-level tiny model needs ~1024)",
     )
+    parser.add_argument("--threads", type=int, default=SETTINGS.threads, help="torch threads")
     args = parser.parse_args()
-    torch.set_num_threads(SETTINGS.threads)
+    torch.set_num_threads(args.threads)
     return args

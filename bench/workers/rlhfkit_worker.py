@@ -48,7 +48,7 @@ def train_base(steps: int, lr: float, batch_size: int) -> dict[str, Any]:
         "batch_size": batch_size,
         "max_steps": steps,
         "save_every": 0,
-        "threads": S.threads,
+        "threads": torch.get_num_threads(),  # set by worker_args from --threads (default: SETTINGS.threads)
     }
 
 

@@ -22,8 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhfkit.errors import SaveError
-from rlhfkit.fileio import fsync_dir, fsync_tree, io_error_message
+from rlhfkit.fileio import fsync_dir, fsync_tree, saving
 
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
@@ -82,25 +81,21 @@ def write_checkpoint(
     """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
-    try:
-        data, tensors = flatten_state(state)
-        save_file({k: v.detach().cpu().contiguous() for k, v in model_tensors.items()},
-                  str(tmp / "model.safetensors"))  # fmt: skip
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(data), encoding="utf-8")
-        fsync_tree(tmp)
-        if final.exists():  # a leftover from a run that crashed after this step: replace it
-            shutil.rmtree(final)
-        tmp.rename(final)
-        fsync_dir(root)
-    except Exception as exc:
-        reason = io_error_message(exc)
-        if reason is None:
-            raise
-        raise SaveError(f"{reason} while writing checkpoint {final}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with saving(f"checkpoint {final}"):
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
+        try:
+            data, tensors = flatten_state(state)
+            save_file({k: v.detach().cpu().contiguous() for k, v in model_tensors.items()},
+                      str(tmp / "model.safetensors"))  # fmt: skip
+            save_file(tensors, str(tmp / "state.safetensors"))
+            (tmp / "state.json").write_text(json.dumps(data), encoding="utf-8")
+            fsync_tree(tmp)
+            if final.exists():  # a leftover from a run that crashed after this step: replace it
+                shutil.rmtree(final)
+            tmp.rename(final)
+            fsync_dir(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     for _, old in list_checkpoints(root)[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+from rlhfkit.errors import SaveError
+
 
 def write_atomic(path: Path, data: str | bytes) -> None:
     """Write through a temporary sibling, fsync, rename, fsync the directory: a reader (or a crash) sees the
@@ -46,6 +48,19 @@ def io_error_message(exc: BaseException) -> str | None:
 
 # how safetensors (Rust) words an OS error: "Error while serializing: I/O error: File too large (os error 27)"
 _OS_ERROR = re.compile(r"(?:I/O error: )?([^:()]+?) \(os error (\d+)\)")
+
+
+@contextlib.contextmanager
+def saving(what: str) -> Iterator[None]:
+    """Turn an I/O error inside the block (disk full, no permission, a file too large) into a `SaveError`:
+    one line, "<reason> while writing <what>"; any other exception passes through untouched."""
+    try:
+        yield
+    except Exception as exc:
+        reason = io_error_message(exc)
+        if reason is None:
+            raise
+        raise SaveError(f"{reason} while writing {what}") from None
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:

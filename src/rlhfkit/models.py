@@ -39,8 +39,8 @@ import torch
 
 from rlhfkit.config import setting
 from rlhfkit.console import console, quiet_transformers
-from rlhfkit.errors import RlhfkitError, SaveError
-from rlhfkit.fileio import file_lock, fsync_dir, fsync_tree, io_error_message, sha256_file
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.fileio import file_lock, fsync_dir, fsync_tree, saving, sha256_file
 
 # A pad token distinct from EOS: with pad == EOS the model is never trained to stop (the EOS labels get
 # masked as padding) and the reward is read at the wrong token. We reuse a special token the vocabulary
@@ -377,25 +377,18 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     if hasattr(model, "merge_and_unload"):
         # fold every LoRA update W + (alpha/r) B A into a copy, leaving the training model untouched
         model = copy.deepcopy(model).merge_and_unload()
-    try:
+    with saving(f"the model to {out}"):
         tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
-    except OSError as exc:
-        raise SaveError(f"{io_error_message(exc)} while writing the model to {out}") from None
-    try:
-        with quiet_transformers():  # no "Writing model shards" bar
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-        fsync_tree(tmp)
-        for item in tmp.iterdir():
-            os.replace(item, out / item.name)
-        fsync_dir(out)
-    except Exception as exc:
-        reason = io_error_message(exc)
-        if reason is None:
-            raise
-        raise SaveError(f"{reason} while writing the model to {out}") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            with quiet_transformers():  # no "Writing model shards" bar
+                model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+            fsync_tree(tmp)
+            for item in tmp.iterdir():
+                os.replace(item, out / item.name)
+            fsync_dir(out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
