@@ -50,3 +50,16 @@ def test_renamed_settings_still_work_with_a_deprecation_message(capsys: pytest.C
     # the new keys print nothing
     new = load_config(SFTConfig, overrides=["data.path=demos.jsonl", "data.max_length=30"])
     assert new.data.max_length == 30 and "deprecated" not in capsys.readouterr().err
+
+
+def test_a_users_module_in_the_working_directory_is_found(tmp_path, monkeypatch):
+    import sys
+
+    from rlhfkit.config import import_spec
+
+    (tmp_path / "my_rewards_xyz.py").write_text("def ok(prompts, completions, **fields):\n    return [1.0]\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert import_spec("my_rewards_xyz:ok", "reward_fn")([], []) == [1.0]
+    with pytest.raises(ConfigError, match="reward_fn 'no_such_module_xyz:f'"):
+        import_spec("no_such_module_xyz:f", "reward_fn")

@@ -318,10 +318,14 @@ def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> l
 def import_spec(spec: str, setting: str) -> Any:
     """The object named by a `module:attribute` setting (a reward function, a gold preference)."""
     import importlib
+    import os
+    import sys
 
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise ConfigError(f"{setting} {spec!r}: expected module:function")
+    if os.getcwd() not in sys.path:  # `rlhfkit` as a console script: the user's modules sit in the cwd
+        sys.path.append(os.getcwd())
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:

@@ -333,6 +333,9 @@ class Pipeline:
         }
 
     def run(self) -> dict[str, Any]:
+        from rlhfkit.judge import load_gold
+
+        load_gold(self.cfg.gold)  # a wrong gold is an error now, not after the SFT stage
         claim_run_dir(self.cfg, self.out)
         state = self.load_state()
         for name in STAGES:
