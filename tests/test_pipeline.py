@@ -96,3 +96,12 @@ def test_quick_pipeline_over_seeds_reports_mean_and_spread(tmp_path: Path):
     assert feedback[0] != feedback[1]
     bad = CliRunner().invoke(app, ["pipeline", "--quick", "--output", str(tmp_path / "x"), "--seeds", "-1"])
     assert bad.exit_code == 2 and "--seeds must be 0" in bad.output
+
+
+def test_a_wrong_gold_is_refused_before_any_stage(tmp_path: Path):
+    out = tmp_path / "never"
+    result = CliRunner().invoke(
+        app, ["pipeline", "--quick", "--output", str(out), "--set", "gold=no_such_mod:f"]
+    )
+    assert result.exit_code == 2 and "gold 'no_such_mod:f'" in result.output
+    assert not out.exists()
