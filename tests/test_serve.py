@@ -11,6 +11,7 @@ a malformed forced call comes back as content, not as an error.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,7 +29,11 @@ import pytest
 import torch
 
 from rlhfkit.encoding import pad, prompt_answer_ids, prompt_ids
+from rlhfkit.errors import RlhfkitError
+from rlhfkit.llm import EndpointLLM, load_llm
 from rlhfkit.models import load_causal_lm, save_model
+from rlhfkit.rollout import RolloutEngine, SamplingConfig
+from rlhfkit.serve.app import create_app
 from rlhfkit.serve.tools import fallback_messages
 
 KEY = "sk-test-0123456789"
@@ -114,7 +120,7 @@ def running_server(model: Path, *options: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def server(taught_model: Path) -> Iterator[str]:
-    with running_server(taught_model, "--api-key", KEY, "--max-batch", "32", "--max-tokens", "512") as url:
+    with running_server(taught_model, "--api-key", KEY, "--max-batch", "32", "--max-tokens", "1000") as url:
         yield url
 
 
@@ -257,3 +263,162 @@ def test_a_malformed_forced_call_comes_back_as_content(client: openai.OpenAI):
     assert choice.message.tool_calls is None and choice.message.content.startswith('<tool_call>\n{"name": "')
     none = ask(client, WEATHER, tools=TOOLS, tool_choice="none", temperature=0, max_tokens=30)
     assert none.choices[0].message.tool_calls is None  # no tools rendered, none read
+
+
+# ------------------------------------------------------------------------------------------ errors
+def post(
+    server: str, body: bytes | dict, key: str | None = KEY, path: str = "/chat/completions"
+) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, dict):
+        return httpx.post(server + path, json=body, headers=headers, timeout=60)
+    return httpx.post(
+        server + path, content=body, headers=headers | {"content-type": "application/json"}, timeout=60
+    )
+
+
+def test_bad_requests_get_openai_errors_naming_the_field(client: openai.OpenAI, server: str):
+    ok = {"model": client.served, "messages": FRANCE, "max_tokens": 4}
+    cases = [
+        (b'{"model": "x", "messages": [', 400, None, "not valid JSON"),
+        (b"[1, 2]", 400, None, "JSON object"),
+        ({**ok, "model": "gpt-9"}, 404, "model", "does not exist"),
+        ({**ok, "temperature": 3}, 400, "temperature", "less than or equal to 2"),
+        ({**ok, "messages": []}, 400, "messages", "at least 1"),
+        ({**ok, "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role", "system"),
+        ({**ok, "messages": [{"role": "user"}]}, 400, "messages[0]", "needs content"),
+        ({**ok, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+         "messages[0].content", "only text"),
+        ({**ok, "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+        ({**ok, "max_tokens": 100_000}, 400, "max_tokens", "at most 1000"),
+        ({**ok, "n": 33}, 400, "n", "at most 32"),
+        ({**ok, "top_logprobs": 2}, 400, None, "needs logprobs"),
+        ({**ok, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+        ({**ok, "presence_penalty": 0.5}, 400, "presence_penalty", "not supported"),
+        ({**ok, "tempature": 0.5}, 400, "tempature", "unrecognised"),
+        ({**ok, "tool_choice": {"type": "function", "function": {"name": "f"}}, "tools": TOOLS}, 400, None,
+         "not in tools"),
+        ({**ok, "messages": [{"role": "user", "content": "x" * 5000}]}, 400, "messages", "context"),
+        ({**ok, "messages": [{"role": "user", "content": "x" * 900}], "max_tokens": 200}, 400, "max_tokens",
+         "context of 1024"),
+    ]  # fmt: skip
+    for body, status, param, words in cases:
+        reply = post(server, body)
+        assert reply.status_code == status, (body, reply.text)
+        error = reply.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["param"] == param, (body, error)
+        assert words in error["message"], (body, error)
+        assert "Traceback" not in reply.text
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-9", messages=FRANCE)
+    too_big = post(server, b'{"model": "x", "pad": "' + b"a" * (5 * 1024 * 1024) + b'"}')
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "request_too_large"
+    assert httpx.get(server + "/nowhere", headers={"Authorization": f"Bearer {KEY}"}).status_code == 404
+    assert ask(client, FRANCE, temperature=0, max_tokens=64).choices[0].message.content == FRANCE_ANSWER
+
+
+def test_a_key_is_needed_everywhere_but_health(client: openai.OpenAI, server: str):
+    for key in (None, "sk-wrong", KEY + "x"):
+        reply = post(server, {"model": client.served, "messages": FRANCE}, key=key)
+        assert reply.status_code == 401 and reply.json()["error"]["code"] == "invalid_api_key"
+    assert httpx.get(server + "/models").status_code == 401
+    wrong = openai.OpenAI(base_url=server, api_key="sk-wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    assert httpx.get(server.removesuffix("/v1") + "/health").status_code == 200
+
+
+# ------------------------------------------------------------------------------------------ batching
+def wait_idle(server: str, seconds: float) -> float:
+    start = time.monotonic()
+    while health(server)["running"] or health(server)["waiting"]:
+        assert time.monotonic() - start < seconds, health(server)
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def test_a_client_that_goes_away_cancels_its_generation(client: openai.OpenAI, server: str):
+    # 32 answers of 960 tokens: seconds of work, against the milliseconds the client stays
+    long = {"model": client.served, "messages": FRANCE, "max_tokens": 960, "ignore_eos": True, "n": 32}
+    auth = {"Authorization": f"Bearer {KEY}"}
+    before = health(server)["cancelled"]
+    with httpx.stream("POST", server + "/chat/completions", json={**long, "stream": True}, timeout=60,
+                      headers=auth) as reply:  # fmt: skip
+        assert reply.status_code == 200, reply.read()
+        for i, _ in enumerate(reply.iter_lines()):
+            if i == 6:
+                break
+    wait_idle(server, 5)
+    assert health(server)["cancelled"] == before + 32  # dropped unfinished, not run to their 960 tokens
+    with pytest.raises(httpx.ReadTimeout):  # unstreamed, given up after 0.3 s
+        httpx.post(server + "/chat/completions", json=long, headers=auth, timeout=0.3)
+    wait_idle(server, 5)
+    assert health(server)["cancelled"] == before + 64
+
+
+def test_many_concurrent_streams_share_decode_steps_and_all_complete(client: openai.OpenAI, server: str):
+    counts = [8 + 2 * i for i in range(24)]  # they leave at different steps
+
+    def one(i: int) -> tuple[int, int, str]:
+        chunks = list(ask(client, WEATHER if i % 2 else FRANCE, max_tokens=counts[i], temperature=1.0, seed=i,
+                          stream=True, logprobs=True, stream_options={"include_usage": True},
+                          extra_body={"ignore_eos": True}))  # fmt: skip
+        tokens = sum(
+            len(c.choices[0].logprobs.content) for c in chunks if c.choices and c.choices[0].logprobs
+        )
+        finish = next(c.choices[0].finish_reason for c in reversed(chunks) if c.choices)
+        return chunks[-1].usage.completion_tokens, tokens, finish
+
+    peak_before = health(server)["peak_running"]
+    start = time.monotonic()
+    with ThreadPoolExecutor(len(counts)) as pool:
+        results = list(pool.map(one, range(len(counts))))
+    elapsed = time.monotonic() - start
+    assert results == [(n, n, "length") for n in counts]  # every token streamed and counted
+    assert health(server)["peak_running"] >= max(peak_before, 8)  # they really were decoded together
+    assert elapsed < 20, f"{elapsed:.1f} s"
+
+
+def test_over_capacity_gets_429_with_retry_after(taught_model: Path):
+    """In process, with the scheduler never started (no lifespan), so the queue stays full: the tiny model
+    finishes any request over a socket before a second one could be sent."""
+    model, tokenizer = load_causal_lm(str(taught_model))
+    app = create_app(RolloutEngine(model.eval(), tokenizer), "m", max_batch=1, max_queue=1)
+    body = {"model": "m", "messages": FRANCE, "max_tokens": 8}
+
+    async def go() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            waiting = [asyncio.create_task(c.post("/v1/chat/completions", json=body)) for _ in range(2)]
+            while app.state.scheduler.stats()["waiting"] < 2:
+                await asyncio.sleep(0.01)
+            refused = await c.post("/v1/chat/completions", json=body)
+            for task in waiting:
+                task.cancel()
+            return refused
+
+    refused = asyncio.run(asyncio.wait_for(go(), 30))
+    assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+# ------------------------------------------------------------------------------------------ clients
+def test_endpoint_llm_equals_the_openai_client(client: openai.OpenAI, server: str):
+    llm = load_llm(server, api_key=KEY)
+    assert isinstance(llm, EndpointLLM) and llm.model == client.served
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.9)
+    [[ours], [theirs]] = llm.chat([FRANCE, WEATHER], sampling, seed=5)
+    reply = ask(client, FRANCE, max_tokens=16, temperature=1.0, top_p=0.9, seed=5)
+    assert ours.text == reply.choices[0].message.content
+    assert (
+        ours.tokens == reply.usage.completion_tokens and ours.finish_reason == reply.choices[0].finish_reason
+    )
+    assert (
+        theirs.text
+        == ask(client, WEATHER, max_tokens=16, temperature=1.0, top_p=0.9, seed=6).choices[0].message.content
+    )
+    three = llm.chat([FRANCE], SamplingConfig(max_new_tokens=6, temperature=2.0), n=3, seed=1)[0]
+    assert len(three) == 3 and all(c.tokens <= 6 for c in three)
+    assert [c.finish_reason for c in three] == ["length" if c.tokens == 6 else "stop" for c in three]
+    with pytest.raises(RlhfkitError, match="HTTP 401"):
+        EndpointLLM(server, model=client.served, api_key="sk-wrong").chat([FRANCE], sampling)

@@ -6,7 +6,8 @@ choices (`max_batch` rows); each choice leaves as soon as it ends (EOS, a stop s
 or its request is cancelled (the client went away). Every step posts each request the text its choices
 gained (`Delta`), and `Done` at the end; the event loop reads them from the job's asyncio queue.
 
-Over capacity (`max_queue` rows already waiting) `submit` raises `Overloaded` with a Retry-After estimate:
+Over capacity (the batch's `max_batch` rows and the queue's `max_queue` rows taken) `submit` raises
+`Overloaded` with a Retry-After estimate:
 the recent time one request takes, halved (about when a row frees up). An exception while stepping (a bug,
 out of memory) fails the requests in flight with a server error and the scheduler carries on with a fresh
 batch: one bad request never takes the server down.
@@ -132,6 +133,8 @@ class Scheduler:
         self.cond = threading.Condition()
         self.numbers = itertools.count()
         self.seconds_per_request = 1.0  # moving average, for Retry-After
+        self.peak = 0  # most rows decoded together so far
+        self.cancelled = 0  # rows dropped unfinished because their client went away
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="rlhfkit-scheduler", daemon=True)
         self.eos = set(engine.eos_token_ids)
@@ -147,11 +150,12 @@ class Scheduler:
         self.thread.join(timeout=30)
 
     def submit(self, request: Request, events: asyncio.Queue[tuple[Job, Event]]) -> Job:
-        """Queue a request whose events go to `events` (raises Overloaded when `max_queue` rows wait)."""
+        """Queue a request whose events go to `events` (raises Overloaded when it does not fit in the batch
+        and the queue)."""
         job = Job(request, events, next(self.numbers))
         with self.cond:
             queued = sum(j.request.n for j in self.waiting)
-            if queued + request.n > self.max_queue:
+            if len(self.jobs) + queued + request.n > self.max_batch + self.max_queue:
                 raise Overloaded(max(1, min(60, math.ceil(self.seconds_per_request / 2))))
             self.waiting.append(job)
             self.cond.notify()
@@ -159,7 +163,9 @@ class Scheduler:
 
     def stats(self) -> dict[str, Any]:
         with self.cond:
-            return {"running": len(self.jobs), "waiting": sum(j.request.n for j in self.waiting)}
+            waiting = sum(j.request.n for j in self.waiting)
+            return {"running": len(self.jobs), "waiting": waiting, "peak_running": self.peak,
+                    "cancelled": self.cancelled}  # fmt: skip
 
     # ---------------------------------------------------------------------------- scheduler thread
     def _run(self) -> None:
@@ -191,6 +197,7 @@ class Scheduler:
                 admitted.append(job)
                 room -= job.request.n
                 self.jobs.update({(job.number, i): job for i in range(job.request.n)})
+        self.peak = max(self.peak, len(self.jobs))
         return admitted
 
     def _step(self, admitted: list[Job]) -> None:
@@ -200,6 +207,7 @@ class Scheduler:
             with self.cond:
                 for key in gone:
                     self.jobs.pop(key)
+                self.cancelled += len(gone)
         if admitted:
             self._join(admitted)
         if not len(self.batch):
