@@ -338,6 +338,56 @@ def report(
     run_command(go)
 
 
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="Model to serve: local directory or registered name.")],
+    host: Annotated[str, typer.Option(help="Address to bind (0.0.0.0: every interface).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.", min=1, max=65535)] = 8000,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            envvar="RLHFKIT_API_KEY", help="Require `Authorization: Bearer KEY` (or set RLHFKIT_API_KEY)."
+        ),
+    ] = None,
+    max_batch: Annotated[int, typer.Option(help="Answers decoded together at most.", min=1)] = 32,
+    max_queue: Annotated[int, typer.Option(help="Answers waiting at most; beyond: HTTP 429.", min=0)] = 128,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.", min=1)] = 2048,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Let transformers run the model's own code.")
+    ] = False,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (chat, completions, streaming, tool calls)."""
+    from rlhfkit.serve import serve as run_server
+
+    run_command(
+        lambda: run_server(
+            model, host, port, api_key, max_batch, max_queue, max_tokens, trust_remote_code=trust_remote_code
+        )
+    )
+
+
+@app.command()
+def generate(
+    model: Annotated[str | None, typer.Option(help="Model: local directory or registered name.")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Prompts file (or bundled:NAME).")] = None,
+    output: Annotated[str | None, typer.Option(help="JSONL file to write.")] = None,
+    n: Annotated[int | None, typer.Option("--n", help="Answers per prompt.", min=1)] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Sample answers to a file of prompts offline (batched), one JSONL row per prompt and sample."""
+    from rlhfkit.config import load_config
+    from rlhfkit.generate import GenerateConfig, run_generate
+
+    def go() -> None:
+        named = {"model": model, "prompts": prompts, "output": output, "n": n}
+        cfg = load_config(GenerateConfig, config, _overrides(set_, **named))
+        rows = run_generate(cfg)
+        err.print(f"[bold]generate[/]: {rows} answers written to {cfg.output}")
+
+    run_command(go)
+
+
 app.add_typer(feedback_app, name="feedback")
 
 

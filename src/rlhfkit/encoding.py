@@ -82,10 +82,12 @@ def checked_prompt_ids(tokenizer: Any, rec: Any, max_tokens: int, setting: str) 
     return ids
 
 
-def prompt_ids(tokenizer: Any, prompt: Any) -> list[int]:
-    """Token ids of a prompt, ready for the model to continue with an answer."""
+def prompt_ids(tokenizer: Any, prompt: Any, tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Token ids of a prompt, ready for the model to continue with an answer; `tools` (JSON schemas) go to
+    a chat template that renders them (`serve.tools` decides when)."""
     if is_conversational(prompt):
-        rendered = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+        extra = {"tools": tools} if tools else {}
+        rendered = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, **extra)
         return _ids(rendered)
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 

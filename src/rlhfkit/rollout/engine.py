@@ -20,6 +20,8 @@ Where this departs from ``model.generate`` and why:
   ``stop_at_eos=False``, lm-human-preferences style).
 * Backends, one module each: the Llama fast path for float32 models on the CPU (``llama_cpu``, see its
   docstring) and the generic path, the HF forward with a ``DynamicCache`` (any other model or device).
+  Each has ``start`` / ``step`` / ``select``, and ``extend`` / ``trim`` / ``release`` for callers that keep
+  a batch running while rows come and go (``rollout.continuous``, the server); ``generate`` uses neither.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from rlhfkit import models
 from rlhfkit.config import setting
 from rlhfkit.console import progress
 from rlhfkit.encoding import checked_prompt_ids, left_pad, position_ids_from_mask
-from rlhfkit.rollout.llama_cpu import LlamaCPUBackend, llama_fast_path_supported
+from rlhfkit.rollout.llama_cpu import LlamaCPUBackend, llama_fast_path_supported, place_slots
 
 
 @dataclass
@@ -135,7 +137,7 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[tor
     return idx.squeeze(1), total.squeeze(1)
 
 
-def _sample(
+def sample_tokens(
     logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from (b, V) float logits; returns tokens (b,) and their log-probs (b,).
@@ -218,6 +220,54 @@ class _GenericBackend:
         self.mask, self.pos = self.mask[keep], self.pos[keep]
         return True
 
+    def _plain_layers(self) -> list[Any] | None:
+        """The cache's layers if every one is a plain ``DynamicLayer`` (keys, values (b, Hk, S, hd))."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(self.cache, "layers", None)
+        return layers if layers is not None and all(type(x) is DynamicLayer for x in layers) else None
+
+    def extend(
+        self, prompts: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, n_new: int
+    ) -> torch.Tensor | None:
+        """``start`` for more rows while others run: the new rows are prefilled alone, then both batches are
+        right-aligned on the next slot (the shorter padded on the left, masked) and stacked. Returns the new
+        rows' logits (b_new, V); None, changing nothing, when the cache is not plain (sliding windows)."""
+        old_layers = self._plain_layers()
+        if old_layers is None:
+            return None
+        old_mask, old_pos, old_cur = self.mask, self.pos, self.cur
+        logits = self.start(prompts, ids, mask, n_new)
+        cur = max(old_cur, self.cur)
+        size = cur + max(old_mask.shape[1] - old_cur, self.mask.shape[1] - self.cur)  # keep every row's room
+        for a, b in zip(old_layers, self._plain_layers() or [], strict=True):
+            for name in ("keys", "values"):
+                x, y = getattr(a, name), getattr(b, name)  # (b, Hk, c, hd)
+                x = place_slots(x, 2, old_cur, cur - old_cur, cur, 0.0, None)
+                setattr(b, name, torch.cat([x, place_slots(y, 2, self.cur, cur - self.cur, cur, 0.0, None)]))
+        self.mask = torch.cat(
+            [
+                place_slots(old_mask, 1, old_cur, cur - old_cur, size, 0, 1),
+                place_slots(self.mask, 1, self.cur, cur - self.cur, size, 0, 1),
+            ]
+        )  # (b + b_new, S)
+        self.pos, self.cur = torch.cat([old_pos, self.pos]), cur
+        return logits
+
+    def trim(self) -> None:
+        """Drop the leading slots no running row attends to (after long rows left)."""
+        layers = self._plain_layers()
+        seen = self.mask[:, : self.cur].bool().any(0)  # (S,)
+        first = int(seen.float().argmax()) if bool(seen.any()) else 0
+        if layers is None or first == 0:
+            return
+        for layer in layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        self.mask, self.cur = self.mask[:, first:], self.cur - first
+
+    def release(self) -> None:
+        self.cache = None
+
 
 class RolloutEngine:
     """Samples completions for batches of prompt token ids; see the module docstring.
@@ -260,13 +310,25 @@ class RolloutEngine:
 
     def decode(self, rollout: Rollout) -> list[str]:
         """The answers of a rollout as text: the real tokens, special tokens (EOS) left out, surrounding
-        whitespace stripped. The one rule every caller uses (rewards, labelling, evaluation)."""
-        if self.tokenizer is None:
-            raise ValueError("RolloutEngine.decode needs the engine to have a tokenizer")
+        whitespace stripped. The one rule every caller uses (rewards, labelling, evaluation, the server)."""
         return [
-            self.tokenizer.decode(ids[mask.bool()], skip_special_tokens=True).strip()
+            self.decode_ids(ids[mask.bool()].tolist())
             for ids, mask in zip(rollout.completion_ids, rollout.completion_mask, strict=True)  # (T,) each
         ]
+
+    def decode_ids(self, ids: list[int], strip: bool = True) -> str:
+        """`decode` of one answer's token ids; `strip=False` keeps surrounding whitespace (for a text that
+        is still growing, as the server's streams are)."""
+        if self.tokenizer is None:
+            raise ValueError("RolloutEngine.decode needs the engine to have a tokenizer")
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        return text.strip() if strip else text
+
+    def backend(self) -> Any:
+        """The backend `generate` samples with: the Llama fast path (one per engine: it holds the derived
+        weights) or a new generic one. For callers that step a batch themselves (`rollout.continuous`); not
+        to be used while `generate` runs on the same engine."""
+        return self._llama if self._llama is not None else _GenericBackend(self.model)
 
     def sample_texts(
         self,
@@ -308,13 +370,13 @@ class RolloutEngine:
         self.model.eval()
         try:
             with torch.inference_mode():
-                backend = self._llama if self._llama is not None else _GenericBackend(self.model)
+                backend = self.backend()
                 logits = backend.start(prompt_ids, ids, mask, t)  # (B, V)
                 rows = torch.arange(b)  # (b,) original row of each running row
                 done = torch.zeros(b, dtype=torch.bool)  # (b,) running rows that have ended
                 step = 0
                 for step in range(t):
-                    tokens, lp = _sample(logits, config, generator)  # (b,), (b,)
+                    tokens, lp = sample_tokens(logits, config, generator)  # (b,), (b,)
                     live = ~done
                     out_ids[rows[live], step] = tokens[live]
                     out_mask[rows[live], step] = 1

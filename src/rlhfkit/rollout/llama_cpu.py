@@ -35,6 +35,20 @@ def _onednn_pack(w: torch.Tensor, rows: int) -> torch.Tensor | None:
         return None
 
 
+def place_slots(
+    x: torch.Tensor, dim: int, filled: int, start: int, size: int, pad: float, rest: float | None
+) -> torch.Tensor:
+    """A copy of ``x`` with its first ``filled`` slots along ``dim`` moved to ``[start, start + filled)`` of
+    ``size`` slots: ``pad`` before them, ``rest`` after (None: uninitialised, for cache slots that are
+    written before they are read). Right-aligns two batches' caches on one next slot (``extend``)."""
+    shape = list(x.shape)
+    shape[dim] = size
+    out = x.new_empty(shape) if rest is None else x.new_full(shape, rest)
+    out.narrow(dim, 0, start).fill_(pad)
+    out.narrow(dim, start, filled).copy_(x.narrow(dim, 0, filled))
+    return out
+
+
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> transformers
 
@@ -287,6 +301,40 @@ class LlamaCPUBackend:
         self.v = [vc.index_select(0, keep) for vc in self.v]
         self.bias, self.pos = self.bias[keep], self.pos[keep]
         return True
+
+    def extend(
+        self, prompts: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, n_new: int
+    ) -> torch.Tensor:
+        """``start`` for more rows while others run (continuous batching): the new rows are prefilled alone,
+        then both batches are right-aligned on the next cache slot (the shorter one padded on the left,
+        masked) and stacked, each row keeping its room to grow. Returns the new rows' logits (b_new, V)."""
+        if not self.k:
+            return self.start(prompts, ids, mask, n_new)
+        k, v, bias, pos, cur_a = self.k, self.v, self.bias, self.pos, self.cur
+        logits = self.start(prompts, ids, mask, n_new)
+        cur_b = self.cur
+        cur = max(cur_a, cur_b)
+        size = cur + max(bias.shape[-1] - cur_a, self.bias.shape[-1] - cur_b)
+
+        def stack(a: torch.Tensor, b: torch.Tensor, pad: float, rest: float | None) -> torch.Tensor:
+            a = place_slots(a, 2, cur_a, cur - cur_a, size, pad, rest)
+            return torch.cat([a, place_slots(b, 2, cur_b, cur - cur_b, size, pad, rest)])
+
+        self.k = [stack(a, b, 0.0, None) for a, b in zip(k, self.k, strict=True)]  # (b + b_new, Hk, S, hd)
+        self.v = [stack(a, b, 0.0, None) for a, b in zip(v, self.v, strict=True)]
+        self.bias = stack(bias, self.bias, float("-inf"), 0.0)  # (b + b_new, 1, S)
+        self.pos, self.cur = torch.cat([pos, self.pos]), cur
+        return logits
+
+    def trim(self) -> None:
+        """Drop the leading cache slots no running row attends to (after long rows left): decode time
+        grows with the slots."""
+        seen = torch.isfinite(self.bias[:, 0, : self.cur]).any(0)  # (S,)
+        first = int(seen.float().argmax()) if bool(seen.any()) else 0
+        if first:
+            self.k = [kc[:, :, first:] for kc in self.k]
+            self.v = [vc[:, :, first:] for vc in self.v]
+            self.bias, self.cur = self.bias[:, :, first:], self.cur - first
 
     def release(self) -> None:
         self.k, self.v = [], []
