@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
 import resource
 import signal
 import subprocess
@@ -104,21 +103,30 @@ def test_a_10_mb_record_is_refused_before_tokenising_in_little_memory(tiny_model
     rows = [{"prompt": "Item 1?", "completion": "ok."}, {"prompt": "Item 2?", "completion": "x" * 10_000_000}]
     data = write_jsonl(tmp_path / "huge.jsonl", rows)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "rlhfkit.cli", "sft", "--model", str(tiny_model), "--data", str(data),
+    # the peak is read in the child from /proc/self/status (VmHWM: this process image's own high-water
+    # mark; rusage would also count the pages of the big pytest process it was forked from)
+    peak_file = tmp_path / "peak.txt"
+    wrapper = (
+        "import atexit, re, sys\n"
+        "def peak():\n"
+        "    status = open('/proc/self/status').read()\n"
+        f"    open({str(peak_file)!r}, 'w').write(re.search(r'VmHWM:\\s+(\\d+)', status).group(1))\n"
+        "atexit.register(peak)\n"
+        "from rlhfkit.cli import app\n"
+        "sys.argv = ['rlhfkit', *sys.argv[1:]]\n"
+        "app()\n"
+    )
+    cmd = [sys.executable, "-c", wrapper, "sft", "--model", str(tiny_model), "--data", str(data),
            "--output", str(out)]  # fmt: skip
-    with open(tmp_path / "stderr.txt", "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
-        _, status, usage = os.wait4(proc.pid, 0)  # this child's own peak RSS
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    stderr = (tmp_path / "stderr.txt").read_text()
-    assert proc.returncode == 2, stderr
-    line = error_line(stderr)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    line = error_line(done.stderr)
     assert line.startswith(
         f"error: {data}:2: field 'completion': is 10000007 characters long with its prompt"
     )
     assert not out.exists()
-    peak = usage.ru_maxrss * 1024
-    assert peak < 1 << 30, f"peak RSS {peak / 2**20:.0f} MiB"
+    peak = int(peak_file.read_text()) * 1024  # kB
+    assert 100 << 20 < peak < 1 << 30, f"peak RSS {peak / 2**20:.0f} MiB"  # a real reading, under 1 GiB
 
 
 def test_truncation_cuts_a_huge_answer_before_tokenising(tiny_model: Path, tmp_path: Path):

@@ -12,6 +12,7 @@ a malformed forced call comes back as content, not as an error.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import socket
@@ -397,7 +398,10 @@ def test_over_capacity_gets_429_with_retry_after(taught_model: Path):
                 task.cancel()
             return refused
 
-    refused = asyncio.run(asyncio.wait_for(go(), 30))
+    # a thread of its own: another test module (the browser tests' sync Playwright) may leave an event loop
+    # running in this one, and asyncio.run refuses to nest
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        refused = pool.submit(lambda: asyncio.run(asyncio.wait_for(go(), 30))).result()
     assert refused.status_code == 429 and int(refused.headers["retry-after"]) >= 1
     assert refused.json()["error"]["code"] == "rate_limit_exceeded"
 
