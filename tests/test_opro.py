@@ -163,6 +163,7 @@ def test_scripted_optimizer_finds_the_linreg_optimum_and_the_books_balance(tmp_p
         values = [int(v) for v in re.findall(r"value:\n(\d+)", prompt)]
         assert len(values) <= 20 and values == sorted(values, reverse=True)
     assert result["unique_evaluations_to_optimum"] == result["scored"]
+    assert result["improved"] and result["start_best"] > result["proposals_best"] == result["best"]["score"]
     report = (tmp_path / "lin" / "report.html").read_text()
     assert "random search" in report and "<script" not in report
 
@@ -176,6 +177,9 @@ def test_scripted_optimizer_closes_the_tsp_gap(tmp_path: Path):
     result = run_opro(cfg, ScriptedOptimizer())
     assert start_gap > 0.2  # random tours are far from the optimum
     assert result["gap"] <= 0.02 and result["gap"] < result["random_search"]["gap"]
+    assert result["improved"] and result["proposals_best"] < result["start_best"]
+    # random search starts from the same best start and only improves on it
+    assert result["random_search"]["curve"][0] <= result["start_best"]
 
 
 def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path: Path):

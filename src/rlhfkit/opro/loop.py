@@ -33,7 +33,7 @@ from rlhfkit.llm import LLM, load_llm
 from rlhfkit.models import DEFAULT_MODEL
 from rlhfkit.opro.linreg import LinearRegression, LinRegSettings
 from rlhfkit.opro.prompt import PromptOptimisation, PromptSettings
-from rlhfkit.opro.task import Task
+from rlhfkit.opro.task import Task, best_score
 from rlhfkit.opro.tsp import TravellingSalesman, TSPSettings
 from rlhfkit.rollout.engine import SamplingConfig
 
@@ -148,10 +148,11 @@ def optimise(cfg: OPROConfig, llm: LLM, task: Task, out: Path) -> History:
     return history
 
 
-def random_search(task: Task, evaluations: int, seed: int) -> list[float]:
+def random_search(task: Task, evaluations: int, seed: int, start: float | None = None) -> list[float]:
     """Best score so far after each of `evaluations` distinct uniformly random solutions (the baseline at
-    the LLM's number of scored solutions)."""
-    rng, seen, best, curve = random.Random(seed + 104729), set(), None, []
+    the LLM's number of scored solutions), starting from `start`: the best of the same starting solutions
+    the LLM was shown, so both sides begin equal."""
+    rng, seen, best, curve = random.Random(seed + 104729), set(), start, []
     attempts = 0
     while len(curve) < evaluations and attempts < 100 * evaluations:
         attempts += 1
@@ -170,8 +171,10 @@ def summarise(cfg: OPROConfig, task: Task, history: History, seconds: float) -> 
     """results.json: the instance, how the optimizer did, and the baselines at equal evaluations."""
     llm_entries = [e for e in history.entries if e["step"] > 0]
     initial = len(history.entries) - len(llm_entries)
-    best_solution, best_score = history.best(task, 1)[0]
-    baseline = random_search(task, len(llm_entries), cfg.seed)
+    best_solution, best_value = history.best(task, 1)[0]
+    start = best_score(task, [e for e in history.entries if e["step"] == 0])
+    proposed = best_score(task, llm_entries)
+    baseline = random_search(task, len(llm_entries), cfg.seed, start)
     result: dict[str, Any] = {
         "task": task.name,
         "instance": task.describe(),
@@ -182,7 +185,15 @@ def summarise(cfg: OPROConfig, task: Task, history: History, seconds: float) -> 
         "malformed": history.malformed,
         "duplicates": history.duplicates,
         "proposals": history.step * cfg.proposals,
-        "best": {"solution": list(best_solution), "score": best_score},
+        "best": {
+            "solution": list(best_solution) if isinstance(best_solution, tuple) else best_solution,
+            "score": best_value,
+        },
+        "start_best": start,
+        "proposals_best": proposed,
+        "improved": proposed is not None
+        and start is not None
+        and (proposed > start if task.higher_is_better else proposed < start),
         "optimum_found": history.optimum_step is not None,
         "optimum_step": history.optimum_step,
         "unique_evaluations_to_optimum": (
@@ -190,14 +201,14 @@ def summarise(cfg: OPROConfig, task: Task, history: History, seconds: float) -> 
         ),
         "random_search": {
             "evaluations": len(baseline),
-            "best": baseline[-1] if baseline else None,
+            "best": baseline[-1] if baseline else start,
             "curve": baseline,
         },
         "seconds": round(seconds, 1),
     }
     if isinstance(task, TravellingSalesman):
-        result["gap"] = task.gap(best_score)
-        result["random_search"]["gap"] = task.gap(baseline[-1]) if baseline else None
+        result["gap"] = task.gap(best_value)
+        result["random_search"]["gap"] = task.gap(result["random_search"]["best"])
     if isinstance(task, PromptOptimisation):
         result["test_accuracy"] = task.test_accuracies(best_solution)
     return result

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhfkit.fileio import write_atomic
-from rlhfkit.opro.task import Task
+from rlhfkit.opro.task import Task, best_score
 from rlhfkit.report import esc, figure, figure_html, fmt, page_html, png_bytes, table_html
 
 
@@ -30,7 +30,7 @@ def progress_plot(task: Task, history: Any, baseline: list[float]) -> bytes:
         [e["step"] for e in entries], [e["score"] for e in entries], s=8, alpha=0.5, label="proposal"
     )
     steps = sorted({e["step"] for e in entries})
-    best = [history_best(task, [e for e in entries if e["step"] <= s]) for s in steps]
+    best = [best_score(task, [e for e in entries if e["step"] <= s]) for s in steps]
     by_step.plot(steps, best, color="C3", label="best so far")
     by_step.set_xlabel("step")
     by_step.set_ylabel("score" if task.higher_is_better else "objective (lower is better)")
@@ -47,11 +47,6 @@ def progress_plot(task: Task, history: Any, baseline: list[float]) -> bytes:
     return png_bytes(fig)
 
 
-def history_best(task: Task, entries: list[dict[str, Any]]) -> float:
-    scores = [e["score"] for e in entries]
-    return max(scores) if task.higher_is_better else min(scores)
-
-
 def _instance(task: Task) -> str:
     described = task.describe()
     return ", ".join(f"{k} {v}" for k, v in described.items() if k not in ("points", "optimum", "heuristics"))
@@ -64,8 +59,15 @@ def write_report(out: Path, cfg: Any, task: Task, history: Any, result: dict[str
         ["solutions scored (unique, valid)", str(result["scored"])],
         ["malformed / duplicate proposals", f"{result['malformed']} / {result['duplicates']}"],
         ["best found", f"{fmt(result['best']['score'], 6)} at {esc(result['best']['solution'])}"],
+        [
+            "best start / best proposal",
+            f"{fmt(result['start_best'], 6)} / {fmt(result['proposals_best'], 6)}",
+        ],
         ["optimum reached", f"step {result['optimum_step']}" if result["optimum_found"] else "no"],
-        ["random search at equal evaluations, best", fmt(result["random_search"]["best"], 6)],
+        [
+            "random search at equal evaluations from the same starts, best",
+            fmt(result["random_search"]["best"], 6),
+        ],
     ]
     for name, accuracy in result.get("test_accuracy", {}).items():
         rows.append([f"held-out accuracy: {esc(name)}", f"{accuracy:.1f}%"])

@@ -49,3 +49,11 @@ class Task(Protocol):
     def describe(self) -> dict[str, Any]:
         """The instance, for the report (true parameters, optimum, heuristics' scores)."""
         ...
+
+
+def best_score(task: Task, entries: list[dict[str, Any]]) -> float | None:
+    """The best score among history entries (dicts with a "score"); None for none."""
+    scores = [e["score"] for e in entries]
+    if not scores:
+        return None
+    return max(scores) if task.higher_is_better else min(scores)
