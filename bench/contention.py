@@ -6,8 +6,9 @@ taken, or several-fold (issue 20)? A B A B in fresh processes, the same worker a
 Conditions, each run in a fresh worker process:
   quiet            nothing else runs
   busy             one CPU-bound Python process (a busy loop) runs beside the worker all the time
-and the worker's thread setting in each: 2 threads with libgomp's default wait policy (spin, then sleep),
-2 threads with OMP_WAIT_POLICY=PASSIVE (sleep at once), and 1 thread. On 2 cores a busy neighbour takes one
+and the worker's thread setting in each (`--settings`): 2 threads with libgomp's default wait policy (spin
+300,000 rounds, then sleep), with OMP_WAIT_POLICY=PASSIVE (sleep at once) or a shorter GOMP_SPINCOUNT, and 1
+thread. On 2 cores a busy neighbour takes one
 core's worth, so a fair slowdown of a 2-thread step is about 2x at most (1.33x if the step is only 2/3
 parallel); a spin-waiting team whose peer thread is descheduled can lose far more.
 Prints the median s/step of every (condition, setting) and the ratio busy/quiet; JSON to bench/results/.
@@ -32,6 +33,8 @@ SETTINGS = {
     "2 threads, default wait": (2, {}),
     "2 threads, OMP_WAIT_POLICY=PASSIVE": (2, {"OMP_WAIT_POLICY": "PASSIVE"}),
     "1 thread": (1, {}),
+    "2 threads, GOMP_SPINCOUNT=10000": (2, {"GOMP_SPINCOUNT": "10000"}),
+    "2 threads, GOMP_SPINCOUNT=100000": (2, {"GOMP_SPINCOUNT": "100000"}),
 }
 
 
@@ -58,6 +61,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "bench-data"))
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS)[:3], help=f"of {list(SETTINGS)}")
     args = parser.parse_args()
 
     from rlhfkit.models import resolve_model
@@ -71,7 +75,8 @@ def main() -> None:
                 if condition == "busy":  # a CPU-bound process beside the worker, the whole run long
                     neighbour = subprocess.Popen([sys.executable, "-c", "while True: pass"])
                 try:
-                    for name, (threads, env) in SETTINGS.items():
+                    for name in args.settings:
+                        threads, env = SETTINGS[name]
                         key = f"{condition} | {name}"
                         times.setdefault(key, []).extend(
                             run_worker(args.trainer, threads, env, args, Path(tmp))
@@ -82,7 +87,7 @@ def main() -> None:
                         neighbour.kill()
                         neighbour.wait()
     print(f"\n{args.trainer}, median s/step over {args.rounds} rounds x {args.steps} steps")
-    for name in SETTINGS:
+    for name in args.settings:
         quiet, busy = (statistics.median(times[f"{c} | {name}"]) for c in ("quiet", "busy"))
         print(f"  {name:36s} quiet {quiet:7.2f}  busy {busy:7.2f}  busy/quiet {busy / quiet:5.2f}")
     stamp = dt.datetime.now().strftime("%Y-%m-%d-%H%M")
