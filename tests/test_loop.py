@@ -97,11 +97,22 @@ def test_ddp_two_processes_gloo_equals_one_process(tiny_model: Path, memory_data
     flags = [a for s in sets for a in ("--set", s)]
     subprocess.run([sys.executable, "-m", "rlhfkit.cli", *base, "--output", str(tmp_path / "one"), *flags],
                    check=True, capture_output=True)  # fmt: skip
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    proc = subprocess.run([*launch, "-m", "rlhfkit.cli", *base, "--output", str(tmp_path / "two"), *flags],
-                          capture_output=True, text=True)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert max_diff(tmp_path / "one", tmp_path / "two") <= 1e-5
+    failures = []
+    for attempt in range(2):
+        # Known flake, not reproduced alone (9 of 9 runs pass): in about one full-suite run of three, a rank
+        # dies with SIGABRT inside gloo before training starts. One retry in a fresh directory; each rank's
+        # own stderr is kept so a second failure shows why.
+        two, logs = tmp_path / f"two-{attempt}", tmp_path / f"logs-{attempt}"
+        launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                  "--log-dir", str(logs), "--redirects", "3"]  # fmt: skip
+        proc = subprocess.run([*launch, "-m", "rlhfkit.cli", *base, "--output", str(two), *flags],
+                              capture_output=True, text=True)  # fmt: skip
+        if proc.returncode == 0:
+            break
+        ranks = "\n".join(f"{p}: {p.read_text()[-1500:]}" for p in sorted(logs.rglob("stderr.log")))
+        failures.append(f"attempt {attempt}: {proc.stderr[-800:]}\n{ranks}")
+    assert proc.returncode == 0, "\n\n".join(failures)
+    assert max_diff(tmp_path / "one", two) <= 1e-5
     assert max_diff(tmp_path / "one", tiny_model) > 1e-3
 
 
