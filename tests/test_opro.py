@@ -62,6 +62,13 @@ class ScriptedOptimizer:
             out.append(replies)
         return out
 
+    @staticmethod
+    def first_prompt(cfg: OPROConfig) -> str:
+        task = make_task(cfg)
+        starts = [(s, task.score(s)) for s in task.initial(random.Random(cfg.seed))]
+        ranked = sorted(starts, key=lambda p: p[1], reverse=not task.higher_is_better)
+        return task.meta_prompt(ranked[-task.max_shown :], random.Random(cfg.seed * 7919 + 1))
+
     def propose(self, prompt: str, rng: random.Random) -> str:
         pairs = re.findall(r"w=(-?\d+), b=(-?\d+)\nvalue:", prompt)
         if pairs:
@@ -316,3 +323,35 @@ def test_prompt_optimisation_finds_the_instruction_the_scorer_needs(tmp_path: Pa
     assert task.score("Let's solve the problem.") == 0.0
     accuracies = task.test_accuracies(best)
     assert accuracies == {"best found": 100.0, "initial": 0.0, "step by step": 0.0, "empty": 0.0}
+
+
+def test_exported_episodes_train_an_optimizer_with_grpo(tiny_model: Path, tmp_path: Path):
+    from rlhfkit.data import load_prompts
+    from rlhfkit.opro.episodes import improvement
+
+    cfg = load_config(OPROConfig, overrides=["task=linreg", f"output={tmp_path / 'o'}", "steps=6", "seed=2"])
+    path = tmp_path / "episodes.jsonl"
+    result = run_opro(cfg, ScriptedOptimizer(malformed_every=4), export_episodes=str(path))
+    records = load_prompts(path)  # an RL prompt file
+    assert len(records) == result["episodes"] == result["scored"]
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    # the reward recomputes each recorded proposal's improvement over the best it was shown
+    again = improvement([""] * len(rows), [r["completion"] for r in rows], [r["task"] for r in rows],
+                        [r["settings"] for r in rows], [r["best_shown"] for r in rows])  # fmt: skip
+    assert again == pytest.approx([r["improvement"] for r in rows])
+    assert any(v > 0 for v in again) and improvement(
+        [""], ["no pair"], ["linreg"], [rows[0]["settings"]], [1.0]
+    ) == [-1.0]
+    # the meta-prompt of a step-1 record is the one the optimizer saw first
+    assert rows[0]["prompt"][0]["content"] == ScriptedOptimizer.first_prompt(cfg)
+    out = tmp_path / "grpo"
+    early = tmp_path / "early.jsonl"  # the first steps' meta-prompts: short enough for the tiny model
+    early.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    args = ["grpo", "--policy", str(tiny_model), "--prompts", str(early), "--output", str(out),
+            "--reward-fn", "rlhfkit.opro.episodes:improvement", "--set", "train.max_steps=1",
+            "--set", "prompts_per_step=2", "--set", "num_generations=2", "--set", "sampling.max_new_tokens=8",
+            "--set", "max_prompt_length=1024", "--set", "train.threads=1"]  # fmt: skip
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["score"] == -1.0  # a random tiny model writes no pair: the reward says so

@@ -271,6 +271,10 @@ def opro(
         typer.Option(help="prompt task: the LLM whose instruction is optimised (default: optimizer)."),
     ] = None,
     output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
+    export_episodes: Annotated[
+        str | None,
+        typer.Option(help="Write (meta-prompt, proposal, improvement) records for `rlhfkit grpo`."),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
@@ -282,7 +286,7 @@ def opro(
         cfg = load_config(
             OPROConfig, config, _overrides(set_, task=task, optimizer=optimizer, scorer=scorer, output=output)
         )
-        result = run_opro(cfg)
+        result = run_opro(cfg, export_episodes=export_episodes)
         found = (
             f"optimum at step {result['optimum_step']}" if result["optimum_found"] else "optimum not reached"
         )

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from rlhfkit.config import claim_run_dir, setting
 from rlhfkit.console import console, progress
+from rlhfkit.errors import ConfigError
 from rlhfkit.fileio import write_atomic
 from rlhfkit.llm import LLM, load_llm
 from rlhfkit.models import DEFAULT_MODEL
@@ -214,10 +215,12 @@ def summarise(cfg: OPROConfig, task: Task, history: History, seconds: float) -> 
     return result
 
 
-def run_opro(cfg: OPROConfig, llm: LLM | None = None) -> dict[str, Any]:
+def run_opro(cfg: OPROConfig, llm: LLM | None = None, export_episodes: str | None = None) -> dict[str, Any]:
     """Optimise, write results.json and report.html; returns the results."""
     from rlhfkit.opro.report import write_report
 
+    if export_episodes and cfg.task == "prompt":
+        raise ConfigError("--export-episodes: prompt tasks are not exported (scoring needs the scorer model)")
     out = Path(cfg.output)
     claim_run_dir(cfg, out)
     llm = llm or load_llm(cfg.optimizer)
@@ -230,4 +233,15 @@ def run_opro(cfg: OPROConfig, llm: LLM | None = None) -> dict[str, Any]:
     result = summarise(cfg, task, history, time.perf_counter() - t0)
     write_atomic(out / "results.json", json.dumps(result, indent=2))
     write_report(out, cfg, task, history, result)
+    if export_episodes:
+        from rlhfkit.opro.episodes import episodes
+
+        if cfg.task == "prompt":
+            raise ConfigError(
+                "--export-episodes: prompt tasks are not exported (scoring needs the scorer model)"
+            )
+        settings = cfg.linreg if cfg.task == "linreg" else cfg.tsp
+        rows = episodes(task, settings, history.entries, history.step, cfg.seed)
+        write_atomic(Path(export_episodes), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        result["episodes"] = len(rows)
     return result
