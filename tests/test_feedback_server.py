@@ -28,6 +28,7 @@ import httpx
 import pytest
 import uvicorn
 from fastapi.routing import APIRoute
+from tests.conftest import free_port, wait_until_up
 
 from rlhfkit.feedback import store
 from rlhfkit.feedback.app import create_app, display_order
@@ -467,22 +468,12 @@ def test_a_killed_server_keeps_every_acknowledged_label(tmp_path: Path):
     acknowledged is in the database (each one was committed, with fsync, before the reply was sent)."""
     db = tmp_path / "fb.sqlite"
     make_project(db, [(f"P{i}", ["a", "b"]) for i in range(30)], 1, {"ann": "annotator"}).close()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "rlhfkit.cli", "feedback", "serve", "--db", str(db), "--port", str(port)]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:  # readiness poll
-            assert server.poll() is None, server.stderr.read().decode()
-            try:
-                httpx.get(f"{base}/login", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.05)
+        wait_until_up(server, f"{base}/login", timeout=60)
         ann = login(base, "ann")
         acked = 0
         for _ in range(20):

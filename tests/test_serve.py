@@ -15,7 +15,6 @@ import asyncio
 import concurrent.futures
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import httpx
 import openai
 import pytest
 import torch
+from tests.conftest import free_port, wait_until_up
 
 from rlhfkit.encoding import pad, prompt_answer_ids, prompt_ids
 from rlhfkit.errors import RlhfkitError
@@ -86,9 +86,7 @@ def taught_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, one
 @contextmanager
 def running_server(model: Path, *options: str) -> Iterator[str]:
     """`rlhfkit serve` in its own process on a free loopback port; yields the /v1 base URL."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [
         sys.executable,
         "-m",
@@ -104,15 +102,7 @@ def running_server(model: Path, *options: str) -> Iterator[str]:
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:  # readiness poll
-            assert server.poll() is None, server.stderr.read().decode()
-            try:
-                httpx.get(f"{base}/health", timeout=1)
-                break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.1)
+        wait_until_up(server, f"{base}/health", timeout=120)
         yield f"{base}/v1"
     finally:
         server.terminate()
