@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from rlhfkit.data import PreferenceRecord, RankingRecord
-from rlhfkit.errors import DataError
+from rlhfkit.data import DataSettings, PreferenceRecord, RankingRecord, load_preferences
+from rlhfkit.errors import ConfigError, DataError
 
 
 def is_conversational(value: Any) -> bool:
@@ -224,6 +224,29 @@ def encode_preferences(
             continue
         examples.append(PreferenceExample(tuple(encoded), tuple(ranks), margin))  # type: ignore[arg-type]
     return examples, dropped
+
+
+def load_preference_examples(
+    data: DataSettings, tokenizer: Any, seed: int, stage: str
+) -> tuple[list[PreferenceExample], list[PreferenceExample]]:
+    """(train, eval) preference examples of a stage's `data` section (RM, DPO): read and split, tokenised
+    and length-checked (errors name file:line:field); records truncation left with nothing to compare are
+    dropped with a note; no training example left is an error."""
+    from rlhfkit.console import console
+
+    train_records, eval_records = data.split(load_preferences, seed, "preference")
+    train, dropped = encode_preferences(train_records, tokenizer, data.max_length, data.truncation)
+    evals, dropped_eval = encode_preferences(eval_records, tokenizer, data.max_length, data.truncation)
+    if dropped + dropped_eval:
+        console.print(
+            f"[bold]{stage}[/]: {dropped + dropped_eval} record(s) dropped: "
+            "nothing left to compare after truncation"
+        )
+    if not train:
+        raise ConfigError(
+            f"{data.path}: no training example is left (check data.max_length and data.truncation)"
+        )
+    return train, evals
 
 
 def _same_ids(encoded: list[SequenceExample | None], ranks: tuple[int, ...]) -> tuple[int, int] | None:

@@ -56,9 +56,8 @@ import torch
 
 from rlhfkit.config import setting, validate
 from rlhfkit.console import console, progress
-from rlhfkit.data import DATA_RENAMED, DataSettings, load_preferences
-from rlhfkit.encoding import PreferenceExample, SequenceExample, encode_preferences
-from rlhfkit.errors import ConfigError
+from rlhfkit.data import DATA_RENAMED, DataSettings
+from rlhfkit.encoding import PreferenceExample, SequenceExample, load_preference_examples
 from rlhfkit.loop import TrainLoop
 from rlhfkit.losses import dpo_loss
 from rlhfkit.models import (
@@ -384,19 +383,10 @@ def preference_pairs(examples: list[PreferenceExample]) -> list[DPOExample]:
 def prepare_dpo(cfg: DPOConfig) -> tuple[list[DPOExample], list[DPOExample]]:
     """Read, validate and tokenise all data (nothing is written anywhere until this succeeds)."""
     validate(cfg)  # before the data is read
-    train_records, eval_records = cfg.data.split(load_preferences, cfg.train.seed, "preference")
     tokenizer = load_tokenizer(cfg.policy, trust_remote_code=cfg.trust_remote_code)
-    d = cfg.data  # the reward model's encoder: same validation (length, identical answers) and messages
-    train_examples, dropped = encode_preferences(train_records, tokenizer, d.max_length, d.truncation)
-    eval_examples, dropped_eval = encode_preferences(eval_records, tokenizer, d.max_length, d.truncation)
-    if dropped + dropped_eval:
-        console.print(
-            f"[bold]dpo[/]: {dropped + dropped_eval} record(s) dropped: "
-            "nothing left to compare after truncation"
-        )
+    # the reward model's encoder: same validation (length, identical answers) and messages
+    train_examples, eval_examples = load_preference_examples(cfg.data, tokenizer, cfg.train.seed, "dpo")
     train, evals = preference_pairs(train_examples), preference_pairs(eval_examples)
-    if not train:
-        raise ConfigError(f"{d.path}: no training pair is left (check data.max_length and data.truncation)")
     return train, evals
 
 

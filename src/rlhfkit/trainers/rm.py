@@ -50,9 +50,8 @@ import torch
 
 from rlhfkit.config import setting
 from rlhfkit.console import console
-from rlhfkit.data import DATA_RENAMED, DataSettings, load_preferences, load_sft, resolve_data_path
-from rlhfkit.encoding import PreferenceExample, SequenceExample, encode_answer, encode_preferences
-from rlhfkit.errors import ConfigError
+from rlhfkit.data import DATA_RENAMED, DataSettings, load_sft, resolve_data_path
+from rlhfkit.encoding import PreferenceExample, SequenceExample, encode_answer, load_preference_examples
 from rlhfkit.loop import TrainLoop
 from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
 from rlhfkit.models import (
@@ -299,20 +298,8 @@ def prepare_rm(
     cfg: RMConfig,
 ) -> tuple[list[PreferenceExample], list[PreferenceExample], list[SequenceExample]]:
     """Read, validate and tokenise all data (nothing is written anywhere until this succeeds)."""
-    train_records, eval_records = cfg.data.split(load_preferences, cfg.train.seed, "preference")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    d = cfg.data
-    train, dropped = encode_preferences(train_records, tokenizer, d.max_length, d.truncation)
-    evals, dropped_eval = encode_preferences(eval_records, tokenizer, d.max_length, d.truncation)
-    if dropped + dropped_eval:
-        console.print(
-            f"[bold]rm[/]: {dropped + dropped_eval} record(s) dropped: "
-            "nothing left to compare after truncation"
-        )
-    if not train:
-        raise ConfigError(
-            f"{d.path}: no training example is left (check data.max_length and data.truncation)"
-        )
+    train, evals = load_preference_examples(cfg.data, tokenizer, cfg.train.seed, "rm")
     return train, evals, calibration_set(cfg, tokenizer, train + evals)
 
 
