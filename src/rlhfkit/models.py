@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import json
 import math
 import os
@@ -362,6 +363,16 @@ def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     trainers can run the output layer only on the positions that need logits."""
     base = unwrap(model)
     return base.get_decoder(), base.get_output_embeddings()
+
+
+def cache_keyword(module: torch.nn.Module) -> str:
+    """The forward keyword that takes a KV cache: `cache` from transformers 5.24 on, `past_key_values`
+    before (5.24 still takes the old name, with a FutureWarning per call)."""
+    try:
+        params = inspect.signature(unwrap(module).forward).parameters
+        return "cache" if "cache" in params else "past_key_values"
+    except (TypeError, ValueError):
+        return "past_key_values"
 
 
 def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:

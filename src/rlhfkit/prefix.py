@@ -28,7 +28,7 @@ import torch
 
 from rlhfkit.encoding import SequenceExample, common_prefix_len, pad
 from rlhfkit.losses import token_logprobs_entropy
-from rlhfkit.models import decoder_and_head
+from rlhfkit.models import cache_keyword, decoder_and_head
 
 if TYPE_CHECKING:
     from rlhfkit.rollout import Rollout
@@ -148,6 +148,7 @@ def shared_prompt_forward(
 
     config = getattr(decoder, "config", None)
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    key = cache_keyword(decoder)
     c = batch.prefix_ids.shape[1]
     u = batch.prompt_ids.shape[0]
     levels = (batch.prefix_ids, batch.prompt_ids, batch.answer_ids)
@@ -161,7 +162,7 @@ def shared_prompt_forward(
             inputs_embeds=prefix_emb,
             attention_mask=torch.ones_like(batch.prefix_ids),
             position_ids=torch.arange(c)[None],
-            past_key_values=cache,
+            **{key: cache},
             use_cache=True,
         )
         cache.reorder_cache(torch.zeros(u, dtype=torch.long))  # (1, ...) -> (U, ...)
@@ -170,7 +171,7 @@ def shared_prompt_forward(
         inputs_embeds=prompt_emb,
         attention_mask=prompt_mask,
         position_ids=_positions(batch.prompt_mask, c),
-        past_key_values=cache,
+        **{key: cache},
         use_cache=True,
     ).last_hidden_state  # (U, P, C)
     if cache.get_seq_length() != prompt_mask.shape[1]:  # e.g. a model forcing use_cache off
@@ -185,7 +186,7 @@ def shared_prompt_forward(
         inputs_embeds=answer_emb,
         attention_mask=mask,
         position_ids=answer_pos,
-        past_key_values=cache,
+        **{key: cache},
         use_cache=True,
     ).last_hidden_state  # (B, T, C)
     return last_prompt, answers

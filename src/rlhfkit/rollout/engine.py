@@ -176,6 +176,7 @@ class _GenericBackend:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.keep_arg = _accepts(model, "logits_to_keep")
+        self.cache_key = models.cache_keyword(model)
 
     def start(
         self, prompts: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, n_new: int
@@ -192,11 +193,10 @@ class _GenericBackend:
             input_ids=ids,
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask),
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_key: self.cache},
             **kw,
-        )
-        self.cache = out.past_key_values
+        )  # the cache object is filled in place
         return out.logits[:, -1].float()  # (B, V)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -206,10 +206,9 @@ class _GenericBackend:
             input_ids=tokens[:, None],
             attention_mask=self.mask[:, : self.cur],
             position_ids=self.pos,
-            past_key_values=self.cache,
             use_cache=True,
+            **{self.cache_key: self.cache},
         )
-        self.cache = out.past_key_values
         return out.logits[:, -1].float()  # (b, V)
 
     def select(self, keep: torch.Tensor) -> bool:
