@@ -247,6 +247,8 @@ def orders(rng: random.Random, products_table: dict[str, Any]) -> dict[str, Any]
 def write_database(path: str | Path | None, tables: list[dict[str, Any]]) -> sqlite3.Connection:
     """Create the tables in a new database (`path` None: in memory); returns the open connection."""
     conn = sqlite3.connect(":memory:" if path is None else str(path))
+    conn.execute("PRAGMA synchronous = OFF")  # a throw-away copy: no fsync
+    conn.execute("PRAGMA journal_mode = OFF")
     for t in tables:
         columns = ", ".join(f'"{name}" {kind}' for name, kind in t["columns"])
         conn.execute(f'CREATE TABLE "{t["name"]}" ({columns})')
@@ -269,6 +271,7 @@ def single_table_question(
     num = rng.choice(spec["nums"])
     cut = sorted(r[num] for r in rows)[len(rows) // 2]
     keys = f"SELECT {key} FROM {t}"
+    a_num = f"{'an' if num[0] in 'aeiou' else 'a'} {num}"
     kind = rng.randrange(8)
     if kind == 0:
         return (
@@ -294,7 +297,7 @@ def single_table_question(
         )
     if kind == 3:
         sql = f"SELECT {key} FROM {t} WHERE {cat} = '{value}' AND {num} > {cut}"
-        return f"Which {noun} {where} have a {num} above {cut}? List them all.", sql, "list", keys, None
+        return f"Which {noun} {where} have {a_num} above {cut}? List them all.", sql, "list", keys, None
     if kind == 4:
         sql = f"SELECT {cat} FROM {t} GROUP BY {cat} ORDER BY COUNT(*) DESC LIMIT 1"
         tie = f"SELECT COUNT(*) FROM {t} GROUP BY {cat} ORDER BY COUNT(*) DESC LIMIT 2"
@@ -311,7 +314,7 @@ def single_table_question(
         )
     if kind == 6:
         return (
-            f"How many {noun} have a {num} above {cut}?",
+            f"How many {noun} have {a_num} above {cut}?",
             f"SELECT COUNT(*) FROM {t} WHERE {num} > {cut}",
             "number",
             "",

@@ -78,6 +78,15 @@ def replay(env: ToolEnvironment, task: Task, record: dict[str, Any]) -> tuple[li
     return chat_messages(episode, env.tool_schemas()), reward
 
 
+def turn_records(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """One SFT record per assistant turn of a demonstration (the conversation up to and including it).
+
+    SFT learns only a record's last assistant turn; a full demonstration would teach the final answer but
+    not the tool call. Train on these records to learn both."""
+    messages = record["messages"]
+    return [{"messages": messages[: i + 1]} for i, m in enumerate(messages) if m["role"] == "assistant"]
+
+
 def demos_path(name: str) -> Path:
     """A bundled demonstration file, e.g. demos_path("calc") -> .../rlhfkit/assets/agents/calc_demos.jsonl."""
     return Path(str(resources.files("rlhfkit") / "assets" / "agents" / f"{name}_demos.jsonl"))
