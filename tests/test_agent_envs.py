@@ -58,6 +58,9 @@ def observe(env, name: str, arguments: dict | str) -> str:
         ("2 ** 0.5", "1.41421356237"),
         ("2 ** -2", "0.25"),
         ("4837 * 2958", "14307846"),
+        ("200 * 15%", "30"),  # a percentage
+        ("(1 - 12.5%) * 80", "70"),
+        ("7 % 3", "1"),  # modulo when an operand follows
     ],
 )
 def test_calculator_computes_exactly(expression, expected):
@@ -109,6 +112,8 @@ def test_calc_splits_are_deterministic_disjoint_and_correct():
     env = CalcEnvironment()
     for task in test:  # every gold answer is what the calculator gives for the gold expression
         assert env.check(task, calculator(task.data["expression"])) == 1.0
+        if "dollars" in task.prompt:  # money in whole cents
+            assert len(task.data["answer"].partition(".")[2]) <= 2
 
 
 # ------------------------------------------------------------------------------------ tool environment

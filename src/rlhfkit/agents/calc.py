@@ -3,12 +3,13 @@
 The problems (shopping, travel, wages, recipes, fuel, savings, stock, bills, grades, building) need
 multi-digit multiplication, several steps, percentages or division with decimals: more than a 135M model
 does in its head, one `calculator` call with the right expression. They come from templates filled from a
-seeded `random.Random`, so a split is the same on every machine; every answer is an exact decimal (problems
-whose answer does not terminate within 4 decimals are drawn again). The test split (200) uses other seeds
-than train (2,000) and any train problem whose text equals a test problem is dropped.
+seeded `random.Random`, so a split is the same on every machine; every answer is an exact decimal (a problem
+whose answer needs more than 4 decimals, or more than 2 for dollars, is drawn again). The test split (200)
+uses other seeds than train (2,000) and any train problem whose text equals a test problem is dropped.
 
-The calculator evaluates an expression over Python's `ast`: numbers, + - * / // % ** (^ is read as **),
-parentheses and unary signs, nothing else (no names, no calls, no attributes). It computes with exact
+The calculator evaluates an expression over Python's `ast`: numbers, + - * / // % ** (^ is read as **, a
+number followed by % and no operand as a percentage, "1,234.5" and "$12" as numbers), parentheses and unary
+signs, nothing else (no names, no calls, no attributes). It computes with exact
 fractions (0.1 + 0.2 is 0.3), falls back to floats only for a fractional power, and refuses expressions
 longer than 300 characters, with more than 100 nodes, exponents above 1000 or results above ~300 digits.
 
@@ -131,6 +132,7 @@ def compute(expression: str) -> Number:
     """The value of an arithmetic expression; CalcError says why it is refused."""
     text = expression.strip().replace("^", "**").replace("×", "*").replace("÷", "/").replace("$", "")
     text = re.sub(r"(?<=\d),(?=\d{3}(?!\d))", "", text)  # thousands separators: 1,234.5
+    text = re.sub(r"(\d+(?:\.\d+)?)\s*%(?!\s*[\d(.])", r"(\1/100)", text)  # 15% is 0.15; 7 % 3 stays modulo
     if not text:
         raise CalcError("the expression is empty")
     if len(text) > MAX_LENGTH:
@@ -369,13 +371,14 @@ TEMPLATES = [shopping, travel, wages, recipe, fuel, savings, stock, bill, grades
 
 
 def problem(rng: random.Random) -> tuple[str, str, Fraction]:
-    """A problem whose answer is an exact decimal of at most 4 places: (text, expression, answer)."""
+    """A problem whose answer is an exact decimal of at most 4 places, 2 for an amount of money (whole
+    cents, so an answer rounded to cents is right): (text, expression, answer)."""
     while True:
         template = rng.choice(TEMPLATES)
         text, expression = template(rng)
         value = compute(expression)
         places = decimal_places(value) if isinstance(value, Fraction) else None
-        if places is not None and places <= 4:
+        if places is not None and places <= (2 if "dollars" in text else 4):
             return text, expression, value
 
 
