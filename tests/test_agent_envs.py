@@ -411,6 +411,37 @@ def test_os_without_bubblewrap_is_a_one_line_config_error(monkeypatch):
     check_sandbox.cache_clear()
 
 
+def test_os_when_bwrap_cannot_make_a_sandbox(monkeypatch, tmp_path):
+    import rlhfkit.agents.sandbox as sandbox
+
+    fake = tmp_path / "bwrap"
+    fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    check_sandbox.cache_clear()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: str(fake))
+    with pytest.raises(ConfigError) as info:
+        load_environment("os")
+    assert str(info.value).startswith(
+        "bubblewrap cannot create a sandbox here (bwrap: No permissions to creating new namespace)"
+    )
+    assert "apt-get install bubblewrap" in str(info.value)
+    check_sandbox.cache_clear()
+
+
+def test_sandbox_memory_limit():
+    from rlhfkit.agents.sandbox import run_sandboxed
+
+    env = load_environment("os", memory_mb=64)
+    env.reset(os_tasks.make_tasks("test")[0])
+    grow = "x=$(head -c {} /dev/zero | tr '\\0' a); echo length ${{#x}}"
+    assert observe(env, "bash", {"command": grow.format(10_000_000)}) == "length 10000000"
+    content = observe(env, "bash", {"command": grow.format(100_000_000)})
+    assert "cannot allocate" in content and "length" not in content
+    result = run_sandboxed("echo $HOME; pwd; ls", env.workdir, timeout=5)
+    assert result.exit_code == 0 and result.output.split("\n")[:2] == ["/home/agent", "/home/agent"]
+    env.close()
+
+
 def test_os_gold_commands_pass_and_wrong_answers_fail(os_env):
     test = os_tasks.make_tasks("test")
     by_type = {}
