@@ -134,6 +134,25 @@ def test_finished_rows_and_compaction(backend: str) -> None:
         assert (r.logprobs - hf_logprobs(model, r)).abs().max() < 1e-5
 
 
+def test_bucket_padding_rows_stay_harmless() -> None:
+    """Graphs run whole buckets: rows past the live ones (stale, or left from a bigger earlier batch) must
+    stay finite and in range. Eager with the same padding, so the CPU checks it."""
+    model = make("llama")
+    e = engine(model, "cuda_static")
+    e._kept = StaticCacheBackend(model, graphs="off", pad_to_bucket=True)
+    cfg = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
+    ref = engine(model, "generic").generate(PROMPTS, cfg)
+    e.generate(PROMPTS * 3, SamplingConfig(max_new_tokens=40))  # 15 rows: buckets 1, 2, 4, 8, 15
+    r = e.generate(PROMPTS, cfg)  # 5 rows run as bucket 8, rows 5..7 left from the first rollout
+    assert torch.equal(r.completion_ids, ref.completion_ids)
+    assert (r.logprobs - hf_logprobs(model, r)).abs().max() < 1e-5
+    eos = int(ref.completion_ids[0, 2])
+    r = engine(model, "generic", eos=eos).generate(PROMPTS, SamplingConfig(12, 0.0))
+    e.eos_token_ids = [eos]
+    got = e.generate(PROMPTS, SamplingConfig(12, 0.0))  # rows end: compacted into a smaller bucket
+    assert torch.equal(got.completion_ids, r.completion_ids) and torch.isfinite(got.logprobs).all()
+
+
 def test_cache_reused_then_grown() -> None:
     model = make("llama")
     backend = StaticCacheBackend(model)

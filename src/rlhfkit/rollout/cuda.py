@@ -100,7 +100,9 @@ class StaticCacheBackend:
     returns None (continuous batching keeps the generic backend's growing cache) and ``trim`` does nothing.
     """
 
-    def __init__(self, model: torch.nn.Module, graphs: str | None = None) -> None:
+    def __init__(
+        self, model: torch.nn.Module, graphs: str | None = None, pad_to_bucket: bool | None = None
+    ) -> None:
         reason = static_backend_supported(model)
         if reason is not None:
             raise ValueError(f"the static-cache rollout backend does not support this model: {reason}")
@@ -119,6 +121,8 @@ class StaticCacheBackend:
         if graphs == "cuda" and self.device.type != "cuda":
             raise ValueError("graphs='cuda' needs the model on a CUDA device; use graphs='off' on the CPU")
         self.graphs = graphs
+        self.pad_to_bucket = graphs != "off" if pad_to_bucket is None else pad_to_bucket
+        """Run a step on the smallest bucket that holds the rows (what graphs need; eager too, for tests)."""
         self.b_cap = self.s_cap = 0
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}  # bucket -> (graph, its logits output)
         self._key: tuple | None = None
@@ -152,15 +156,21 @@ class StaticCacheBackend:
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (b, H|Hk, L, hd)
         kc, vc = self.k[i][:b], self.v[i][:b]  # (b, Hk, S_cap, hd) views of the static cache
         if slot is None:
-            kc[:, :, :n] = k
-            vc[:, :, :n] = v
+            kc[:, :, :n] = k.to(kc.dtype)  # (under autocast k is bf16, the cache the parameters' dtype)
+            vc[:, :, :n] = v.to(vc.dtype)
+            o = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1]
+            )  # (b, H, L, hd)
         else:
-            kc.index_copy_(2, slot, k)
-            vc.index_copy_(2, slot, v)
-            k, v = kc, vc
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1]
-        )  # (b, H, L, hd)
+            kc.index_copy_(2, slot, k.to(kc.dtype))
+            vc.index_copy_(2, slot, v.to(vc.dtype))
+            # GQA without copying the cache: the H / Hk query heads of one kv head are its L = H / Hk
+            # queries (q head j reads kv head j // (H / Hk), as transformers' repeat_kv has it)
+            g = q.shape[1] // self.n_kv
+            o = F.scaled_dot_product_attention(
+                q.reshape(b, self.n_kv, g, hd), kc, vc, attn_mask=mask, scale=attn.scaling
+            )  # (b, Hk, H / Hk, hd)
+            o = o.reshape(b, -1, 1, hd)  # (b, H, 1, hd)
         x = x + attn.o_proj(o.transpose(1, 2).reshape(b, n, -1))
         return x + layer.mlp(layer.post_attention_layernorm(x))  # (b, L, D)
 
@@ -215,6 +225,9 @@ class StaticCacheBackend:
         advance the buffers; `start` resets them afterwards."""
         if self._graphs or self.graphs != "cuda":
             return
+        self.slot.zero_()  # warm-up writes slots 0, 1, ... and reads positions from the table: in range
+        self.pos.zero_()
+        self.valid.zero_()
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
@@ -230,9 +243,9 @@ class StaticCacheBackend:
             self.captures += 1
 
     def _run_decode(self, b: int) -> torch.Tensor:
+        bucket = next(x for x in _buckets(self.b_cap) if x >= b) if self.pad_to_bucket else b
         if self.graphs == "off":
-            return self._decode(b)
-        bucket = next(x for x in _buckets(self.b_cap) if x >= b)
+            return self._decode(bucket)[:b]
         if self.graphs == "compile":
             if self._compiled is None:
                 self._compiled = torch.compile(self._decode, mode="reduce-overhead", dynamic=False)
@@ -250,9 +263,12 @@ class StaticCacheBackend:
         self._capture_all()
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = position_ids_from_mask(mask)  # (B, P)
+        # rows past b (a bucket's padding) start at position 0 and advance with the slot: always in range,
+        # and each decode step marks the slot it writes valid for every row, so no row is fully masked (NaN)
         self.valid.zero_()
         self.valid[:b, :p] = mask.bool()
         self.slot.fill_(p)
+        self.pos.zero_()
         self.pos[:b] = pos[:, -1] + 1
         self.b = b
         qi = torch.arange(p, device=self.device)
