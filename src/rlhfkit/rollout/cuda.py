@@ -25,9 +25,10 @@ come along), MLP, final norm and lm_head; RoPE is the model's rotary module eval
 Only attention and the cache are written here. On the CPU in float32 with graphs off, log-probs match a
 plain HF forward to ~1e-6 (tests/test_rollout_cuda.py); in bf16 within bf16 rounding.
 
-``graphs``: "cuda" (default on a CUDA model) captures with ``torch.cuda.graph``; "compile" uses
-``torch.compile(mode="reduce-overhead")`` instead (inductor's fusion on top of its own graph trees;
-unmeasured until bench/gpu/check.sh runs); "off" runs eagerly (the CPU, and tests).
+``graphs`` (or ``$RLHFKIT_CUDA_GRAPHS``): "cuda" (default on a CUDA model) captures with
+``torch.cuda.graph``; "compile" uses ``torch.compile(mode="reduce-overhead")`` instead (inductor's fusion
+on top of its own graph trees; untested and unmeasured until bench/gpu/check.sh runs it as the variant
+``cuda_static:compile``); "off" runs eagerly (the CPU, and tests).
 
 Not supported (``static_backend_supported`` says why; the engine then uses `HFStaticBackend`): other
 architectures, sliding-window attention, rope types whose frequencies depend on the length (dynamic,
@@ -37,6 +38,7 @@ longrope), DoRA and other peft variants. Shape letters as in `rlhfkit.rollout.en
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import torch
@@ -114,6 +116,7 @@ class StaticCacheBackend:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        graphs = graphs or os.environ.get("RLHFKIT_CUDA_GRAPHS") or None
         if graphs is None:
             graphs = "cuda" if self.device.type == "cuda" else "off"
         if graphs not in ("cuda", "compile", "off"):
