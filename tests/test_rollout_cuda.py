@@ -104,6 +104,18 @@ def test_logprobs_match_hf_forward_bf16(kind: str) -> None:
     assert diff.mean() < 0.01 and diff.max() < 0.1, (diff.mean(), diff.max())
 
 
+def test_fp32_weights_under_bf16_autocast() -> None:
+    """A policy kept in float32 and run under bf16 autocast (mixed precision): the cache stays float32, the
+    projections come out bf16, and the log-probs match the trainer's forward under the same autocast."""
+    model = make("qwen2")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = engine(model, "cuda_static").generate(
+            PROMPTS, SamplingConfig(max_new_tokens=6), torch.Generator()
+        )
+        diff = (r.logprobs - hf_logprobs(model, r)).abs()
+    assert diff.mean() < 0.01 and diff.max() < 0.1, (diff.mean(), diff.max())
+
+
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_greedy_equals_generic_backend(kind: str) -> None:
     model = make(kind)
@@ -192,6 +204,13 @@ def test_peft_lora_unmerged() -> None:
     assert (r.logprobs - hf_logprobs(model, r)).abs().max() < 1e-5
     dora = peft.get_peft_model(make("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
     assert static_backend_supported(dora) is not None
+
+
+def test_continuous_batching_keeps_a_backend_that_joins_rows() -> None:
+    """The server's running batch takes rows in while others decode: static caches cannot, so `backend()`
+    stays generic (or the CPU fast path) whatever `generate` uses."""
+    e = engine(make("qwen2"), "cuda_static")
+    assert type(e.backend()).__name__ == "_GenericBackend"
 
 
 def test_backend_selection(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -37,6 +37,7 @@ longrope), DoRA and other peft variants. Shape letters as in `rlhfkit.rollout.en
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -231,6 +232,17 @@ class StaticCacheBackend:
         self.slot.zero_()  # warm-up writes slots 0, 1, ... and reads positions from the table: in range
         self.pos.zero_()
         self.valid.zero_()
+        with self._no_autocast_cache():
+            self._capture_buckets()
+
+    def _no_autocast_cache(self) -> Any:
+        """Under an enclosing bf16 autocast (fp32 weights), capture with autocast's cast cache off: cached
+        weight casts would be freed when the autocast region ends while the graphs still read them."""
+        if torch.is_autocast_enabled("cuda"):
+            return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
+        return contextlib.nullcontext()
+
+    def _capture_buckets(self) -> None:
         pool = torch.cuda.graph_pool_handle()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

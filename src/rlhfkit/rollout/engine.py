@@ -383,9 +383,14 @@ class RolloutEngine:
         return text.strip() if strip else text
 
     def backend(self) -> Any:
-        """The backend `generate` samples with: the Llama fast path or the static CUDA one (one per engine:
-        they hold derived weights, the cache and graphs), or a new HF one. For callers that step a batch
-        themselves (`rollout.continuous`); not to be used while `generate` runs on the same engine."""
+        """A backend for callers that step a batch themselves and join rows to it (`rollout.continuous`,
+        the server): the Llama fast path (one per engine: it holds the derived weights), else a new generic
+        one (on a GPU too: the static caches cannot take rows into a running batch). Not to be used while
+        `generate` runs on the same engine."""
+        return self._kept if self.fast_path else _GenericBackend(self.model)
+
+    def _generate_backend(self) -> Any:
+        """The backend `generate` samples with: `backend_name`'s."""
         if self._kept is not None:
             return self._kept
         return (
@@ -432,7 +437,7 @@ class RolloutEngine:
         self.model.eval()
         try:
             with torch.inference_mode():
-                backend = self.backend()
+                backend = self._generate_backend()
                 logits = backend.start(prompt_ids, ids, mask, t)  # (B, V)
                 rows = torch.arange(b)  # (b,) original row of each running row
                 done = torch.zeros(b, dtype=torch.bool)  # (b,) running rows that have ended
