@@ -405,7 +405,11 @@ def markdown(res: dict[str, Any], a: argparse.Namespace) -> str:
         for trainer in a.trainers.split(","):
             cells = []
             for s in ("rlhfkit", "trl"):
-                r = sides[s].get(trainer) or {"error": sides[s].get("error", "not run")}
+                r = sides[s].get(trainer) or {
+                    "error": sides[s].get(
+                        "error", res["stages"].get(f"train/{shape}", {}).get("error", "not run")
+                    )
+                }
                 cells.append(r)
             med = [c.get("median_s") for c in cells]
             text = [
