@@ -18,7 +18,8 @@ Conventions:
 
 One module per family, all names importable from here (`from rlhfkit import losses; losses.policy_loss`):
 `masked` (masked statistics, shared constants), `preference` (reward-model ranking losses, DPO),
-`policy` (KL, GAE, PPO, GRPO / RLOO), `logits` (log-probs and entropy). Only torch is imported.
+`policy` (KL, GAE, PPO, GRPO / RLOO), `logits` (log-probs and entropy), `mismatch` (sampler vs trainer
+log-probs, truncated importance sampling). Only torch is imported.
 """
 
 from rlhfkit.losses.logits import entropy_from_logits, gather_logprobs, token_logprobs_entropy
@@ -33,6 +34,7 @@ from rlhfkit.losses.masked import (
     masked_var,
     masked_whiten,
 )
+from rlhfkit.losses.mismatch import logprob_mismatch, truncated_is_weights
 from rlhfkit.losses.policy import (
     AdaptiveKLController,
     FixedKLController,
@@ -76,6 +78,7 @@ __all__ = [
     "group_advantages",
     "kl_estimate",
     "kl_penalized_rewards",
+    "logprob_mismatch",
     "make_kl_controller",
     "masked_max",
     "masked_mean",
@@ -88,5 +91,6 @@ __all__ = [
     "ranking_pairs",
     "rloo_advantages",
     "token_logprobs_entropy",
+    "truncated_is_weights",
     "value_loss",
 ]

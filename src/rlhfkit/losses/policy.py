@@ -198,11 +198,15 @@ def policy_loss(
     clip_high: float | None = None,
     aggregation: Aggregation = "token",
     max_len: int | None = None,
+    is_weights: Tensor | None = None,
 ) -> tuple[Tensor, Metrics]:
     """PPO clipped surrogate (Schulman et al. 2017), with DAPO's clip-higher (Yu et al. 2025).
 
         ratio = exp(logprobs - old_logprobs);
-        l_t = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))
+        l_t = w_t * max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high))
+
+    w_t: ``is_weights`` (B, T), constant per-token importance weights for samples drawn by a sampler other
+    than pi_old (`mismatch.truncated_is_weights`); None: 1.
 
     clip_high defaults to clip_low. logprobs, old_logprobs, mask: (B, T); advantages (B, T) or (B,)
     (one per sequence, broadcast over its tokens). Aggregation: see ``aggregate_loss``.
@@ -216,7 +220,10 @@ def policy_loss(
     adv = advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages  # (B, 1) or (B, T)
     pg_loss1 = -adv * ratio  # (B, T)
     pg_loss2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)  # (B, T)
-    loss = aggregate_loss(torch.maximum(pg_loss1, pg_loss2), completion_mask, aggregation, max_len)  # ()
+    pg_loss = torch.maximum(pg_loss1, pg_loss2)  # (B, T)
+    if is_weights is not None:
+        pg_loss = pg_loss * is_weights.detach()  # (B, T)
+    loss = aggregate_loss(pg_loss, completion_mask, aggregation, max_len)  # ()
     with torch.no_grad():
         metrics = {
             "clip_frac": masked_mean((pg_loss2 > pg_loss1).to(ratio.dtype), completion_mask),

@@ -1,19 +1,32 @@
 """Batched sampling with a KV cache and per-token log-probs: the hot path of RL.
 
-`engine` holds the `RolloutEngine` (sampling, the generic HF backend, `sample_texts`); each backend that is
-more than the HF forward has a module of its own beside it (`llama_cpu`: the float32 Llama fast path).
+`engine` holds the `RolloutEngine` (sampling, the generic HF backend, `sample_texts`, `choose_backend`); each
+backend that is more than the HF forward has a module of its own beside it (`llama_cpu`: the float32 Llama
+fast path on the CPU; `cuda`: the static-cache CUDA-graph path; `hf_static`: the HF StaticCache fallback).
 """
 
 from rlhfkit.encoding import left_pad, position_ids_from_mask
-from rlhfkit.rollout.engine import Generation, Rollout, RolloutEngine, SamplingConfig
+from rlhfkit.rollout.cuda import StaticCacheBackend, static_backend_supported
+from rlhfkit.rollout.engine import (
+    BACKENDS,
+    Generation,
+    Rollout,
+    RolloutEngine,
+    SamplingConfig,
+    choose_backend,
+)
 from rlhfkit.rollout.llama_cpu import llama_fast_path_supported
 
 __all__ = [
+    "BACKENDS",
     "Generation",
     "Rollout",
     "RolloutEngine",
     "SamplingConfig",
+    "StaticCacheBackend",
+    "choose_backend",
     "left_pad",
     "llama_fast_path_supported",
     "position_ids_from_mask",
+    "static_backend_supported",
 ]

@@ -19,7 +19,12 @@ Where this departs from ``model.generate`` and why:
   running batch has ended, and the loop stops when every row has ended (or never stops early with
   ``stop_at_eos=False``, lm-human-preferences style).
 * Backends, one module each: the Llama fast path for float32 models on the CPU (``llama_cpu``, see its
-  docstring) and the generic path, the HF forward with a ``DynamicCache`` (any other model or device).
+  docstring), the static-cache CUDA-graph path for Llama / Qwen2 / Qwen3 models on a GPU (``cuda``), the
+  HF forward over a ``StaticCache`` for other models on a GPU (``hf_static``), and the generic path, the
+  HF forward with a ``DynamicCache`` (any other model on the CPU). `RolloutEngine` picks one
+  (``choose_backend``); ``backend=`` or the environment variable ``RLHFKIT_ROLLOUT_BACKEND`` forces one
+  (``cuda_static`` runs on the CPU too, graphs off: that is how its math is tested). Logits may live on the
+  model's device; the sampled tokens and the bookkeeping are on the CPU (one small copy a step).
   Each has ``start`` / ``step`` / ``select``, and ``extend`` / ``trim`` / ``release`` for callers that keep
   a batch running while rows come and go (``rollout.continuous``, the server); ``generate`` uses neither.
 """
@@ -27,6 +32,7 @@ Where this departs from ``model.generate`` and why:
 from __future__ import annotations
 
 import inspect
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +42,11 @@ from rlhfkit import models
 from rlhfkit.config import setting
 from rlhfkit.console import progress
 from rlhfkit.encoding import checked_prompt_ids, left_pad, position_ids_from_mask
+from rlhfkit.rollout.cuda import StaticCacheBackend, static_backend_supported
+from rlhfkit.rollout.hf_static import HFStaticBackend
 from rlhfkit.rollout.llama_cpu import LlamaCPUBackend, llama_fast_path_supported, place_slots
+
+BACKENDS = ("llama_cpu", "cuda_static", "hf_static", "generic")
 
 
 @dataclass
@@ -131,7 +141,17 @@ def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[tor
     """
     cdf = weights.cumsum(-1)  # (b, n)
     total = cdf[:, -1:]  # (b, 1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype) * total  # (b, 1)
+    # drawn where the generator lives (a CPU generator keeps a resume exact on any device), used on cdf's
+    u = (
+        torch.rand(
+            cdf.shape[0],
+            1,
+            generator=generator,
+            dtype=cdf.dtype,
+            device=generator.device if generator is not None else cdf.device,
+        ).to(cdf.device)
+        * total
+    )  # (b, 1)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # < total even after rounding
     idx = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # (b, 1)
     return idx.squeeze(1), total.squeeze(1)
@@ -184,6 +204,8 @@ class _GenericBackend:
         from transformers import DynamicCache
 
         b, p = ids.shape
+        device = next(self.model.parameters()).device
+        ids, mask = ids.to(device), mask.to(device)
         self.mask = torch.cat([mask, mask.new_ones(b, n_new)], dim=1)  # (B, P + T), sliced per step
         self.pos = position_ids_from_mask(mask)[:, -1:]  # (B, 1) position of the last prompt token
         self.cur = p
@@ -203,7 +225,7 @@ class _GenericBackend:
         self.pos = self.pos + 1
         self.cur += 1
         out = self.model(
-            input_ids=tokens[:, None],
+            input_ids=tokens[:, None].to(self.mask.device),
             attention_mask=self.mask[:, : self.cur],
             position_ids=self.pos,
             use_cache=True,
@@ -215,6 +237,7 @@ class _GenericBackend:
         """Keep only rows ``keep`` of the running batch; False if the cache cannot do it."""
         if not hasattr(self.cache, "reorder_cache"):
             return False
+        keep = keep.to(self.mask.device)
         self.cache.reorder_cache(keep)
         self.mask, self.pos = self.mask[keep], self.pos[keep]
         return True
@@ -268,11 +291,42 @@ class _GenericBackend:
         self.cache = None
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where the model's (first) parameter lives."""
+    return next(model.parameters()).device
+
+
+def choose_backend(model: torch.nn.Module, backend: str | None = None, fast_path: bool | None = None) -> str:
+    """The rollout backend for `model`, one of `BACKENDS`: `backend` (or ``$RLHFKIT_ROLLOUT_BACKEND``) when
+    given, else the Llama fast path for a float32 Llama on the CPU (unless ``fast_path=False``), the
+    static-cache CUDA path for a supported model on a GPU, the HF ``StaticCache`` path for any other model
+    on a GPU, the generic path otherwise. A forced backend the model cannot use is an error, with the reason.
+    """
+    name = backend or os.environ.get("RLHFKIT_ROLLOUT_BACKEND") or None
+    if fast_path:
+        name = "llama_cpu"
+    if name is not None:
+        if name not in BACKENDS:
+            raise ValueError(f"unknown rollout backend {name!r}; choose from {', '.join(BACKENDS)}")
+        if name == "llama_cpu" and not llama_fast_path_supported(model):
+            raise ValueError(f"the Llama fast path does not support {type(model).__name__}")
+        reason = static_backend_supported(model) if name == "cuda_static" else None
+        if reason is not None:
+            raise ValueError(f"rollout backend cuda_static does not support {type(model).__name__}: {reason}")
+        return name
+    if fast_path is None and llama_fast_path_supported(model):
+        return "llama_cpu"
+    if model_device(model).type == "cuda":
+        return "cuda_static" if static_backend_supported(model) is None else "hf_static"
+    return "generic"
+
+
 class RolloutEngine:
     """Samples completions for batches of prompt token ids; see the module docstring.
 
     ``eos_token_ids`` and ``pad_token_id`` default to the tokenizer's (and the model's generation
-    config's) when a tokenizer is given. ``fast_path=None`` picks the Llama fast path when supported.
+    config's) when a tokenizer is given. ``fast_path=None`` picks the Llama fast path when supported
+    (False: never, True: always); ``backend`` forces one of `BACKENDS` (see `choose_backend`).
     """
 
     def __init__(
@@ -282,6 +336,7 @@ class RolloutEngine:
         eos_token_ids: list[int] | None = None,
         pad_token_id: int | None = None,
         fast_path: bool | None = None,
+        backend: str | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -293,11 +348,14 @@ class RolloutEngine:
         if pad_token_id is None and tokenizer is not None:
             pad_token_id = tokenizer.pad_token_id
         self.pad_token_id = int(pad_token_id if pad_token_id is not None else self.eos_token_ids[0])
-        supported = llama_fast_path_supported(model)
-        if fast_path and not supported:
-            raise ValueError(f"the Llama fast path does not support {type(model).__name__}")
-        self.fast_path = supported if fast_path is None else fast_path
-        self._llama = LlamaCPUBackend(model) if self.fast_path else None
+        self.backend_name = choose_backend(model, backend, fast_path)
+        self.fast_path = self.backend_name == "llama_cpu"
+        # backends that keep state between rollouts (derived weights; the static cache and its graphs)
+        self._kept: Any = None
+        if self.fast_path:
+            self._kept = LlamaCPUBackend(model)
+        elif self.backend_name == "cuda_static":
+            self._kept = StaticCacheBackend(model)
 
     def encode_prompts(self, records: list[Any], max_new_tokens: int) -> list[list[int]]:
         """Token ids of the records' prompts, each checked (characters, then tokens) to leave room for
@@ -324,10 +382,19 @@ class RolloutEngine:
         return text.strip() if strip else text
 
     def backend(self) -> Any:
-        """The backend `generate` samples with: the Llama fast path (one per engine: it holds the derived
-        weights) or a new generic one. For callers that step a batch themselves (`rollout.continuous`); not
-        to be used while `generate` runs on the same engine."""
-        return self._llama if self._llama is not None else _GenericBackend(self.model)
+        """A backend for callers that step a batch themselves and join rows to it (`rollout.continuous`,
+        the server): the Llama fast path (one per engine: it holds the derived weights), else a new generic
+        one (on a GPU too: the static caches cannot take rows into a running batch). Not to be used while
+        `generate` runs on the same engine."""
+        return self._kept if self.fast_path else _GenericBackend(self.model)
+
+    def _generate_backend(self) -> Any:
+        """The backend `generate` samples with: `backend_name`'s."""
+        if self._kept is not None:
+            return self._kept
+        return (
+            HFStaticBackend(self.model) if self.backend_name == "hf_static" else _GenericBackend(self.model)
+        )
 
     def sample_texts(
         self,
@@ -369,13 +436,14 @@ class RolloutEngine:
         self.model.eval()
         try:
             with torch.inference_mode():
-                backend = self.backend()
+                backend = self._generate_backend()
                 logits = backend.start(prompt_ids, ids, mask, t)  # (B, V)
                 rows = torch.arange(b)  # (b,) original row of each running row
                 done = torch.zeros(b, dtype=torch.bool)  # (b,) running rows that have ended
                 step = 0
                 for step in range(t):
                     tokens, lp = sample_tokens(logits, config, generator)  # (b,), (b,)
+                    tokens, lp = tokens.cpu(), lp.cpu()  # bookkeeping on the CPU (no-op there)
                     live = ~done
                     out_ids[rows[live], step] = tokens[live]
                     out_mask[rows[live], step] = 1
@@ -393,7 +461,7 @@ class RolloutEngine:
                     logits = backend.step(tokens.masked_fill(done, self.pad_token_id))  # (b, V)
         finally:
             self.model.train(was_training)
-            if self._llama is not None:
-                self._llama.release()
+            if self._kept is not None:
+                self._kept.release()
         n = step + 1  # steps run: trim the columns no row reached
         return Rollout(ids, mask, out_ids[:, :n], out_mask[:, :n], out_lp[:, :n], ended)
