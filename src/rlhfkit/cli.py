@@ -220,6 +220,10 @@ def _rl_command(name: str, module: str, config_class: str, runner: str, doc: str
             list[str] | None, typer.Option(help="Python reward module:function (repeatable).")
         ] = None,
         prompts: Annotated[str | None, typer.Option(help="RL prompts file (or bundled:NAME).")] = None,
+        env: Annotated[
+            str | None,
+            typer.Option(help="GRPO/RLOO: multi-turn RL in an environment (name or module:Class)."),
+        ] = None,
         output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
         config: ConfigOpt = None,
         set_: SetOpt = None,
@@ -232,7 +236,13 @@ def _rl_command(name: str, module: str, config_class: str, runner: str, doc: str
         trainer = importlib.import_module(module)
 
         def go() -> None:
-            named = {"policy": policy, "reward": reward, "reward_fn": reward_fn, "prompts": prompts}
+            named = {
+                "policy": policy,
+                "reward": reward,
+                "reward_fn": reward_fn,
+                "prompts": prompts,
+                "env": env,
+            }
             cfg = load_config(
                 getattr(trainer, config_class), config, _overrides(set_, output=output, **named)
             )
