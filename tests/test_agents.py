@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from rlhfkit.agents.env import Environment, StepResult, Task
-from rlhfkit.agents.episode import AgentLimits, EpisodeRunner, episode_batch, run_episodes
+from rlhfkit.agents.episode import AgentLimits, EpisodeRunner, EpisodeState, episode_batch, run_episodes
 from rlhfkit.agents.registry import load_environment
 from rlhfkit.errors import ConfigError
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
@@ -198,9 +198,8 @@ def test_a_malformed_call_reaches_the_env_as_content_and_a_good_one_as_a_call(en
     tok = engine.tokenizer
     runner = EpisodeRunner(engine, AgentLimits(max_turns=3, max_tokens=2000))
     env = AddEnv()
-    from rlhfkit.agents.episode import _Run
 
-    run = _Run(env, env.tasks("test")[0])
+    run = EpisodeState(env, env.tasks("test")[0])
     runner.start(run)
     bad = '<tool_call>{"name": "add", "arguments": {"a": 7,</tool_call>'
     ids = tok(bad, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
@@ -209,7 +208,7 @@ def test_a_malformed_call_reaches_the_env_as_content_and_a_good_one_as_a_call(en
     assert (run.reason, run.reward) == ("answer", 0.0)  # no call: the env took it as the answer
 
     env, good = AddEnv(), '<tool_call>{"name": "add", "arguments": {"a": 2, "b": 3}}</tool_call>'
-    run = _Run(env, env.tasks("test")[0])
+    run = EpisodeState(env, env.tasks("test")[0])
     runner.start(run)
     ids = tok(good, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     runner.turn(run, ids, [-0.5] * len(ids), ended=True)

@@ -338,6 +338,38 @@ def eval_(
     run_command(go)
 
 
+@app.command("agent-eval")
+def agent_eval(
+    policy: Annotated[
+        list[str] | None, typer.Option(help="Local model to evaluate (repeatable: models are compared).")
+    ] = None,
+    endpoint: Annotated[
+        list[str] | None,
+        typer.Option(help="OpenAI-compatible server URL (its /v1) to evaluate (repeatable)."),
+    ] = None,
+    envs: Annotated[
+        str | None, typer.Option(help="Environments, comma-separated: calc,db,os or module:Class.")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option(help="Output directory (agent_eval.json, report.html).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Agents: success rates (95% CI), turns, tokens and AgentBench's overall score in environments."""
+    from rlhfkit.agents.evaluate import AgentEvalConfig, run_agent_eval
+    from rlhfkit.config import load_config
+
+    def go() -> None:
+        names = [e.strip() for e in envs.split(",") if e.strip()] if envs else None
+        named = {"policy": policy, "endpoint": endpoint, "envs": names}
+        cfg = load_config(AgentEvalConfig, config, _overrides(set_, output=output, **named))
+        run_agent_eval(cfg)
+        err.print(f"[bold]agent-eval[/]: written to {Path(cfg.output) / 'agent_eval.json'} and report.html")
+
+    run_command(go)
+
+
 @app.command()
 def report(
     run: Annotated[Path, typer.Option(help="Run directory (written by `rlhfkit pipeline`).")],

@@ -48,7 +48,7 @@ from rlhfkit.config import setting
 from rlhfkit.encoding import left_pad
 from rlhfkit.errors import ConfigError
 from rlhfkit.rollout.engine import Rollout, RolloutEngine, SamplingConfig
-from rlhfkit.toolcalls import parse_tool_calls
+from rlhfkit.toolcalls import ToolCall, parse_tool_calls
 
 TRUNCATED = ("max_turns", "max_tokens")
 """End reasons of an episode the limits cut short (it did not end on its own)."""
@@ -81,11 +81,7 @@ class Episode:
     reason: str = ""
     error: str | None = None
     info: dict[str, Any] = field(default_factory=dict)  # the last step's info
-
-    @property
-    def tokens(self) -> int:
-        """Tokens the episode used (prompt, observations and the model's turns)."""
-        return len(self.prompt_ids) + len(self.completion_ids)
+    tokens: int = 0  # tokens used: prompt, observations and the model's turns (an endpoint: its usage)
 
     @property
     def truncated(self) -> bool:
@@ -126,8 +122,18 @@ def link_results(observations: list[Message], tool_calls: list[Message]) -> list
     return out
 
 
-class _Run:
-    """An episode while it runs."""
+def assistant_message(content: str, calls: Sequence[ToolCall], turn: int) -> Message:
+    """An assistant turn in OpenAI form (calls get ids `call_{turn}_{i}`)."""
+    message: Message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = openai_tool_calls(calls, f"call_{turn}")
+    return message
+
+
+class EpisodeState:
+    """An episode while it runs: its conversation, its tokens so far (token runner only) and its outcome.
+    `act` is the one place an assistant turn meets the environment (the token runner here and the chat
+    runner of `agents.evaluate` both use it)."""
 
     def __init__(self, env: Environment, task: Task) -> None:
         self.env, self.task = env, task
@@ -137,12 +143,43 @@ class _Run:
         self.ids: list[int] = []  # after the prompt
         self.mask: list[int] = []
         self.logprobs: list[float] = []
-        self.reward, self.turns, self.info = 0.0, 0, {}
+        self.reward, self.turns, self.info, self.tokens = 0.0, 0, {}, 0
         self.reason: str | None = None
         self.error: str | None = None
 
     def end(self, reason: str, error: str | None = None) -> None:
         self.reason, self.error = reason, error
+
+    def open(self) -> bool:
+        """`env.reset` and the env's tool schemas; False (reason "env_error") if the env fails."""
+        try:
+            self.messages = [dict(m) for m in self.env.reset(self.task)]
+            self.tools = tool_schemas(self.env.tools()) or None
+        except Exception as exc:
+            self.end("env_error", f"reset: {type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def act(self, content: str, calls: Sequence[ToolCall], max_turns: int) -> list[Message] | None:
+        """Record the assistant turn and let the environment answer it; the observation messages when the
+        episode goes on, None when it ended (done, max_turns, env_error)."""
+        self.turns += 1
+        message = assistant_message(content, calls, self.turns)
+        self.messages.append(message)
+        try:
+            result = self.env.step({"role": "assistant", "content": content, "tool_calls": list(calls)})
+        except Exception as exc:
+            self.end("env_error", f"step: {type(exc).__name__}: {exc}")
+            return None
+        self.reward += float(result.reward)
+        self.info = dict(result.info)
+        observations = link_results(list(result.observations), message.get("tool_calls") or [])
+        self.messages += observations
+        if result.done:
+            self.end(str(result.info.get("reason") or "answer"))
+        elif self.turns >= max_turns:
+            self.end("max_turns")
+        return observations if self.reason is None else None
 
     @property
     def length(self) -> int:
@@ -151,7 +188,7 @@ class _Run:
     def episode(self) -> Episode:
         return Episode(
             self.task.id, self.messages, self.prompt, self.ids, self.mask, self.logprobs, self.reward,
-            self.turns, self.reason or "", self.error, self.info,
+            self.turns, self.reason or "", self.error, self.info, self.tokens or self.length,
         )  # fmt: skip
 
 
@@ -174,7 +211,7 @@ class EpisodeRunner:
         generator: torch.Generator | None = None,
     ) -> list[Episode]:
         """One episode per task (a task may repeat: a GRPO group), each in its own environment object."""
-        runs = [_Run(make_env(), task) for task in tasks]
+        runs = [EpisodeState(make_env(), task) for task in tasks]
         try:
             for run in runs:
                 self.start(run)
@@ -198,43 +235,28 @@ class EpisodeRunner:
                     run.error = run.error or f"close: {type(exc).__name__}: {exc}"
         return [r.episode() for r in runs]
 
-    def start(self, run: _Run) -> None:
-        try:
-            run.messages = [dict(m) for m in run.env.reset(run.task)]
-            run.tools = tool_schemas(run.env.tools()) or None
-        except Exception as exc:
-            return run.end("env_error", f"reset: {type(exc).__name__}: {exc}")
+    def start(self, run: EpisodeState) -> None:
+        if not run.open():
+            return
         run.prompt = chat_prompt_ids(self.tokenizer, run.messages, run.tools)
         if run.length >= self.limits.max_tokens:
             run.end("max_tokens")
-        return None
 
-    def turn(self, run: _Run, ids: list[int], logprobs: list[float], ended: bool) -> None:
+    def turn(self, run: EpisodeState, ids: list[int], logprobs: list[float], ended: bool) -> None:
         """Take the model's sampled turn, let the environment answer, append the observation tokens."""
         run.ids += ids
         run.mask += [1] * len(ids)
         run.logprobs += logprobs
-        run.turns += 1
         content, calls = parse_tool_calls(self.engine.decode_ids(ids))
-        message: Message = {"role": "assistant", "content": content}
-        if calls:
-            message["tool_calls"] = openai_tool_calls(calls, f"call_{run.turns}")
-        run.messages.append(message)
         if not ended and run.length >= self.limits.max_tokens:  # cut by the context, not the turn limit
+            run.turns += 1
+            run.messages.append(assistant_message(content, calls, run.turns))
             return run.end("max_tokens")
-        try:
-            result = run.env.step({"role": "assistant", "content": content, "tool_calls": calls})
-        except Exception as exc:
-            return run.end("env_error", f"step: {type(exc).__name__}: {exc}")
-        run.reward += float(result.reward)
-        run.info = dict(result.info)
-        history = list(run.messages)
-        run.messages += link_results(list(result.observations), message.get("tool_calls") or [])
-        if result.done:
-            return run.end(str(result.info.get("reason") or "answer"))
-        if run.turns >= self.limits.max_turns:
-            return run.end("max_turns")
-        observation = self.observation_ids(history, run.messages[len(history) :], run.tools, ended)
+        observations = run.act(content, calls, self.limits.max_turns)
+        if observations is None:
+            return None
+        history = run.messages[: len(run.messages) - len(observations)]
+        observation = self.observation_ids(history, observations, run.tools, ended)
         if run.length + len(observation) >= self.limits.max_tokens:  # no room left for a model token
             return run.end("max_tokens")
         run.ids += observation
