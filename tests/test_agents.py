@@ -250,3 +250,44 @@ def test_registry_loads_module_class_and_refuses_the_rest():
         load_environment("tests.test_agents:add")
     with pytest.raises(ConfigError, match="bad env_settings"):
         load_environment("tests.test_agents:AddEnv", colour="red")
+
+
+NATIVE = (
+    "{% if tools %}<|im_start|>system\nTOOLS{% for t in tools %} {{ t.function.name }}{% endfor %}"
+    "<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }}</tool_call>{% endfor %}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class ToolMoreEnv(MoreEnv):
+    def tools(self):
+        return [add]
+
+
+def test_a_tool_aware_template_renders_tools_and_results_natively(tiny_model: Path):
+    from rlhfkit.models import load_causal_lm
+
+    model, tok = load_causal_lm(str(tiny_model))
+    tok.chat_template = NATIVE
+    engine = RolloutEngine(model, tok)
+    limits = AgentLimits(max_turns=3, max_tokens=400, max_new_tokens=10)
+    [episode] = play(engine, ToolMoreEnv, 1, limits, 3)
+    got = tok.decode(episode.prompt_ids + episode.completion_ids)
+    assert got.startswith("<|im_start|>system\nTOOLS add<|im_end|>\n<|im_start|>user\nWhat is 0 + 1?")
+    assert got.count("<|im_start|>tool\nmore <b>please</b><|im_end|>\n<|im_start|>assistant\n") == 2
+    runs = model_runs(episode)
+    conversation = [episode.messages[0]]
+    for i, run in enumerate(runs):
+        conversation.append({"role": "assistant", "content": tok.decode(run).removesuffix("<|im_end|>")})
+        if i < len(runs) - 1:
+            conversation.append({"role": "tool", "content": "more <b>please</b>"})
+    full = tok.apply_chat_template(conversation, tools=[{"type": "function", "function": {"name": "add"}}],
+                                   tokenize=False)  # fmt: skip
+    assert full.startswith(got) and full[len(got) :] in ("\n", "<|im_end|>\n")
+    rollout, loss_mask = episode_batch([episode], engine.pad_token_id)
+    with torch.no_grad():
+        batch = SharedPromptBatch.from_rollout(rollout, engine.pad_token_id)
+        lp, _ = completion_logprobs(model, batch, 1.0, entropy=False)
+    on = loss_mask.bool()
+    torch.testing.assert_close(lp[on], rollout.logprobs[on], atol=1e-5, rtol=0)
