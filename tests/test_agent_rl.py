@@ -161,3 +161,30 @@ def test_env_settings_and_bad_env_configs(tiny_model: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="exceeds the model's context"):
         run_grpo(config(GRPOConfig, tiny_model, tmp_path / "z", "agent.max_tokens=5000"))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+def test_cli_grpo_env_trains_and_ppo_refuses_env(tiny_model: Path, tmp_path: Path):
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+
+    out = tmp_path / "cli"
+    sets = ["train.max_steps=1", "prompts_per_step=2", "num_generations=2", "agent.max_new_tokens=6",
+            "agent.max_tokens=200", "env_settings.turns=3"]  # fmt: skip
+    args = [
+        "rloo",
+        "--policy",
+        str(tiny_model),
+        "--env",
+        "tests.test_agent_rl:LetterEnv",
+        "--output",
+        str(out),
+    ]
+    result = CliRunner().invoke(app, args + [x for s in sets for x in ("--set", s)])
+    assert result.exit_code == 0, result.output
+    [row] = train_rows(out)
+    assert row["turns"] == 3 and row["end_answer"] == 1.0 and row["episode_tokens"] > row["answer_length"]
+    result = CliRunner().invoke(
+        app, ["ppo", "--policy", str(tiny_model), "--env", "x:Y", "--output", str(out)]
+    )
+    assert result.exit_code == 2 and "env" in result.output
