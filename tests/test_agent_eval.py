@@ -129,6 +129,7 @@ def test_endpoint_episodes_call_tools_over_the_chat_api():
                               AgentLimits(max_turns=3, max_new_tokens=16))  # fmt: skip
     assert (episode.reason, episode.turns, episode.reward, episode.tokens) == ("answer", 2, 1.0, 14)
     assert bodies[0]["tools"][0]["function"]["name"] == "add" and bodies[0]["max_tokens"] == 16
+    assert set(bodies[0]["tools"][0]["function"]) == {"name", "description", "parameters"}  # OpenAI's fields
     history = bodies[1]["messages"]
     assert history[1]["tool_calls"][0]["function"] == {"name": "add", "arguments": '{"a": 2, "b": 3}'}
     assert history[2] == {
@@ -193,3 +194,68 @@ def test_agent_eval_bad_input_is_one_line_exit_2(tiny_model: Path, tmp_path: Pat
     code, output = invoke("--policy", str(tiny_model))
     assert code == 2 and "needs environments" in output
     assert not (tmp_path / "never").exists()
+
+
+CALL_TEXT = '<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
+
+
+@pytest.fixture(scope="module")
+def tool_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, one_thread: None) -> Path:
+    """The tiny model taught AddEnv's episode: call add(2, 3), then answer "5" from the tool's result, in the
+    fallback format both the episode runner and `rlhfkit serve` render."""
+    import torch
+
+    from rlhfkit.chat_tools import fallback_messages, tool_schemas
+    from rlhfkit.encoding import pad, prompt_answer_ids
+    from rlhfkit.models import load_causal_lm, save_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_causal_lm(str(tiny_model))
+    question = [{"role": "user", "content": "What is 2 + 3?"}]
+    call = {"id": "c", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+    result = [{"role": "assistant", "content": "", "tool_calls": [call]}, {"role": "tool", "content": "5"}]
+    tools = tool_schemas([add])
+    examples = [
+        (fallback_messages(question, tools), CALL_TEXT),
+        (fallback_messages(question + result, tools), "5"),
+    ]
+    pairs = [prompt_answer_ids(tokenizer, p, [{"role": "assistant", "content": a}]) for p, a in examples]
+    ids, mask, positions = pad([p + a for p, a in pairs], tokenizer.pad_token_id)  # (2, T) each
+    labels = ids.masked_fill(mask == 0, -100)  # (2, T) the answers only
+    for i, (p, _) in enumerate(pairs):
+        labels[i, : len(p)] = -100
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(300):
+        loss = model(input_ids=ids, attention_mask=mask, position_ids=positions, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if loss.item() < 0.01:
+            break
+    return save_model(model.eval(), tokenizer, tmp_path_factory.mktemp("tool-model"))
+
+
+@pytest.mark.slow
+def test_a_local_policy_and_the_same_model_served_act_alike(tool_model: Path, tmp_path: Path):
+    """The episode runner (tokens) and an endpoint (`rlhfkit serve`, chat API with tools=) render tools and
+    tool results the same way: the same greedy model takes the same turns and both solve the task."""
+    from tests.test_serve import running_server
+
+    with running_server(tool_model) as url:
+        out = tmp_path / "both"
+        sets = ["agent.max_new_tokens=80", "agent.max_tokens=1000", "agent.max_turns=3"]
+        env = "tests.test_agent_eval:AddEnv"
+        run = agent_eval("--policy", str(tool_model), "--endpoint", url, "--envs", env, "--output", str(out),
+                         *[x for s in sets for x in ("--set", s)])  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    report = json.loads((out / "agent_eval.json").read_text())
+    assert [report["results"][m][env]["success"] for m in report["models"]] == [1.0, 1.0]
+    assert report["overall"] == {str(tool_model): 1.0, url: 1.0}
+    local, served = [json.loads(x) for x in (out / "episodes.jsonl").read_text().splitlines()]
+    assert local["messages"] == served["messages"] and local["turns"] == 2
+    assert local["messages"][1]["tool_calls"][0]["function"] == {
+        "name": "add",
+        "arguments": '{"a": 2, "b": 3}',
+    }
+    assert local["messages"][-1] == {"role": "assistant", "content": "5"}

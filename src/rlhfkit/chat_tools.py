@@ -89,10 +89,16 @@ def fallback_messages(messages: list[Message], tools: list[Message] | None) -> l
 
 def tool_schemas(functions: Sequence[Callable[..., Any]]) -> list[Message]:
     """OpenAI tool schemas of Python functions (type hints and a Google-style docstring, as transformers'
-    `get_json_schema` reads them)."""
+    `get_json_schema` reads them): name, description and parameters only (transformers adds the return
+    type, which OpenAI's format has no field for and strict servers, `rlhfkit serve` included, refuse)."""
     from transformers.utils import get_json_schema
 
-    return [get_json_schema(fn) for fn in functions]
+    keep = ("name", "description", "parameters")
+    schemas = [get_json_schema(fn) for fn in functions]
+    return [
+        {"type": "function", "function": {k: s["function"][k] for k in keep if k in s["function"]}}
+        for s in schemas
+    ]
 
 
 def openai_tool_calls(calls: Sequence[ToolCall], prefix: str = "call") -> list[Message]:
