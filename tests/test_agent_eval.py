@@ -259,3 +259,18 @@ def test_a_local_policy_and_the_same_model_served_act_alike(tool_model: Path, tm
         "arguments": '{"a": 2, "b": 3}',
     }
     assert local["messages"][-1] == {"role": "assistant", "content": "5"}
+
+
+def test_local_llm_chat_with_tools_returns_the_calls(tool_model: Path):
+    from rlhfkit.chat_tools import tool_schemas
+    from rlhfkit.llm import LocalLLM
+    from rlhfkit.toolcalls import ToolCall
+
+    llm = LocalLLM(str(tool_model))
+    question = [{"role": "user", "content": "What is 2 + 3?"}]
+    [[reply]] = llm.chat(
+        [question], SamplingConfig(max_new_tokens=80, temperature=0.0), tools=tool_schemas([add])
+    )
+    assert reply.tool_calls == (ToolCall("add", '{"a": 2, "b": 3}'),) and reply.text == ""
+    [[plain]] = llm.chat([question], SamplingConfig(max_new_tokens=80, temperature=0.0))
+    assert plain.tool_calls == () and plain.text != CALL_TEXT  # no tools in the prompt: not the taught turn
