@@ -193,6 +193,14 @@ def test_agent_eval_bad_input_is_one_line_exit_2(tiny_model: Path, tmp_path: Pat
     assert code == 2 and "not a bundled environment" in output and len(output.strip().splitlines()) == 1
     code, output = invoke("--policy", str(tiny_model))
     assert code == 2 and "needs environments" in output
+    code, output = invoke("--policy", str(tmp_path / "nope"), "--envs", "tests.test_agent_eval:ParityEnv")
+    assert code == 2 and "no such model directory" in output
+    code, output = invoke("--endpoint", "localhost:8000", "--envs", "tests.test_agent_eval:ParityEnv")
+    assert code == 2 and "http(s) URL" in output
+    code, output = invoke(
+        "--policy", str(tiny_model), "--envs", "tests.test_agent_eval:ParityEnv", "--set", "limit=-1"
+    )
+    assert code == 2 and "limit" in output
     assert not (tmp_path / "never").exists()
 
 

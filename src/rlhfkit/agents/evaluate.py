@@ -189,6 +189,14 @@ def check(cfg: AgentEvalConfig) -> None:
         raise ConfigError(f"a model is named twice: {names}")
     if len(set(cfg.envs)) != len(cfg.envs):
         raise ConfigError(f"an environment is named twice: {cfg.envs}")
+    for policy in cfg.policy:  # a missing directory is refused before anything is written
+        if policy.startswith(("/", ".", "~")) and not Path(policy).expanduser().exists():
+            raise ConfigError(f"policy {policy}: no such model directory")
+    for url in cfg.endpoint:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"endpoint {url}: expected the http(s) URL of an OpenAI-compatible server (/v1)"
+            )
 
 
 def local_runner(cfg: AgentEvalConfig, policy: str) -> Callable[..., list[Episode]]:
