@@ -282,3 +282,18 @@ def test_local_llm_chat_with_tools_returns_the_calls(tool_model: Path):
     assert reply.tool_calls == (ToolCall("add", '{"a": 2, "b": 3}'),) and reply.text == ""
     [[plain]] = llm.chat([question], SamplingConfig(max_new_tokens=80, temperature=0.0))
     assert plain.tool_calls == () and plain.text != CALL_TEXT  # no tools in the prompt: not the taught turn
+
+
+def test_a_refused_request_ends_only_its_episode_with_llm_error():
+    def server(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content)
+        if "3" in body["messages"][0]["content"]:  # task 3's conversation is too long for this server
+            return httpx.Response(400, json={"error": {"message": "context length exceeded"}})
+        choice = {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}
+        return httpx.Response(200, json={"choices": [choice], "usage": {"completion_tokens": 2}})
+
+    llm = EndpointLLM("http://fake/v1", model="m", retries=0)
+    llm.client = httpx.Client(base_url="http://fake/v1", transport=httpx.MockTransport(server))
+    episodes = chat_episodes(llm, ParityEnv, ParityEnv().tasks("test")[:5], SamplingConfig(), AgentLimits())
+    assert [e.reason for e in episodes] == ["answer"] * 3 + ["llm_error"] + ["answer"]
+    assert "HTTP 400: context length exceeded" in episodes[3].error and episodes[0].turns == 2

@@ -37,10 +37,10 @@ from rlhfkit.agents.episode import AgentLimits, Episode, EpisodeState, run_episo
 from rlhfkit.agents.registry import load_environment
 from rlhfkit.config import claim_run_dir, setting, to_dict
 from rlhfkit.console import console, progress
-from rlhfkit.errors import ConfigError
+from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.evaluate import win_rate
 from rlhfkit.fileio import write_atomic
-from rlhfkit.llm import LLM
+from rlhfkit.llm import LLM, Completion
 from rlhfkit.rollout.engine import SamplingConfig
 
 
@@ -86,7 +86,8 @@ def chat_episodes(
 ) -> list[Episode]:
     """Episodes through `llm.chat` (text in, text out): every running episode asks for its next turn in one
     call; the tool calls come back parsed (`Completion.tool_calls`). `max_tokens` counts generated tokens
-    (a chat API does not say how long the rendered prompt was); a turn cut at it ends the episode."""
+    (a chat API does not say how long the rendered prompt was); a turn cut at it ends the episode. A request
+    the server refuses ends that episode with reason "llm_error" (`ask`)."""
     states = [EpisodeState(make_env(), task) for task in tasks]
     config = replace(sampling, max_new_tokens=limits.max_new_tokens, stop_at_eos=True)
     try:
@@ -96,8 +97,9 @@ def chat_episodes(
             for s in active:  # one call per set of tools (normally one: the environment's)
                 by_tools.setdefault(json.dumps(s.tools, sort_keys=True), []).append(s)
             for group in by_tools.values():
-                replies = llm.chat([s.messages for s in group], config, 1, seed, tools=group[0].tools)
-                for state, [reply] in zip(group, replies, strict=True):
+                for state, reply in zip(group, ask(llm, group, config, seed), strict=True):
+                    if reply is None:
+                        continue
                     state.tokens += reply.tokens
                     if reply.finish_reason == "length" and state.tokens >= limits.max_tokens:
                         state.turns += 1
@@ -115,6 +117,29 @@ def chat_episodes(
             except Exception as exc:
                 s.error = s.error or f"close: {type(exc).__name__}: {exc}"
     return [s.episode() for s in states]
+
+
+def ask(
+    llm: LLM, group: list[EpisodeState], config: SamplingConfig, seed: int | None
+) -> list[Completion | None]:
+    """The next turn of each episode of `group` (one set of tools) in one call. If the call fails (a server
+    refuses a request: e.g. a conversation grown past its context), each is asked alone and an episode whose
+    own request fails ends with reason "llm_error" and the server's message (None in its place)."""
+    tools = group[0].tools
+    try:
+        return [r[0] for r in llm.chat([s.messages for s in group], config, 1, seed, tools=tools)]
+    except RlhfkitError as exc:
+        if len(group) == 1:
+            group[0].end("llm_error", str(exc))
+            return [None]
+    replies: list[Completion | None] = []
+    for state in group:
+        try:
+            replies.append(llm.chat([state.messages], config, 1, seed, tools=tools)[0][0])
+        except RlhfkitError as exc:
+            state.end("llm_error", str(exc))
+            replies.append(None)
+    return replies
 
 
 # ------------------------------------------------------------------------------------------ scoring
