@@ -211,10 +211,11 @@ class EpisodeRunner:
         generator: torch.Generator | None = None,
     ) -> list[Episode]:
         """One episode per task (a task may repeat: a GRPO group), each in its own environment object."""
-        runs = [EpisodeState(make_env(), task) for task in tasks]
+        runs: list[EpisodeState] = []
         try:
-            for run in runs:
-                self.start(run)
+            for task in tasks:
+                runs.append(EpisodeState(make_env(), task))
+                self.start(runs[-1])
             for _ in range(self.limits.max_turns):
                 active = [r for r in runs if r.reason is None]
                 if not active:

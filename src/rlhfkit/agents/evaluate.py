@@ -88,9 +88,11 @@ def chat_episodes(
     call; the tool calls come back parsed (`Completion.tool_calls`). `max_tokens` counts generated tokens
     (a chat API does not say how long the rendered prompt was); a turn cut at it ends the episode. A request
     the server refuses ends that episode with reason "llm_error" (`ask`)."""
-    states = [EpisodeState(make_env(), task) for task in tasks]
+    states: list[EpisodeState] = []
     config = replace(sampling, max_new_tokens=limits.max_new_tokens, stop_at_eos=True)
     try:
+        for task in tasks:
+            states.append(EpisodeState(make_env(), task))
         active = [s for s in states if s.open()]
         while active:
             by_tools: dict[str, list[EpisodeState]] = {}
