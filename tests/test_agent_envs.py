@@ -184,8 +184,7 @@ def test_tool_schema_from_hints_and_docstring():
                 },
                 "required": ["expression"],
             },
-            "return": {"type": "string"},
-        },
+        },  # no "return": OpenAI's format has no such field (rlhfkit serve refuses it)
     }
     with pytest.raises(ConfigError, match=r"^tool nodoc: .*Google-style docstring"):
         tool_schema(nodoc)
@@ -555,7 +554,7 @@ def test_load_environment_by_name_or_spec():
         load_environment("chess")
     with pytest.raises(ConfigError, match=r"is not a subclass of rlhfkit\.agents\.env\.Environment$"):
         load_environment("rlhfkit.agents.calc:calculator")
-    with pytest.raises(ConfigError, match=r"^environment 'calc': bad settings \['colour'\]"):
+    with pytest.raises(ConfigError, match=r"^environment 'calc': bad env_settings \['colour'\]"):
         load_environment("calc", colour="red")
 
 

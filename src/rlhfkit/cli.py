@@ -220,6 +220,10 @@ def _rl_command(name: str, module: str, config_class: str, runner: str, doc: str
             list[str] | None, typer.Option(help="Python reward module:function (repeatable).")
         ] = None,
         prompts: Annotated[str | None, typer.Option(help="RL prompts file (or bundled:NAME).")] = None,
+        env: Annotated[
+            str | None,
+            typer.Option(help="GRPO/RLOO: multi-turn RL in an environment (name or module:Class)."),
+        ] = None,
         output: Annotated[str | None, typer.Option(help="Output directory.")] = None,
         config: ConfigOpt = None,
         set_: SetOpt = None,
@@ -232,7 +236,13 @@ def _rl_command(name: str, module: str, config_class: str, runner: str, doc: str
         trainer = importlib.import_module(module)
 
         def go() -> None:
-            named = {"policy": policy, "reward": reward, "reward_fn": reward_fn, "prompts": prompts}
+            named = {
+                "policy": policy,
+                "reward": reward,
+                "reward_fn": reward_fn,
+                "prompts": prompts,
+                "env": env,
+            }
             cfg = load_config(
                 getattr(trainer, config_class), config, _overrides(set_, output=output, **named)
             )
@@ -324,6 +334,38 @@ def eval_(
             f"gold {res['gold']['reference']:.3f} -> {res['gold']['policy']:.3f}, "
             f"KL {res['kl']['mean']:.3f} nats; written to {cfg.output}"
         )
+
+    run_command(go)
+
+
+@app.command("agent-eval")
+def agent_eval(
+    policy: Annotated[
+        list[str] | None, typer.Option(help="Local model to evaluate (repeatable: models are compared).")
+    ] = None,
+    endpoint: Annotated[
+        list[str] | None,
+        typer.Option(help="OpenAI-compatible server URL (its /v1) to evaluate (repeatable)."),
+    ] = None,
+    envs: Annotated[
+        str | None, typer.Option(help="Environments, comma-separated: calc,db,os or module:Class.")
+    ] = None,
+    output: Annotated[
+        str | None, typer.Option(help="Output directory (agent_eval.json, report.html).")
+    ] = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Agents: success rates (95% CI), turns, tokens and AgentBench's overall score in environments."""
+    from rlhfkit.agents.evaluate import AgentEvalConfig, run_agent_eval
+    from rlhfkit.config import load_config
+
+    def go() -> None:
+        names = [e.strip() for e in envs.split(",") if e.strip()] if envs else None
+        named = {"policy": policy, "endpoint": endpoint, "envs": names}
+        cfg = load_config(AgentEvalConfig, config, _overrides(set_, output=output, **named))
+        run_agent_eval(cfg)
+        err.print(f"[bold]agent-eval[/]: written to {Path(cfg.output) / 'agent_eval.json'} and report.html")
 
     run_command(go)
 

@@ -14,9 +14,12 @@ the same seed gives the same answers; the texts are decoded by `RolloutEngine.de
 An endpoint (`EndpointLLM`) gets one request per conversation, sent concurrently so the server batches
 them: `n`, `temperature`, `top_p`, `max_tokens` from the SamplingConfig (`top_k` and `ignore_eos` as vLLM's
 extensions, sent only when set), and `seed + i` for conversation i, so a seeded call is reproducible on a
-server that honours seeds. Finish reasons other than "length" ("tool_calls", "content_filter") count as
-"stop". Busy (429) and failing (5xx, connection) servers are retried with backoff, honouring Retry-After;
-anything else is a one-line RlhfkitError with the server's message.
+server that honours seeds. With `tools` (OpenAI schemas) a local model sees them as `rlhfkit serve` renders
+them (`chat_tools`) and an endpoint gets them as `tools=`; a completion carries the calls it made
+(`Completion.tool_calls`, its text is then the content outside them). Finish reasons other than "length"
+("tool_calls", "content_filter") count as "stop". Busy (429) and failing (5xx, connection) servers are
+retried with backoff, honouring Retry-After; anything else is a one-line RlhfkitError with the server's
+message.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rollout.engine import SamplingConfig
+from rlhfkit.toolcalls import ToolCall, parse_tool_calls
 
 Message = dict[str, Any]
 
@@ -40,6 +44,7 @@ class Completion:
     text: str
     tokens: int  # generated tokens, EOS included
     finish_reason: str  # "stop": the model ended it; "length": cut at max_new_tokens
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls it made (only when asked with tools)
 
 
 class LLM(Protocol):
@@ -53,8 +58,10 @@ class LLM(Protocol):
         sampling: SamplingConfig,
         n: int = 1,
         seed: int | None = None,
+        tools: list[Message] | None = None,
     ) -> list[list[Completion]]:
-        """`n` completions for each conversation (its next assistant turn), in input order."""
+        """`n` completions for each conversation (its next assistant turn), in input order; with `tools`
+        (OpenAI schemas) the model may call them."""
         ...
 
 
@@ -78,11 +85,27 @@ class LocalLLM:
         sampling: SamplingConfig,
         n: int = 1,
         seed: int | None = None,
+        tools: list[Message] | None = None,
     ) -> list[list[Completion]]:
+        from dataclasses import replace
+
+        from rlhfkit.chat_tools import chat_prompt_ids
         from rlhfkit.encoding import prompt_ids
 
-        prompts = [prompt_ids(self.tokenizer, list(messages)) for messages in conversations]
-        return self.complete(prompts, sampling, n, seed)
+        if tools is None:
+            prompts = [prompt_ids(self.tokenizer, list(messages)) for messages in conversations]
+            return self.complete(prompts, sampling, n, seed)
+        prompts = [chat_prompt_ids(self.tokenizer, list(messages), tools) for messages in conversations]
+        out = []
+        for answers in self.complete(prompts, sampling, n, seed):
+            parsed = [parse_tool_calls(a.text) for a in answers]
+            out.append(
+                [
+                    replace(a, text=text, tool_calls=tuple(calls))
+                    for a, (text, calls) in zip(answers, parsed, strict=True)
+                ]
+            )
+        return out
 
     def complete(
         self,
@@ -144,6 +167,7 @@ class EndpointLLM:
         sampling: SamplingConfig,
         n: int = 1,
         seed: int | None = None,
+        tools: list[Message] | None = None,
     ) -> list[list[Completion]]:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -159,6 +183,8 @@ class EndpointLLM:
             body["top_k"] = sampling.top_k
         if not sampling.stop_at_eos:
             body["ignore_eos"] = True
+        if tools:
+            body["tools"] = tools
 
         def one(i: int) -> list[Completion]:
             request = {**body, "messages": list(conversations[i])}
@@ -179,7 +205,11 @@ class EndpointLLM:
                 len(logprobs) if n > 1 and logprobs is not None else reply["usage"]["completion_tokens"] // n
             )
             reason = "length" if c.get("finish_reason") == "length" else "stop"
-            out.append(Completion(c["message"].get("content") or "", tokens, reason))
+            calls = tuple(
+                ToolCall(t["function"]["name"], t["function"]["arguments"])
+                for t in c["message"].get("tool_calls") or []
+            )
+            out.append(Completion(c["message"].get("content") or "", tokens, reason, calls))
         return out
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:

@@ -2,5 +2,6 @@
 episode rollout, multi-turn RL on episode rewards and the AgentBench-style evaluation."""
 
 from rlhfkit.agents.env import Environment, StepResult, Task
+from rlhfkit.agents.registry import ENVIRONMENTS, load_environment
 
-__all__ = ["Environment", "StepResult", "Task"]
+__all__ = ["ENVIRONMENTS", "Environment", "StepResult", "Task", "load_environment"]

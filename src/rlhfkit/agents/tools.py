@@ -18,7 +18,7 @@ sandbox's process timeout), so the thread limit is the last guard, not the usual
 
 `chat_messages` turns an episode (reset's messages, assistant turns with `ToolCall`s, tool observations) into
 the plain system/user/assistant turns a chat template without tool support renders, exactly as
-`rlhfkit serve` does (`serve.tools.fallback_messages`): the tool schemas are appended to the system message,
+`rlhfkit serve` does (`chat_tools.fallback_messages`): the tool schemas are appended to the system message,
 calls are written as ``<tool_call>`` blocks and tool results become a user turn of ``<tool_response>``
 blocks. The SFT demonstrations are written with it, so they look like what the model sees in an episode.
 """
@@ -34,8 +34,8 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from rlhfkit.agents.env import Environment, Message, StepResult, Task
+from rlhfkit.chat_tools import fallback_messages, tool_schemas
 from rlhfkit.errors import ConfigError
-from rlhfkit.serve.tools import fallback_messages
 from rlhfkit.toolcalls import ToolCall
 
 ERROR = "error: "
@@ -43,10 +43,8 @@ ERROR = "error: "
 
 def tool_schema(fn: Callable[..., Any]) -> dict[str, Any]:
     """The OpenAI tool schema of `fn` ({"type": "function", "function": {name, description, parameters}})."""
-    from transformers.utils import get_json_schema
-
     try:
-        return {"type": "function", "function": get_json_schema(fn)["function"]}
+        return tool_schemas([fn])[0]
     except Exception as exc:  # TypeHintParsingException, DocstringParsingException
         name = getattr(fn, "__name__", repr(fn))
         raise ConfigError(

@@ -19,6 +19,13 @@ One iteration (papers.md section 3):
     ("dr_grpo", Liu et al. 2025). `mask_truncated` removes answers that never reached EOS from the loss.
 With beta = 0 no reference model is loaded and no reference pass is run.
 
+Multi-turn (`env`, issue 17): the prompts are an environment's train tasks and a group is G episodes of one
+task (`agents.episode`: the model acts through tools over several turns); the reward is the episode's
+return. Advantages are as above, one per episode; the policy loss and the KL to the reference count only
+the model's own tokens (the loss mask), never the observations between its turns.
+
+    rlhfkit grpo --policy runs/sft --env my_envs:Calculator --set agent.max_turns=4 --output runs/agent
+
 Shapes: B = prompts x G rollouts, P prompt tokens, T answer tokens.
 """
 
@@ -26,18 +33,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
 
 from rlhfkit import losses
+from rlhfkit.agents.episode import AgentLimits, episode_batch, run_episodes, transcript
+from rlhfkit.agents.registry import load_environment
 from rlhfkit.config import setting
 from rlhfkit.data import PromptRecord
-from rlhfkit.errors import ConfigError
-from rlhfkit.models import save_model
-from rlhfkit.prefix import completion_logprobs
+from rlhfkit.errors import ConfigError, NonFiniteRewardError
+from rlhfkit.models import context_length, save_model
+from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.rewards import RewardMix, Scorer
-from rlhfkit.trainers.rl import RLConfig, RLTrainer, load_rl_prompts, reward_mix
+from rlhfkit.trainers.rl import RLConfig, RLTrainer, Samples, load_rl_prompts, reward_mix
 from rlhfkit.training import TrainConfig
 
 AGGREGATION: dict[str, losses.Aggregation] = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
@@ -73,6 +83,14 @@ class GRPOConfig(RLConfig):
     """Leave answers that never reached EOS out of the loss."""
     dynamic_sampling: bool = False
     """Drop groups whose rewards are all equal (DAPO)."""
+    env: str | None = None
+    """Multi-turn RL in an environment (a bundled name or `module:Class`): its train tasks are the prompts
+    and its episode returns the rewards (`prompts` and the reward settings are then not used)."""
+    env_settings: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the environment (`--set env_settings.KEY=VALUE`)."""
+    agent: AgentLimits = field(default_factory=AgentLimits)
+    """Episode limits with `env`: turns, tokens per episode, tokens per turn (the last replaces
+    `sampling.max_new_tokens`; the rest of `sampling` applies to every turn)."""
     output: str = "runs/grpo"
     """Output directory: the final policy (transformers format), metrics, checkpoints."""
     train: TrainConfig = field(
@@ -101,16 +119,68 @@ class GRPOTrainer(RLTrainer):
             raise ConfigError(f"num_generations must be >= 2 for group baselines, got {cfg.num_generations}")
         if cfg.num_iterations < 1:
             raise ConfigError(f"num_iterations must be >= 1, got {cfg.num_iterations}")
+        if reward is None and not cfg.env:
+            raise ConfigError("RL needs a reward: --reward DIR, --reward-fn module:function or --env ENV")
         self.grpo = cfg
         self.group = cfg.num_generations
         self.name = cfg.advantage
         super().__init__(cfg, records, reward, need_reference=cfg.beta > 0)
+        self.make_env = partial(load_environment, cfg.env, **cfg.env_settings) if cfg.env else None
+        if cfg.env and cfg.agent.max_tokens > (context := context_length(self.policy)):
+            raise ConfigError(
+                f"agent.max_tokens={cfg.agent.max_tokens} exceeds the model's context ({context})"
+            )
+        # the longest answer, for the "dr_grpo" constant aggregation
+        self.max_len = cfg.agent.max_tokens if cfg.env else cfg.sampling.max_new_tokens
 
     def prompts_per_step(self) -> int:
         return self.grpo.prompts_per_step
 
     def total_updates(self) -> int:
         return self.cfg.max_steps * self.grpo.num_iterations
+
+    def sample(self, indices: list[int]) -> Samples:
+        return self.sample_episodes(indices) if self.make_env is not None else super().sample(indices)
+
+    @torch.no_grad()
+    def sample_episodes(self, indices: list[int]) -> Samples:
+        """G episodes of each task (`agents.episode`) and their returns, as a rollout with a loss mask."""
+        assert self.make_env is not None
+        tasks: list[Any] = [self.records[i] for i in indices for _ in range(self.group)]
+        t0 = time.perf_counter()
+        agent, engine = self.grpo.agent, self.rollout_engine
+        episodes = run_episodes(engine, self.make_env, tasks, self.rl.sampling, agent, self.generator)
+        t1 = time.perf_counter()
+        rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32)  # (B,)
+        if not bool(torch.isfinite(rewards).all()):
+            bad = next(e for e in episodes if not torch.isfinite(torch.tensor(e.reward)))
+            raise NonFiniteRewardError(f"env {self.grpo.env}: task {bad.task_id} returned {bad.reward}")
+        rollout, loss_mask = episode_batch(episodes, self.rollout_engine.pad_token_id)  # (B, T) each
+        scores = rewards
+        if self.rl.no_eos_score is not None:  # episodes a limit cut short
+            fallback = torch.full_like(rewards, self.rl.no_eos_score)  # (B,)
+            scores = torch.where(rollout.ended, rewards, fallback)  # (B,)
+        n_tokens = float(loss_mask.sum())
+        stats = {
+            "score": float(rewards.mean()),
+            "score_used": float(scores.mean()),
+            "turns": sum(e.turns for e in episodes) / len(episodes),
+            "episode_tokens": sum(e.tokens for e in episodes) / len(episodes),
+            "answer_length": n_tokens / len(episodes),
+            "eos_rate": float(rollout.ended.float().mean()),
+            "rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
+            "seconds_rollout": t1 - t0,
+            "seconds_scoring": 0.0,
+        }
+        for reason in sorted({e.reason for e in episodes}):
+            stats[f"end_{reason}"] = sum(e.reason == reason for e in episodes) / len(episodes)
+        self.tokens_seen += int(n_tokens)
+        prompts = [t.prompt for t in tasks]
+        completions = [transcript(e.messages) for e in episodes]
+        if self.rl.sample_every and self.step % self.rl.sample_every == 0 and self.is_main:
+            self.log_samples(prompts, completions, scores)
+        shared = SharedPromptBatch.from_rollout(rollout, self.rollout_engine.pad_token_id)
+        return Samples(rollout, shared, [], prompts, completions, scores, stats, loss_mask)
 
     @torch.no_grad()
     def make_experience(self, indices: list[int]) -> tuple[dict[str, Any] | None, dict[str, float]]:
@@ -162,7 +232,7 @@ class GRPOTrainer(RLTrainer):
         batch, lmask = mb["batch"], mb["loss_mask"]
         logprobs, entropy = completion_logprobs(model, batch, cfg.sampling.temperature)  # (B, T)
         agg = AGGREGATION[cfg.loss_type]
-        max_len = cfg.sampling.max_new_tokens
+        max_len = self.max_len
         pg, m = losses.policy_loss(
             logprobs, mb["old_logprobs"], mb["advantages"], lmask, cfg.clip_low, cfg.clip_high, agg, max_len
         )
@@ -216,7 +286,17 @@ class GRPOTrainer(RLTrainer):
 
 
 def run_grpo(cfg: GRPOConfig, reward: RewardMix | Scorer | None = None) -> dict[str, float]:
-    """Validate the prompts and the reward before anything is written, then train (GRPO or RLOO)."""
+    """Validate the prompts and the reward before anything is written, then train (GRPO or RLOO); with
+    `env`, the environment's train tasks and episode returns instead."""
+    if cfg.env is not None:
+        if reward is not None or cfg.reward or cfg.reward_fn or cfg.gold:
+            raise ConfigError(f"env {cfg.env} gives the rewards: drop reward, reward_fn and gold (or env)")
+        env = load_environment(cfg.env, **cfg.env_settings)
+        tasks = env.tasks("train")
+        env.close()
+        if not tasks:
+            raise ConfigError(f"env {cfg.env}: no train tasks")
+        return GRPOTrainer(cfg, tasks, None).run()  # type: ignore[arg-type] # a Task has a .prompt too
     records = load_rl_prompts(cfg)
     return GRPOTrainer(cfg, records, reward or reward_mix(cfg)).run()
 

@@ -84,10 +84,13 @@ class Samples:
     completions: list[str]  # decoded answers
     scores: torch.Tensor  # (B,) the reward used (after no_eos_score)
     stats: dict[str, float]
+    loss_mask: torch.Tensor | None = None  # (B, T) multi-turn episodes: 1 on the model's own tokens only
 
     @property
-    def mask(self) -> torch.Tensor:  # (B, T) float: 1 on real answer tokens including EOS
-        return self.rollout.completion_mask.float()
+    def mask(self) -> torch.Tensor:  # (B, T) float: 1 on the tokens the policy is trained on
+        """The answers' real tokens including EOS; in an episode only the model's turns (not the
+        observations between them, which the forward pass still attends to)."""
+        return self.loss_mask if self.loss_mask is not None else self.rollout.completion_mask.float()
 
 
 def load_rl_prompts(cfg: RLConfig) -> list[PromptRecord]:
@@ -116,8 +119,13 @@ class RLTrainer(TrainLoop):
     watch_zero_gradients = False
 
     def __init__(
-        self, cfg: RLConfig, records: list[PromptRecord], reward: RewardMix | Scorer, need_reference: bool
+        self,
+        cfg: RLConfig,
+        records: list[PromptRecord],
+        reward: RewardMix | Scorer | None,
+        need_reference: bool,
     ) -> None:
+        """`reward` None: the trainer scores its samples itself (multi-turn episodes: their returns)."""
         set_seed(cfg.train.seed)
         self.rl = cfg
         policy, tokenizer = load_causal_lm(cfg.policy, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
@@ -130,7 +138,7 @@ class RLTrainer(TrainLoop):
         super().__init__(cfg.train, self.build_model(policy), cfg.output, cfg)
         self.records = records
         self.prompt_ids = [prompt_ids(tokenizer, r.prompt) for r in records]
-        self.reward = as_reward_mix(reward)
+        self.reward = as_reward_mix(reward) if reward is not None else None
         self.rollout_engine = RolloutEngine(policy, tokenizer)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * self.rank)
         self.gold_fn = None
@@ -176,6 +184,7 @@ class RLTrainer(TrainLoop):
         t1 = time.perf_counter()
         records = [self.records[i] for i in rows]
         prompts = [chat_prompt_text(r.prompt) for r in records]
+        assert self.reward is not None, "a trainer without a reward mix must override sample"
         try:
             raw, parts = self.reward(prompts, completions, rollout, records)  # (B,), {name: (B,)}
         except NonFiniteRewardError as exc:
