@@ -39,6 +39,7 @@ import torch
 
 from rlhfkit.config import setting
 from rlhfkit.console import console, quiet_transformers
+from rlhfkit.device import Runtime, enable_gradient_checkpointing, place_model
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.fileio import file_lock, fsync_dir, fsync_tree, saving, sha256_file
 
@@ -308,9 +309,13 @@ def load_causal_lm(
     lora: LoraSettings | None = None,
     padding_side: str = "right",
     trust_remote_code: bool = False,
-    dtype: torch.dtype = torch.float32,
+    runtime: Runtime | None = None,
+    frozen: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer in float32 with dropout off (and LoRA adapters if asked)."""
+    """Load a causal LM and its tokenizer with dropout off (and LoRA adapters if asked), placed by
+    `device.place_model` on `runtime`'s device (default: the CPU): float32 to train, `frozen` (a reference)
+    in the runtime's inference dtype, without gradients, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
@@ -318,13 +323,16 @@ def load_causal_lm(
     try:
         with quiet_transformers():  # no "Loading weights" bar: our own progress says what happens
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+                path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
             )
     except OSError as exc:
         raise _load_error(name_or_path, exc) from None
     set_pad_token(tokenizer, model)
     disable_dropout(model)
-    if lora is not None and lora.enabled:
+    place_model(model, runtime, frozen=frozen)
+    if gradient_checkpointing and not frozen:
+        enable_gradient_checkpointing(model)
+    if lora is not None and lora.enabled and not frozen:
         model = apply_lora(model, lora)
     return model, tokenizer
 
@@ -426,9 +434,12 @@ def init_head(head: torch.nn.Linear) -> None:
         torch.nn.init.zeros_(head.bias)
 
 
-def load_reward_model(name_or_path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) of a saved reward model, float32, in eval mode. Refuses anything that is not a
-    one-output sequence-classification checkpoint (transformers would silently add a random head)."""
+def load_reward_model(
+    name_or_path: str, trust_remote_code: bool = False, runtime: Runtime | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a saved reward model, frozen: in eval mode, without gradients, on `runtime`'s
+    device in its inference dtype (default: float32 on the CPU). Refuses anything that is not a one-output
+    sequence-classification checkpoint (transformers would silently add a random head)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model(name_or_path)
@@ -444,15 +455,19 @@ def load_reward_model(name_or_path: str, trust_remote_code: bool = False) -> tup
             path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    return model.eval(), tokenizer
+    return place_model(model, runtime, frozen=True), tokenizer
 
 
 def build_reward_model(
-    name_or_path: str, lora: LoraSettings | None = None, trust_remote_code: bool = False
+    name_or_path: str,
+    lora: LoraSettings | None = None,
+    trust_remote_code: bool = False,
+    runtime: Runtime | None = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) to train: a one-output sequence classifier from a causal LM (new head, seeded by
-    the caller) or from an existing reward model (head kept), float32, dropout off, pad != EOS. Reward
-    models (`rlhfkit rm`) and PPO's value model are built here."""
+    the caller) or from an existing reward model (head kept), float32 on `runtime`'s device, dropout off,
+    pad != EOS. Reward models (`rlhfkit rm`) and PPO's value model are built here."""
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model(name_or_path)
@@ -473,6 +488,9 @@ def build_reward_model(
         init_head(head)
     set_pad_token(tokenizer, model)
     disable_dropout(model)
+    place_model(model, runtime)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if lora is not None and lora.enabled:
         # a classifier: SEQ_CLS task, and the head is trained in full (`modules_to_save`)
         model = apply_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score"])

@@ -138,7 +138,7 @@ class GRPOTrainer(RLTrainer):
             reward_std_in_group=float(rewards.view(-1, self.group).std(dim=1).mean()),
             zero_variance_groups=float(zero_var.float().mean()),
         )
-        keep = torch.ones(len(rewards), dtype=torch.bool)  # (B,)
+        keep = torch.ones(len(rewards), dtype=torch.bool, device=rewards.device)  # (B,)
         if cfg.dynamic_sampling:
             keep = (~zero_var).repeat_interleave(self.group)  # (B,)
         loss_mask = cmask * keep[:, None]  # (B, T)
@@ -166,7 +166,7 @@ class GRPOTrainer(RLTrainer):
         pg, m = losses.policy_loss(
             logprobs, mb["old_logprobs"], mb["advantages"], lmask, cfg.clip_low, cfg.clip_high, agg, max_len
         )
-        count = lmask.sum() if agg == "token" else torch.tensor(float(batch.rows))
+        count = lmask.sum() if agg == "token" else lmask.new_tensor(float(batch.rows))
         loss = pg
         sums = {key: m[key] * count for key in ("clip_frac", "approx_kl", "ratio_mean")}
         if mb["ref_logprobs"] is not None:
