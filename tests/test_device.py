@@ -292,7 +292,8 @@ def test_ppo_in_bf16_learns(tiny_model: Path, tmp_path: Path):
     rows = read_metrics(out, "train")
     first = sum(r["score"] for r in rows[:3]) / 3
     last = sum(r["score"] for r in rows[-3:]) / 3
-    assert last > first + 0.8, (first, last)
+    # ~0.2 per answer by chance (tests/test_ppo.py); 16 iterations get to ~0.7, a mean over 3 x 32 answers
+    assert last > 0.5 and last > 3 * first, (first, last)
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -348,3 +349,38 @@ def test_shared_prompt_forward_under_gradient_checkpointing(tiny_model: Path):
         logprobs.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ the cuda marker
+def test_a_skipped_cuda_test_fails_where_cuda_is_available(tmp_path: Path):
+    """conftest's hook, run in a pytest of its own on a pretend CUDA machine: a cuda-marked test that skips
+    is reported as a failure; one that passes passes; an unmarked skip stays a skip."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    (tmp_path / "conftest.py").write_text(
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True  # pretend\n"
+        "from tests.conftest import pytest_collection_modifyitems, pytest_runtest_makereport  # noqa: F401\n"
+        "def pytest_configure(config):\n"
+        "    config.addinivalue_line('markers', 'cuda: needs a GPU')\n"
+    )
+    (tmp_path / "test_gpu.py").write_text(
+        "import pytest\n"
+        "@pytest.mark.cuda\n"
+        "def test_skips_itself():\n"
+        "    pytest.skip('no kernel')\n"
+        "@pytest.mark.cuda\n"
+        "def test_passes():\n"
+        "    pass\n"
+        "def test_plain_skip():\n"
+        "    pytest.skip('fine')\n"
+    )
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path)]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    proc = subprocess.run([*cmd, str(tmp_path)], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "1 failed, 1 passed, 1 skipped" in proc.stdout, proc.stdout
+    assert "cuda test skipped on a machine with CUDA" in proc.stdout
