@@ -101,7 +101,7 @@ def test_resume_on_the_gpu_equals_uninterrupted(tiny_model: Path, memory_data: P
 
 
 def test_grpo_steps_on_the_gpu(tiny_model: Path, tmp_path: Path):
-    """RL end to end on the GPU: rollouts (the CUDA backend or the generic one), a bf16 reference, the update."""
+    """RL on the GPU: rollouts (the CUDA backend or the generic one), a bf16 reference, the update."""
     from tests.test_grpo import config, count_target, prompts_file
 
     from rlhfkit.data import load_prompts
