@@ -384,3 +384,61 @@ def test_a_skipped_cuda_test_fails_where_cuda_is_available(tmp_path: Path):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "1 failed, 1 passed, 1 skipped" in proc.stdout, proc.stdout
     assert "cuda test skipped on a machine with CUDA" in proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ sharded launches
+def fake_accelerator(kind: str, processes: int = 2):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    plugin = SimpleNamespace(deepspeed_config={"train_micro_batch_size_per_gpu": "auto"})
+    return SimpleNamespace(distributed_type=DistributedType(kind), num_processes=processes,
+                           state=SimpleNamespace(deepspeed_plugin=plugin))  # fmt: skip
+
+
+def test_fsdp_on_cpu_processes_is_refused(monkeypatch: pytest.MonkeyPatch):
+    """accelerate turns FSDP on only for GPU processes (AcceleratorState: MULTI_GPU/NPU/XPU/..., never
+    MULTI_CPU), so an FSDP launch of CPU processes would silently train as DDP. This is why there is no
+    2-process FSDP2 test on the CPU with gloo: accelerate cannot run one."""
+    from rlhfkit.trainers.sft import SFTConfig
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match=r"asks for FSDP, but these processes run as MULTI_CPU"):
+        dev.check_sharded(fake_accelerator("MULTI_CPU"), TrainConfig(), SFTConfig(), True)
+
+
+def test_sharded_launches_refuse_what_they_cannot_do_and_configure_deepspeed(monkeypatch):
+    from rlhfkit.trainers.grpo import GRPOConfig
+    from rlhfkit.trainers.sft import SFTConfig
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert dev.check_sharded(fake_accelerator("MULTI_GPU"), TrainConfig(), SFTConfig(), True) is False
+    with pytest.raises(ConfigError, match=r"^GRPOConfig cannot run under FSDP2 yet .*/ddp.yaml$"):
+        dev.check_sharded(fake_accelerator("FSDP"), TrainConfig(save_every=0), GRPOConfig(), False)
+    with pytest.raises(ConfigError, match=r"set train.save_every=0"):
+        dev.check_sharded(fake_accelerator("FSDP"), TrainConfig(save_every=50), SFTConfig(), True)
+    lora = SFTConfig()
+    lora.lora.enabled = True
+    with pytest.raises(ConfigError, match=r"^LoRA under DeepSpeed is not supported"):
+        dev.check_sharded(fake_accelerator("DEEPSPEED"), TrainConfig(save_every=0), lora, True)
+    accelerator = fake_accelerator("DEEPSPEED", processes=2)
+    cfg = TrainConfig(save_every=0, batch_size=16, grad_accum=2, max_grad_norm=0.5)
+    assert dev.check_sharded(accelerator, cfg, SFTConfig(), True) is True
+    assert accelerator.state.deepspeed_plugin.deepspeed_config == {
+        "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2, "train_batch_size": 16,
+        "gradient_clipping": 0.5,
+    }  # fmt: skip
+
+
+def test_launch_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    root = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+    kinds = {name: load_config_from_file(str(root / f"{name}.yaml")).distributed_type.value
+             for name in ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")}  # fmt: skip
+    assert kinds == {"ddp": "MULTI_GPU", "fsdp2": "FSDP", "deepspeed_zero2": "DEEPSPEED",
+                     "deepspeed_zero3": "DEEPSPEED"}  # fmt: skip
+    fsdp = load_config_from_file(str(root / "fsdp2.yaml")).fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert "LlamaDecoderLayer" in fsdp["fsdp_transformer_layer_cls_to_wrap"]

@@ -247,3 +247,33 @@ def make_optimizer(cfg: Any, params: list[torch.nn.Parameter], device: torch.dev
                               "use train.optimizer=adamw")  # fmt: skip
         return bnb.optim.AdamW8bit(params, **kwargs)
     return torch.optim.AdamW(params, fused=device.type in ("cpu", "cuda"), **kwargs)
+
+
+def check_sharded(accelerator: Any, cfg: Any, run_config: Any, supported: bool) -> bool:
+    """True when the launch shards the weights (FSDP2, DeepSpeed); refuses what rlhfkit does not support
+    there, one line each; for DeepSpeed, writes the loop's batch geometry and clipping into its config."""
+    kind = accelerator.distributed_type.value  # "FSDP", "DEEPSPEED", "MULTI_GPU", "MULTI_CPU", "NO", ...
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and kind != "FSDP":
+        # accelerate (1.15, AcceleratorState) turns FSDP on only for multi-GPU/NPU/XPU processes, never for
+        # CPU processes: they would run as plain DDP under an FSDP config, so say so instead
+        raise ConfigError(f"the launch config asks for FSDP, but these processes run as {kind} (FSDP needs "
+                          "GPUs); use examples/accelerate/ddp.yaml on the CPU")  # fmt: skip
+    if kind not in ("FSDP", "DEEPSPEED"):
+        return False
+    engine = "FSDP2" if kind == "FSDP" else "DeepSpeed"
+    if not supported:
+        raise ConfigError(f"{type(run_config).__name__} cannot run under {engine} yet (the rollout engine "
+                          "and the reward-model calibration need whole weights on every rank); launch it "
+                          "with examples/accelerate/ddp.yaml")  # fmt: skip
+    if getattr(getattr(run_config, "lora", None), "enabled", False):
+        raise ConfigError(f"LoRA under {engine} is not supported (the adapters are small: use ddp.yaml)")
+    if cfg.save_every:
+        raise ConfigError(f"mid-run checkpoints of sharded optimizer state are not written under {engine} "
+                          f"yet; set train.save_every=0 (the final model is saved in full)")  # fmt: skip
+    if kind == "DEEPSPEED":
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        ds["train_micro_batch_size_per_gpu"] = cfg.batch_size // (cfg.grad_accum * accelerator.num_processes)
+        ds["gradient_accumulation_steps"] = cfg.grad_accum
+        ds["train_batch_size"] = cfg.batch_size
+        ds["gradient_clipping"] = cfg.max_grad_norm
+    return True

@@ -40,7 +40,7 @@ from rlhfkit.checkpoint import (
 )
 from rlhfkit.config import claim_run_dir, validate
 from rlhfkit.console import console, progress
-from rlhfkit.device import make_accelerator, make_optimizer, resolve_runtime, to_device
+from rlhfkit.device import check_sharded, make_accelerator, make_optimizer, resolve_runtime, to_device
 from rlhfkit.errors import ConfigError, DivergenceError, NonFiniteLossError, SaveError
 from rlhfkit.fileio import io_error_message
 from rlhfkit.runtime import keep_freed_memory
@@ -70,6 +70,8 @@ class TrainLoop:
     """The loss is positive by nature (cross-entropy, Bradley-Terry, DPO): the guard watches it for spikes."""
     uniform_loss: float | None = None
     """The loss of a model that predicts the uniform distribution (SFT: ln V), if there is one."""
+    supports_sharding = True
+    """The trainer runs under FSDP2 / DeepSpeed (its models only run inside `optimize` / `forward`)."""
     watch_zero_gradients: bool = True
     """A gradient norm of exactly 0 means a dead model (off for RL: a batch whose groups all got equal
     rewards, at the reference, legitimately has no gradient)."""
@@ -94,6 +96,8 @@ class TrainLoop:
                 f"train.batch_size={cfg.batch_size} is not divisible by grad_accum x processes = "
                 f"{cfg.grad_accum} x {self.world}"
             )
+        self.sharded = check_sharded(self.accelerator, cfg, run_config, self.supports_sharding)
+        self.deepspeed = self.accelerator.distributed_type.value == "DEEPSPEED"
         # The fused AdamW writes the parameters without bumping their version counters, which
         # `step_optimizer` does, so caches keyed on them (the rollout engine's derived weights) see updates.
         optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], self.device)
@@ -106,6 +110,7 @@ class TrainLoop:
         """Called after every step (after its checkpoint is written) with the step's metrics."""
         self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self._scheduler_step: Callable[[], None] = lambda: None
+        self._full_state: dict[str, torch.Tensor] | None = None
         self._recent_losses: list[float] = []  # the guard's running window
         self._zero_grad_since: int | None = None  # first step of the current run of zero gradient norms
 
@@ -156,6 +161,23 @@ class TrainLoop:
         (evaluation, reference and value passes); `optimize` gets it from the prepared module."""
         return self.accelerator.autocast()
 
+    def forward(self, fn: LossFn, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`fn(model, batch)` outside `optimize` (evaluation), under the run's autocast; through the prepared
+        module where the weights are sharded (FSDP2, ZeRO-3), whose hooks gather them."""
+        batch = self.to_device(batch)
+        if self.sharded:
+            return self.engine(fn, batch)
+        with self.autocast():
+            return fn(self.model, batch)
+
+    def final_state(self, prefix: str = "") -> dict[str, torch.Tensor] | None:
+        """The full state dict of the trained module's `prefix` part, gathered before `save_final` under
+        FSDP2 / ZeRO-3 (None otherwise: `save_model` then reads the model's own weights)."""
+        if self._full_state is None:
+            return None
+        start = f"model.{prefix}"
+        return {k[len(start) :]: v for k, v in self._full_state.items() if k.startswith(start)}
+
     def to_device(self, batch: Any) -> Any:
         """A collated batch (built on the CPU) on the run's device."""
         return to_device(batch, self.device)
@@ -199,7 +221,12 @@ class TrainLoop:
             )
             with sync:
                 loss_sum, metric_sums = self.engine(loss_fn, self.to_device(batch))
-                self.accelerator.backward(loss_sum * scale)
+                if self.deepspeed:  # its engine divides by its accumulation steps and steps at the last
+                    self.accelerator.deepspeed_engine_wrapped.backward(
+                        loss_sum * scale * len(batches), sync_gradients=last
+                    )
+                else:
+                    self.accelerator.backward(loss_sum * scale)
             loss_total += float(loss_sum.detach())
             for key, value in metric_sums.items():
                 sums[key] += float(value)
@@ -207,8 +234,9 @@ class TrainLoop:
         loss_value = self._reduce(loss_total) / max(n_global, 1.0)
         # accelerate's clip also gathers the norm of FSDP-sharded gradients; max_norm=inf only measures it
         clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        grad_norm = float(self.accelerator.clip_grad_norm_(self.params, clip))
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        norm = self.accelerator.clip_grad_norm_(self.params, clip)  # DeepSpeed: its own (clipped, stepped)
+        grad_norm = math.nan if norm is None else float(norm)
+        if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or norm is None)):
             self.optimizer.zero_grad(set_to_none=True)
             kept = latest_checkpoint(self.output_dir / "checkpoints")
             where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint was written yet"
@@ -417,6 +445,8 @@ class TrainLoop:
         eval_metrics = self.evaluate()
         if eval_metrics:
             self.log("eval", eval_metrics)
+        if self.sharded:  # every rank takes part in the gather; rank 0 gets the full weights
+            self._full_state = self.accelerator.get_state_dict(self.engine)
         if self.is_main:
             self.save_final()
             seconds = time.perf_counter() - start_time

@@ -372,12 +372,13 @@ def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Save a model + tokenizer as a plain transformers directory that `from_pretrained` loads.
 
     Files are written to a temporary directory, fsynced, then each is renamed into `out_dir` (which may
     already hold other files of the run: config, metrics, checkpoints). LoRA adapters are merged into a
-    copy of the weights first, so loading needs no peft."""
+    copy of the weights first, so loading needs no peft. `state_dict`: the full weights gathered from
+    sharded ranks (FSDP2, ZeRO-3; `TrainLoop.final_state`), written instead of the model's own."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
@@ -389,7 +390,7 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
         try:
             with quiet_transformers():  # no "Writing model shards" bar
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
                 tokenizer.save_pretrained(tmp)
             fsync_tree(tmp)
             for item in tmp.iterdir():

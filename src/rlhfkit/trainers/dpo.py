@@ -369,15 +369,13 @@ class DPOTrainer(TrainLoop):
         ordered = sorted(self.eval_examples, key=lambda ex: ex.length)
         size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
         for start in range(0, len(ordered), size):
-            batch = self.to_device(self.collate(ordered[start : start + size]))
-            with self.autocast():
-                loss_sum, sums = self.loss(self.model, batch)
+            loss_sum, sums = self.forward(self.loss, self.collate(ordered[start : start + size]))
             for key, value in {"loss": loss_sum, **sums}.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         return {key: value / len(ordered) for key, value in totals.items()}
 
     def save_final(self) -> None:
-        save_model(self.model, self.tokenizer, self.output_dir)
+        save_model(self.model, self.tokenizer, self.output_dir, self.final_state())
 
 
 # ------------------------------------------------------------------------------------------ entry points

@@ -114,6 +114,7 @@ class RLTrainer(TrainLoop):
     """The shared half of PPO, GRPO and RLOO; subclasses build the trainable module and the update."""
 
     group = 1  # answers sampled per prompt
+    supports_sharding = False  # the rollout engine samples from whole weights
     positive_loss = False  # surrogate losses: their size says nothing about divergence
     watch_zero_gradients = False
 

@@ -149,6 +149,7 @@ def expected_calibration_error(rows: list[dict[str, Any]]) -> float:
 # ------------------------------------------------------------------------------------------ trainer
 class RMTrainer(TrainLoop):
     name = "rm"
+    supports_sharding = False  # the calibration pass after training runs on rank 0 alone
 
     def __init__(
         self,

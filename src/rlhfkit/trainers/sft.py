@@ -140,9 +140,8 @@ class SFTTrainer(TrainLoop):
         ordered = sorted(self.eval_examples, key=len)
         size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
         for start in range(0, len(ordered), size):
-            batch = self.to_device(self.collate(ordered[start : start + size]))
-            with self.autocast():
-                part, metrics = self.loss(self.model, batch)
+            batch = self.collate(ordered[start : start + size])
+            part, metrics = self.forward(self.loss, batch)
             loss_sum += float(part)
             correct += float(metrics["token_accuracy"])
             count += batch["num_items"]
@@ -154,7 +153,7 @@ class SFTTrainer(TrainLoop):
         }
 
     def save_final(self) -> None:
-        save_model(self.model, self.tokenizer, self.output_dir)
+        save_model(self.model, self.tokenizer, self.output_dir, self.final_state())
 
 
 def prepare_sft(cfg: SFTConfig) -> tuple[list[SequenceExample], list[SequenceExample]]:
