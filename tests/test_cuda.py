@@ -12,7 +12,7 @@ from tests.conftest import read_metrics
 from tests.test_loop import Stop, max_diff
 from tests.test_sft import sft_config
 
-from rlhfkit.checkpoint import list_checkpoints
+from rlhfkit.checkpoint import list_checkpoints, read_checkpoint
 from rlhfkit.device import resolve_runtime
 from rlhfkit.models import load_causal_lm
 from rlhfkit.trainers.sft import SFTTrainer, prepare_sft, run_sft
@@ -95,9 +95,11 @@ def test_resume_on_the_gpu_equals_uninterrupted(tiny_model: Path, memory_data: P
     with pytest.raises(Stop):
         trainer.run()
     assert [s for s, _ in list_checkpoints(out / "checkpoints")] == [3]
+    _, state = read_checkpoint(out / "checkpoints" / "step-00000003")
+    assert len(state["rng"]["cuda"]) == torch.cuda.device_count()  # the GPUs' generators are saved
     run_sft(cfg)
-    # the same kernels on the same shapes: equal up to cuBLAS's choice of reduction order
-    assert max_diff(reference, out) <= 1e-5
+    # the same kernels on the same shapes; the embedding backward's atomic adds may sum in another order
+    assert max_diff(reference, out) <= 1e-4
 
 
 def test_grpo_steps_on_the_gpu(tiny_model: Path, tmp_path: Path):

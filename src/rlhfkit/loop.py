@@ -247,7 +247,8 @@ class TrainLoop:
             )
         self.check_divergence(loss_value, grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        step_optimizer(self.optimizer, self.params)
+        # (sharded parameters are DTensors or DeepSpeed partitions: no rollout engine caches them)
+        step_optimizer(self.optimizer, [] if self.sharded else self.params)
         self._scheduler_step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr}
