@@ -13,7 +13,9 @@ whole point of a GPU run. On the CPU, "auto" stays float32 (bf16 is slower there
 there too, which is how the tests exercise the bf16 paths without a GPU.
 
 `place_model` is the one function that moves and casts a model (`models` calls it for every model it
-loads or builds), and `to_device` moves a batch (tensors inside dicts, lists and dataclasses).
+loads or builds), and `to_device` moves a batch (tensors inside dicts, lists and dataclasses). The loop
+gets its Accelerator (`make_accelerator`), its optimizer (`make_optimizer`) and the checks of a sharded
+launch (`check_sharded`: FSDP2, DeepSpeed) from here; `cuda_rng_states` go into every checkpoint.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import torch
 
 from rlhfkit.errors import ConfigError
 
-Precision = Literal["auto", "fp32", "bf16"]
 DEVICE_CHOICES = "auto, cpu, cuda, cuda:N or mps"
 
 
@@ -47,10 +48,6 @@ class Runtime:
     def inference_dtype(self) -> torch.dtype:
         """dtype of frozen models (reference, reward): bf16 under bf16 precision, else float32."""
         return torch.bfloat16 if self.precision == "bf16" else torch.float32
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        return torch.bfloat16 if self.precision == "bf16" else None
 
 
 CPU = Runtime(torch.device("cpu"), "fp32")
