@@ -14,6 +14,33 @@ os.environ.setdefault("RLHFKIT_CACHE", tempfile.mkdtemp(prefix="rlhfkit-test-cac
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.cuda` tests run only where CUDA is: skipped elsewhere, with the reason."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """On a machine with CUDA, a cuda-marked test that skips itself (pytest.skip, importorskip, a skipif that
+    went wrong) is a failure: a GPU check must never pass silently where the GPU is there."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and "cuda" in item.keywords:
+        import torch
+
+        if torch.cuda.is_available():
+            report.outcome = "failed"
+            reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+            report.longrepr = f"cuda test skipped on a machine with CUDA (a failure here): {reason}"
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from rlhfkit.tiny import make_tiny_model

@@ -40,6 +40,7 @@ from rlhfkit.checkpoint import (
 )
 from rlhfkit.config import claim_run_dir, validate
 from rlhfkit.console import console, progress
+from rlhfkit.device import check_sharded, make_accelerator, make_optimizer, resolve_runtime, to_device
 from rlhfkit.errors import ConfigError, DivergenceError, NonFiniteLossError, SaveError
 from rlhfkit.fileio import io_error_message
 from rlhfkit.runtime import keep_freed_memory
@@ -69,44 +70,47 @@ class TrainLoop:
     """The loss is positive by nature (cross-entropy, Bradley-Terry, DPO): the guard watches it for spikes."""
     uniform_loss: float | None = None
     """The loss of a model that predicts the uniform distribution (SFT: ln V), if there is one."""
+    supports_sharding = True
+    """The trainer runs under FSDP2 / DeepSpeed (its models only run inside `optimize` / `forward`)."""
     watch_zero_gradients: bool = True
     """A gradient norm of exactly 0 means a dead model (off for RL: a batch whose groups all got equal
     rewards, at the reference, legitimately has no gradient)."""
 
     def __init__(self, cfg: TrainConfig, model: Any, output_dir: str | Path, run_config: Any) -> None:
-        from accelerate import Accelerator
-
         validate(run_config)  # a config built in Python gets the checks a parsed one had
         keep_freed_memory()  # no page faults on the buffers every step re-allocates (rlhfkit.runtime)
         self.cfg = cfg
         self.model = model
         self.output_dir = Path(output_dir)
         self.run_config = run_config
-        self.accelerator = Accelerator(cpu=True)
+        self.runtime = resolve_runtime(cfg)  # the trainer placed its models with the same (device.py)
+        self.accelerator = make_accelerator(self.runtime)
+        self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         self.rank = self.accelerator.process_index
         self.is_main = self.accelerator.is_main_process
         threads = cfg.threads or max(1, (os.cpu_count() or 1) // self.accelerator.num_processes)
         torch.set_num_threads(threads)
-        self.engine = self.accelerator.prepare_model(_Forward(model))
-        self.params = [p for p in model.parameters() if p.requires_grad]
         if cfg.batch_size % (cfg.grad_accum * self.world):
             raise ConfigError(
                 f"train.batch_size={cfg.batch_size} is not divisible by grad_accum x processes = "
                 f"{cfg.grad_accum} x {self.world}"
             )
-        # fused=True: one kernel for all of AdamW, 0.08 s instead of 0.51 s per step for SmolLM2-135M here
-        # (the default on CPU is a Python loop of per-parameter ops). It writes the parameters without bumping
-        # their version counters, which `step_optimizer` does, so caches keyed on them see the update.
-        self.optimizer = torch.optim.AdamW(
-            self.params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
-            fused=True,
-        )  # fmt: skip
+        self.sharded = check_sharded(self.accelerator, cfg, run_config, self.supports_sharding)
+        self.deepspeed = self.accelerator.distributed_type.value == "DEEPSPEED"
+        # The fused AdamW writes the parameters without bumping their version counters, which
+        # `step_optimizer` does, so caches keyed on them (the rollout engine's derived weights) see updates.
+        optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], self.device)
+        # model and optimizer in one call: FSDP2 shards the parameters in place and remaps the optimizer's
+        self.engine, self.optimizer = self.accelerator.prepare(_Forward(model), optimizer)
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0
         self.tokens_seen = 0
         self.callbacks: list[Callable[[TrainLoop, dict[str, float]], None]] = []
         """Called after every step (after its checkpoint is written) with the step's metrics."""
         self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+        self._scheduler_step: Callable[[], None] = lambda: None
+        self._full_state: dict[str, torch.Tensor] | None = None
         self._recent_losses: list[float] = []  # the guard's running window
         self._zero_grad_since: int | None = None  # first step of the current run of zero gradient norms
 
@@ -148,8 +152,35 @@ class TrainLoop:
     def scheduler(self) -> torch.optim.lr_scheduler.LambdaLR:
         if self._scheduler is None:
             fn = lr_lambda(self.cfg, self.total_updates())
-            self._scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, fn)
+            self._scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer.optimizer, fn)
+            self._scheduler_step = self.accelerator.prepare_scheduler(self._scheduler).step
         return self._scheduler
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The run's autocast (bf16 under train.precision=bf16) for forward passes outside `optimize`
+        (evaluation, reference and value passes); `optimize` gets it from the prepared module."""
+        return self.accelerator.autocast()
+
+    def forward(self, fn: LossFn, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """`fn(model, batch)` outside `optimize` (evaluation), under the run's autocast; through the prepared
+        module where the weights are sharded (FSDP2, ZeRO-3), whose hooks gather them."""
+        batch = self.to_device(batch)
+        if self.sharded:
+            return self.engine(fn, batch)
+        with self.autocast():
+            return fn(self.model, batch)
+
+    def final_state(self, prefix: str = "") -> dict[str, torch.Tensor] | None:
+        """The full state dict of the trained module's `prefix` part, gathered before `save_final` under
+        FSDP2 / ZeRO-3 (None otherwise: `save_model` then reads the model's own weights)."""
+        if self._full_state is None:
+            return None
+        start = f"model.{prefix}"
+        return {k[len(start) :]: v for k, v in self._full_state.items() if k.startswith(start)}
+
+    def to_device(self, batch: Any) -> Any:
+        """A collated batch (built on the CPU) on the run's device."""
+        return to_device(batch, self.device)
 
     def total_updates(self) -> int:
         """Optimizer updates over the run (RL trainers do several per step)."""
@@ -189,20 +220,23 @@ class TrainLoop:
                 contextlib.nullcontext() if last or self.world == 1 else self.accelerator.no_sync(self.engine)
             )
             with sync:
-                loss_sum, metric_sums = self.engine(loss_fn, batch)
-                (loss_sum * scale).backward()
+                loss_sum, metric_sums = self.engine(loss_fn, self.to_device(batch))
+                if self.deepspeed:  # its engine divides by its accumulation steps and steps at the last
+                    self.accelerator.deepspeed_engine_wrapped.backward(
+                        loss_sum * scale * len(batches), sync_gradients=last
+                    )
+                else:
+                    self.accelerator.backward(loss_sum * scale)
             loss_total += float(loss_sum.detach())
             for key, value in metric_sums.items():
                 sums[key] += float(value)
             self.tokens_seen += int(batch.get("num_tokens", 0))
         loss_value = self._reduce(loss_total) / max(n_global, 1.0)
-        if self.cfg.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.max_grad_norm))
-        else:
-            grad_norm = float(
-                torch.norm(torch.stack([p.grad.norm() for p in self.params if p.grad is not None]))
-            )
-        if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+        # accelerate's clip also gathers the norm of FSDP-sharded gradients; max_norm=inf only measures it
+        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
+        norm = self.accelerator.clip_grad_norm_(self.params, clip)  # DeepSpeed: its own (clipped, stepped)
+        grad_norm = math.nan if norm is None else float(norm)
+        if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or norm is None)):
             self.optimizer.zero_grad(set_to_none=True)
             kept = latest_checkpoint(self.output_dir / "checkpoints")
             where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint was written yet"
@@ -213,8 +247,9 @@ class TrainLoop:
             )
         self.check_divergence(loss_value, grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        step_optimizer(self.optimizer, self.params)
-        self.scheduler.step()
+        # (sharded parameters are DTensors or DeepSpeed partitions: no rollout engine caches them)
+        step_optimizer(self.optimizer, [] if self.sharded else self.params)
+        self._scheduler_step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr}
         for key, value in sums.items():
@@ -411,6 +446,8 @@ class TrainLoop:
         eval_metrics = self.evaluate()
         if eval_metrics:
             self.log("eval", eval_metrics)
+        if self.sharded:  # every rank takes part in the gather; rank 0 gets the full weights
+            self._full_state = self.accelerator.get_state_dict(self.engine)
         if self.is_main:
             self.save_final()
             seconds = time.perf_counter() - start_time

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import json
 import math
 import os
@@ -40,6 +39,7 @@ import torch
 
 from rlhfkit.config import setting
 from rlhfkit.console import console, quiet_transformers
+from rlhfkit.device import Runtime, enable_gradient_checkpointing, place_model
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.fileio import file_lock, fsync_dir, fsync_tree, saving, sha256_file
 
@@ -309,9 +309,13 @@ def load_causal_lm(
     lora: LoraSettings | None = None,
     padding_side: str = "right",
     trust_remote_code: bool = False,
-    dtype: torch.dtype = torch.float32,
+    runtime: Runtime | None = None,
+    frozen: bool = False,
+    gradient_checkpointing: bool = False,
 ) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer in float32 with dropout off (and LoRA adapters if asked)."""
+    """Load a causal LM and its tokenizer with dropout off (and LoRA adapters if asked), placed by
+    `device.place_model` on `runtime`'s device (default: the CPU): float32 to train, `frozen` (a reference)
+    in the runtime's inference dtype, without gradients, in eval mode."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(name_or_path)
@@ -319,13 +323,16 @@ def load_causal_lm(
     try:
         with quiet_transformers():  # no "Loading weights" bar: our own progress says what happens
             model = AutoModelForCausalLM.from_pretrained(
-                path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=True
+                path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
             )
     except OSError as exc:
         raise _load_error(name_or_path, exc) from None
     set_pad_token(tokenizer, model)
     disable_dropout(model)
-    if lora is not None and lora.enabled:
+    place_model(model, runtime, frozen=frozen)
+    if gradient_checkpointing and not frozen:
+        enable_gradient_checkpointing(model)
+    if lora is not None and lora.enabled and not frozen:
         model = apply_lora(model, lora)
     return model, tokenizer
 
@@ -365,22 +372,13 @@ def decoder_and_head(model: Any) -> tuple[torch.nn.Module, torch.nn.Module]:
     return base.get_decoder(), base.get_output_embeddings()
 
 
-def cache_keyword(module: torch.nn.Module) -> str:
-    """The forward keyword that takes a KV cache: `cache` from transformers 5.24 on, `past_key_values`
-    before (5.24 still takes the old name, with a FutureWarning per call)."""
-    try:
-        params = inspect.signature(unwrap(module).forward).parameters
-        return "cache" if "cache" in params else "past_key_values"
-    except (TypeError, ValueError):
-        return "past_key_values"
-
-
-def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+def save_model(model: Any, tokenizer: Any, out_dir: str | Path, state_dict: dict | None = None) -> Path:
     """Save a model + tokenizer as a plain transformers directory that `from_pretrained` loads.
 
     Files are written to a temporary directory, fsynced, then each is renamed into `out_dir` (which may
     already hold other files of the run: config, metrics, checkpoints). LoRA adapters are merged into a
-    copy of the weights first, so loading needs no peft."""
+    copy of the weights first, so loading needs no peft. `state_dict`: the full weights gathered from
+    sharded ranks (FSDP2, ZeRO-3; `TrainLoop.final_state`), written instead of the model's own."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
@@ -392,7 +390,7 @@ def save_model(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=".model-", dir=out))
         try:
             with quiet_transformers():  # no "Writing model shards" bar
-                model.save_pretrained(tmp, safe_serialization=True)
+                model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
                 tokenizer.save_pretrained(tmp)
             fsync_tree(tmp)
             for item in tmp.iterdir():
@@ -437,9 +435,12 @@ def init_head(head: torch.nn.Linear) -> None:
         torch.nn.init.zeros_(head.bias)
 
 
-def load_reward_model(name_or_path: str, trust_remote_code: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) of a saved reward model, float32, in eval mode. Refuses anything that is not a
-    one-output sequence-classification checkpoint (transformers would silently add a random head)."""
+def load_reward_model(
+    name_or_path: str, trust_remote_code: bool = False, runtime: Runtime | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a saved reward model, frozen: in eval mode, without gradients, on `runtime`'s
+    device in its inference dtype (default: float32 on the CPU). Refuses anything that is not a one-output
+    sequence-classification checkpoint (transformers would silently add a random head)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     path = resolve_model(name_or_path)
@@ -455,15 +456,19 @@ def load_reward_model(name_or_path: str, trust_remote_code: bool = False) -> tup
             path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True
         )
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    return model.eval(), tokenizer
+    return place_model(model, runtime, frozen=True), tokenizer
 
 
 def build_reward_model(
-    name_or_path: str, lora: LoraSettings | None = None, trust_remote_code: bool = False
+    name_or_path: str,
+    lora: LoraSettings | None = None,
+    trust_remote_code: bool = False,
+    runtime: Runtime | None = None,
+    gradient_checkpointing: bool = False,
 ) -> tuple[Any, Any]:
     """(model, tokenizer) to train: a one-output sequence classifier from a causal LM (new head, seeded by
-    the caller) or from an existing reward model (head kept), float32, dropout off, pad != EOS. Reward
-    models (`rlhfkit rm`) and PPO's value model are built here."""
+    the caller) or from an existing reward model (head kept), float32 on `runtime`'s device, dropout off,
+    pad != EOS. Reward models (`rlhfkit rm`) and PPO's value model are built here."""
     from transformers import AutoModelForSequenceClassification
 
     path = resolve_model(name_or_path)
@@ -484,6 +489,9 @@ def build_reward_model(
         init_head(head)
     set_pad_token(tokenizer, model)
     disable_dropout(model)
+    place_model(model, runtime)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     if lora is not None and lora.enabled:
         # a classifier: SEQ_CLS task, and the head is trained in full (`modules_to_save`)
         model = apply_lora(model, lora, task_type="SEQ_CLS", modules_to_save=["score"])

@@ -26,9 +26,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rlhfkit.compat import cache_keyword
+from rlhfkit.device import to_device
 from rlhfkit.encoding import SequenceExample, common_prefix_len, pad
 from rlhfkit.losses import token_logprobs_entropy
-from rlhfkit.models import cache_keyword, decoder_and_head
+from rlhfkit.models import decoder_and_head
 
 if TYPE_CHECKING:
     from rlhfkit.rollout import Rollout
@@ -146,6 +148,10 @@ def shared_prompt_forward(
     lookup, so training builds one dense (vocabulary x C) embedding gradient per call, not three."""
     from transformers import DynamicCache
 
+    device = decoder.get_input_embeddings().weight.device
+    batch = to_device(batch, device)  # rollouts and collated batches are built on the CPU
+    if getattr(decoder, "gradient_checkpointing", False) and decoder.training and torch.is_grad_enabled():
+        return _unshared_forward(decoder, batch)
     config = getattr(decoder, "config", None)
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
     key = cache_keyword(decoder)
@@ -161,11 +167,11 @@ def shared_prompt_forward(
         decoder(
             inputs_embeds=prefix_emb,
             attention_mask=torch.ones_like(batch.prefix_ids),
-            position_ids=torch.arange(c)[None],
+            position_ids=torch.arange(c, device=device)[None],
             **{key: cache},
             use_cache=True,
         )
-        cache.reorder_cache(torch.zeros(u, dtype=torch.long))  # (1, ...) -> (U, ...)
+        cache.reorder_cache(torch.zeros(u, dtype=torch.long, device=device))  # (1, ...) -> (U, ...)
     prompt_mask = torch.cat([batch.prompt_mask.new_ones(u, c), batch.prompt_mask], dim=1)  # (U, c + P)
     hidden = decoder(
         inputs_embeds=prompt_emb,
@@ -181,7 +187,8 @@ def shared_prompt_forward(
         return last_prompt, hidden.new_zeros(batch.rows, 0, hidden.shape[-1])
     cache.reorder_cache(batch.inverse)  # (U, ...) -> (B, ...)
     mask = torch.cat([prompt_mask[batch.inverse], batch.answer_mask], dim=1)  # (B, c + P + T)
-    answer_pos = batch.prompt_lengths[:, None] + torch.arange(batch.answer_ids.shape[1])  # (B, T)
+    steps = torch.arange(batch.answer_ids.shape[1], device=device)  # (T,)
+    answer_pos = batch.prompt_lengths[:, None] + steps  # (B, T)
     answers = decoder(
         inputs_embeds=answer_emb,
         attention_mask=mask,
@@ -192,15 +199,35 @@ def shared_prompt_forward(
     return last_prompt, answers
 
 
+def _unshared_forward(
+    decoder: torch.nn.Module, batch: SharedPromptBatch
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`shared_prompt_forward` as one plain forward over every row's prefix + prompt + answer (no cache):
+    activation checkpointing recomputes each layer in the backward pass, which a KV cache that the forward
+    appends to cannot survive (transformers drops the cache under checkpointing). Same values; each row's
+    prompt is then computed once per row. Rows are (1, c) + (P, left-padded) + (T, right-padded) tokens;
+    the padding in the middle is masked and positions count real tokens, as in the shared forward."""
+    b, c, p = batch.rows, batch.prefix_ids.shape[1], batch.prompt_ids.shape[1]
+    ids = torch.cat([batch.prefix_ids.expand(b, c), batch.prompt_ids[batch.inverse], batch.answer_ids], 1)
+    mask = torch.cat(
+        [batch.prompt_mask.new_ones(b, c), batch.prompt_mask[batch.inverse], batch.answer_mask.long()], 1
+    )  # (B, c + P + T)
+    hidden = decoder(
+        input_ids=ids, attention_mask=mask, position_ids=_positions(mask, 0), use_cache=False
+    ).last_hidden_state  # (B, c + P + T, C)
+    return hidden[:, c + p - 1], hidden[:, c + p :]  # (B, C), (B, T, C)
+
+
 def last_token_hidden(
     last_prompt: torch.Tensor, answers: torch.Tensor, answer_mask: torch.Tensor
 ) -> torch.Tensor:
     """The hidden state (B, C) at each row's last real token: its answer's last, or its prompt's last when
     the answer is empty (where a sequence classifier reads its score)."""
-    lengths = answer_mask.sum(-1)  # (B,)
+    lengths = answer_mask.to(last_prompt.device).sum(-1)  # (B,)
     if answers.shape[1] == 0:
         return last_prompt
-    picked = answers[torch.arange(answers.shape[0]), (lengths - 1).clamp(min=0)]  # (B, C)
+    rows = torch.arange(answers.shape[0], device=answers.device)  # (B,)
+    picked = answers[rows, (lengths - 1).clamp(min=0)]  # (B, C)
     return torch.where((lengths > 0)[:, None], picked, last_prompt)
 
 
@@ -216,6 +243,7 @@ def completion_logprobs(
     and zero on padding: one shared-prompt forward, the output layer only on the real answer positions.
     Differentiable in the log-probs (the trainers' policy pass); the entropy never carries a gradient."""
     decoder, head = decoder_and_head(model)
+    batch = to_device(batch, head.weight.device)
     last_prompt, answers = shared_prompt_forward(decoder, batch)  # (B, C), (B, T, C)
     select = batch.answer_mask.bool()  # (B, T)
     logits = head(answer_predictors(last_prompt, answers)[select])  # (N, V)

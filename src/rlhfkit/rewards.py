@@ -46,6 +46,7 @@ from rlhfkit.data import (
     read_rows,
     resolve_data_path,
 )
+from rlhfkit.device import Runtime, model_device
 from rlhfkit.encoding import encode_answer, pad, prompt_answer_ids
 from rlhfkit.errors import ConfigError, NonFiniteRewardError
 from rlhfkit.fileio import write_atomic
@@ -112,7 +113,8 @@ def score_sequences(
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
         ids, mask, pos = pad([list(sequences[i]) for i in index], pad_token_id)  # (b, T) each
-        out[index] = sequence_rewards(model, ids, mask, pos).float()
+        ids, mask, pos = (t.to(model_device(model)) for t in (ids, mask, pos))
+        out[index] = sequence_rewards(model, ids, mask, pos).float().cpu()
     return out
 
 
@@ -120,8 +122,14 @@ def score_sequences(
 class RewardModelScorer:
     """Normalised rewards of a trained reward model; see the module docstring."""
 
-    def __init__(self, path: str | Path, batch_size: int = 16, trust_remote_code: bool = False) -> None:
-        self.model, self.tokenizer = load_reward_model(str(path), trust_remote_code)
+    def __init__(
+        self,
+        path: str | Path,
+        batch_size: int = 16,
+        trust_remote_code: bool = False,
+        runtime: Runtime | None = None,
+    ) -> None:
+        self.model, self.tokenizer = load_reward_model(str(path), trust_remote_code, runtime)
         self.batch_size = batch_size
         self.shift, self.scale = normalization(self.model.config)
 
@@ -150,13 +158,13 @@ class RewardModelScorer:
     def score_rollout(self, rollout: Rollout) -> torch.Tensor:
         """Normalised rewards (B,) of a rollout's rows, each distinct prompt run once."""
         batch = SharedPromptBatch.from_rollout(rollout, self.tokenizer.pad_token_id)
-        return self.normalize(shared_sequence_rewards(self.model, batch).float())
+        return self.normalize(shared_sequence_rewards(self.model, batch).float().cpu())
 
 
-def rollout_scorer(path: str | Path, batch_size: int = 16) -> Any:
+def rollout_scorer(path: str | Path, batch_size: int = 16, runtime: Runtime | None = None) -> Any:
     """A PPO/GRPO scorer `(prompts, completions, rollout, records) -> (B,)` that scores the rollout's own
     tokens (no decode/re-encode round trip); the policy must share the reward model's tokenizer."""
-    scorer = RewardModelScorer(path, batch_size)
+    scorer = RewardModelScorer(path, batch_size, runtime=runtime)
 
     def score(
         prompts: list[str], completions: list[str], rollout: Rollout, records: list[PromptRecord]
@@ -214,9 +222,14 @@ class RewardMix:
 
     @classmethod
     def from_specs(
-        cls, models: Sequence[str], functions: Sequence[str], weights: Sequence[float] = ()
+        cls,
+        models: Sequence[str],
+        functions: Sequence[str],
+        weights: Sequence[float] = (),
+        runtime: Runtime | None = None,
     ) -> RewardMix:
-        """Reward models first, then functions; `weights` (one per component) default to 1."""
+        """Reward models first (frozen, on `runtime`'s device: default the CPU), then functions; `weights`
+        (one per component) default to 1."""
         specs = [("rm", m) for m in models] + [("fn", f) for f in functions]
         if weights and len(weights) != len(specs):
             raise ConfigError(
@@ -225,7 +238,10 @@ class RewardMix:
             )
         components = []
         for i, (kind, spec) in enumerate(specs):
-            scorer = rollout_scorer(spec) if kind == "rm" else function_scorer(load_reward_function(spec))
+            if kind == "rm":
+                scorer = rollout_scorer(spec, runtime=runtime)
+            else:
+                scorer = function_scorer(load_reward_function(spec))
             name = Path(spec).name if kind == "rm" else spec.rpartition(":")[2]
             if any(c.name == name for c in components):
                 name = f"{name}_{i}"
@@ -238,7 +254,7 @@ class RewardMix:
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         parts = {}
         for c in self.components:
-            scores = c.scorer(prompts, completions, rollout, records).float()  # (B,)
+            scores = c.scorer(prompts, completions, rollout, records).float().cpu()  # (B,)
             bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
             if bad:
                 rows = ", ".join(f"{i} ({_where(records[i])}: {scores[i].item()})" for i in bad[:5])

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from rlhfkit.config import setting
+from rlhfkit.device import cuda_rng_states, set_cuda_rng_states
 from rlhfkit.models import LoraSettings
 
 # What `--resume-with-changes` may change in a stopped run (config.accept_changes): how fast and how long
@@ -24,7 +25,7 @@ from rlhfkit.models import LoraSettings
 RESUMABLE = (
     "train.lr", "train.scheduler", "train.warmup_steps", "train.max_steps", "train.epochs",
     "train.max_grad_norm", "train.eval_every", "train.save_every", "train.keep_checkpoints",
-    "train.log_every", "train.threads", "train.guard.",
+    "train.log_every", "train.threads", "train.guard.", "train.device", "train.gradient_checkpointing",
 )  # fmt: skip
 
 
@@ -82,6 +83,16 @@ class TrainConfig:
     """Write train metrics every N steps."""
     threads: int = setting(0, ge=0)
     """CPU threads per process (0: all cores shared between the local processes)."""
+    device: str = "auto"
+    """Where to train: "auto" (the CUDA GPU when there is one, cuda:LOCAL_RANK under a launcher; then Apple
+    "mps"; else "cpu"), or "cpu", "cuda", "cuda:N", "mps" by name."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """"bf16": mixed precision (float32 master weights and optimizer state, bf16 autocast forward, frozen
+    models in bf16); "fp32"; "auto": bf16 on a GPU that supports it, fp32 elsewhere (works on the CPU too)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass: less memory, about 30% more compute."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """AdamW, or AdamW with 8-bit moments (bitsandbytes, CUDA only: about 3/4 less optimizer memory)."""
     guard: GuardConfig = field(default_factory=GuardConfig)
     """The divergence guard."""
 
@@ -108,12 +119,13 @@ def set_seed(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every global RNG state, in a checkpointable form."""
+    """Every global RNG state, in a checkpointable form ("cuda": one state per visible GPU, [] without)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "torch": torch.get_rng_state(),
+        "cuda": cuda_rng_states(),
     }
 
 
@@ -123,6 +135,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
+    set_cuda_rng_states(state.get("cuda") or [])  # absent in checkpoints written before GPU support
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:

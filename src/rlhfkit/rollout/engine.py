@@ -39,6 +39,7 @@ from typing import Any
 import torch
 
 from rlhfkit import models
+from rlhfkit.compat import cache_keyword
 from rlhfkit.config import setting
 from rlhfkit.console import progress
 from rlhfkit.encoding import checked_prompt_ids, left_pad, position_ids_from_mask
@@ -196,7 +197,7 @@ class _GenericBackend:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.keep_arg = _accepts(model, "logits_to_keep")
-        self.cache_key = models.cache_keyword(model)
+        self.cache_key = cache_keyword(model)
 
     def start(
         self, prompts: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, n_new: int

@@ -57,6 +57,7 @@ import torch
 from rlhfkit.config import setting, validate
 from rlhfkit.console import console, progress
 from rlhfkit.data import DATA_RENAMED, DataSettings
+from rlhfkit.device import resolve_runtime
 from rlhfkit.encoding import PreferenceExample, SequenceExample, load_preference_examples
 from rlhfkit.loop import TrainLoop
 from rlhfkit.losses import dpo_loss
@@ -140,7 +141,7 @@ def reference_logprobs(
             index = order[start : start + batch_size]
             out[index] = answer_logprobs(
                 model, SharedPromptBatch.from_examples([sequences[i] for i in index], pad_id)
-            )
+            ).cpu()
             done += len(index)
             bar.update(task, completed=done)
             if bar.disable and done * 4 >= (quarter + 1) * len(sequences):
@@ -165,11 +166,12 @@ def model_fingerprint(name_or_path: str) -> str:
     return digest.hexdigest()
 
 
-def cache_key(reference: str, splits: dict[str, list[DPOExample]]) -> str:
-    """Hash of everything the reference log-probs depend on: the reference weights and the exact token ids
-    of every answer in order (which capture the data, tokenizer, chat template, max_length, truncation)."""
+def cache_key(reference: str, splits: dict[str, list[DPOExample]], dtype: str = "float32") -> str:
+    """Hash of everything the reference log-probs depend on: the reference weights, the precision it ran in,
+    and the exact token ids of every answer in order (which capture the data, tokenizer, chat template,
+    max_length, truncation)."""
     digest = hashlib.sha256(json.dumps({"version": CACHE_VERSION, "reference": reference,
-                                        "dtype": "float32"}).encode())  # fmt: skip
+                                        "dtype": dtype}).encode())  # fmt: skip
     for name, examples in splits.items():
         digest.update(f"|{name}:{len(examples)}".encode())
         for ex in examples:
@@ -208,7 +210,11 @@ class DPOTrainer(TrainLoop):
 
     def __init__(self, cfg: DPOConfig, train: list[DPOExample], evals: list[DPOExample]) -> None:
         set_seed(cfg.train.seed)
-        model, tokenizer = load_causal_lm(cfg.policy, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
+        self.runtime = resolve_runtime(cfg.train)
+        model, tokenizer = load_causal_lm(
+            cfg.policy, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code, runtime=self.runtime,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+        )  # fmt: skip
         super().__init__(cfg.train, model, cfg.output, cfg)
         self.dpo = cfg
         self.tokenizer = tokenizer
@@ -242,7 +248,8 @@ class DPOTrainer(TrainLoop):
         """Fill in `ref_chosen` / `ref_rejected` of every train and eval pair (cached, or one pass)."""
         t0 = time.perf_counter()
         splits = {"train": self.train_examples, "eval": self.eval_examples}
-        key = cache_key(model_fingerprint(self.dpo.reference or self.dpo.policy), splits)
+        reference = model_fingerprint(self.dpo.reference or self.dpo.policy)
+        key = cache_key(reference, splits, self.reference_dtype())
         path = self.output_dir / CACHE_FILE
         cached = read_cache(path, key)
         stats: dict[str, Any] = {"cached": cached is not None}
@@ -265,6 +272,10 @@ class DPOTrainer(TrainLoop):
                       f"({stats['seconds']:.1f}s)")  # fmt: skip
         self.log("reference", stats)
 
+    def reference_dtype(self) -> str:
+        """How the reference runs: "float32", or "bfloat16" (bf16 weights, or the policy under autocast)."""
+        return str(self.runtime.inference_dtype).removeprefix("torch.")
+
     @contextlib.contextmanager
     def reference_model(self) -> Iterator[Any]:
         """The frozen reference: the policy with LoRA adapters disabled, or a model loaded for the pass
@@ -275,9 +286,9 @@ class DPOTrainer(TrainLoop):
                 yield self.model
             return
         reference, _ = load_causal_lm(
-            self.dpo.reference or self.dpo.policy, trust_remote_code=self.dpo.trust_remote_code
-        )
-        reference.requires_grad_(False).eval()
+            self.dpo.reference or self.dpo.policy, trust_remote_code=self.dpo.trust_remote_code,
+            runtime=self.runtime, frozen=True,
+        )  # fmt: skip
         try:
             yield reference
         finally:
@@ -294,7 +305,7 @@ class DPOTrainer(TrainLoop):
                     index.setdefault((seq.answer_start, seq.input_ids), len(index))
         sequences = [SequenceExample(ids, start) for start, ids in index]
         size = max(1, 2 * self.cfg.batch_size // self.cfg.grad_accum)  # a training micro-batch's rows
-        with self.reference_model() as reference:
+        with self.reference_model() as reference, self.autocast():
             logps = reference_logprobs(reference, sequences, self.tokenizer.pad_token_id, size)  # (U,)
             del reference  # a loaded reference is then freed as the context exits, before training
         out = {}
@@ -358,13 +369,13 @@ class DPOTrainer(TrainLoop):
         ordered = sorted(self.eval_examples, key=lambda ex: ex.length)
         size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
         for start in range(0, len(ordered), size):
-            loss_sum, sums = self.loss(self.model, self.collate(ordered[start : start + size]))
+            loss_sum, sums = self.forward(self.loss, self.collate(ordered[start : start + size]))
             for key, value in {"loss": loss_sum, **sums}.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
         return {key: value / len(ordered) for key, value in totals.items()}
 
     def save_final(self) -> None:
-        save_model(self.model, self.tokenizer, self.output_dir)
+        save_model(self.model, self.tokenizer, self.output_dir, self.final_state())
 
 
 # ------------------------------------------------------------------------------------------ entry points

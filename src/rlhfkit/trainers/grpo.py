@@ -156,7 +156,8 @@ class GRPOTrainer(RLTrainer):
             bad = next(e for e in episodes if not torch.isfinite(torch.tensor(e.reward)))
             raise NonFiniteRewardError(f"env {self.grpo.env}: task {bad.task_id} returned {bad.reward}")
         rollout, loss_mask = episode_batch(episodes, self.rollout_engine.pad_token_id)  # (B, T) each
-        scores = rewards
+        rollout, loss_mask = self.to_device(rollout), self.to_device(loss_mask)  # as RLTrainer.sample does
+        scores = rewards = self.to_device(rewards)
         if self.rl.no_eos_score is not None:  # episodes a limit cut short
             fallback = torch.full_like(rewards, self.rl.no_eos_score)  # (B,)
             scores = torch.where(rollout.ended, rewards, fallback)  # (B,)
@@ -179,7 +180,7 @@ class GRPOTrainer(RLTrainer):
         completions = [transcript(e.messages) for e in episodes]
         if self.rl.sample_every and self.step % self.rl.sample_every == 0 and self.is_main:
             self.log_samples(prompts, completions, scores)
-        shared = SharedPromptBatch.from_rollout(rollout, self.rollout_engine.pad_token_id)
+        shared = self.to_device(SharedPromptBatch.from_rollout(rollout, self.rollout_engine.pad_token_id))
         return Samples(rollout, shared, [], prompts, completions, scores, stats, loss_mask)
 
     @torch.no_grad()
@@ -208,7 +209,7 @@ class GRPOTrainer(RLTrainer):
             reward_std_in_group=float(rewards.view(-1, self.group).std(dim=1).mean()),
             zero_variance_groups=float(zero_var.float().mean()),
         )
-        keep = torch.ones(len(rewards), dtype=torch.bool)  # (B,)
+        keep = torch.ones(len(rewards), dtype=torch.bool, device=rewards.device)  # (B,)
         if cfg.dynamic_sampling:
             keep = (~zero_var).repeat_interleave(self.group)  # (B,)
         loss_mask = cmask * keep[:, None]  # (B, T)
@@ -236,7 +237,7 @@ class GRPOTrainer(RLTrainer):
         pg, m = losses.policy_loss(
             logprobs, mb["old_logprobs"], mb["advantages"], lmask, cfg.clip_low, cfg.clip_high, agg, max_len
         )
-        count = lmask.sum() if agg == "token" else torch.tensor(float(batch.rows))
+        count = lmask.sum() if agg == "token" else lmask.new_tensor(float(batch.rows))
         loss = pg
         sums = {key: m[key] * count for key in ("clip_frac", "approx_kl", "ratio_mean")}
         if mb["ref_logprobs"] is not None:

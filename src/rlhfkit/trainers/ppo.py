@@ -120,7 +120,10 @@ class PPOTrainer(RLTrainer):
         value_source = cfg.value_model or (cfg.reward[0] if cfg.reward else cfg.policy)
         # a sequence classifier (head kept from a reward model, new head from a causal LM); with LoRA its
         # head is trained in full, and the reference is the policy with its adapters disabled
-        value, _ = build_reward_model(value_source, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
+        value, _ = build_reward_model(
+            value_source, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code, runtime=self.runtime,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+        )  # fmt: skip
         self.value = value
         return PolicyAndValue(policy, value)
 
@@ -143,7 +146,8 @@ class PPOTrainer(RLTrainer):
         t1 = time.perf_counter()
         rollout, cmask, batch = samples.rollout, samples.mask, samples.shared  # cmask (B, T)
         ref_logprobs = self.reference_logprobs(batch)  # (B, T)
-        values = token_values(self.value, batch) * cmask  # (B, T)
+        with self.autocast():
+            values = token_values(self.value, batch).float() * cmask  # (B, T)
         logprobs = rollout.logprobs * cmask  # (B, T)
         scores = samples.scores  # (B,)
         rewards, kl = losses.kl_penalized_rewards(

@@ -29,6 +29,7 @@ import torch
 from rlhfkit.checkpoint import latest_checkpoint
 from rlhfkit.config import setting
 from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
+from rlhfkit.device import resolve_runtime
 from rlhfkit.encoding import chat_prompt_text, checked_prompt_ids, prompt_ids
 from rlhfkit.errors import NonFiniteRewardError
 from rlhfkit.loop import TrainLoop
@@ -108,13 +109,15 @@ def as_reward_mix(reward: RewardMix | Scorer) -> RewardMix:
 
 
 def reward_mix(cfg: RLConfig) -> RewardMix:
-    return RewardMix.from_specs(cfg.reward, cfg.reward_fn, cfg.reward_weights)
+    """The reward components; reward models frozen on the run's device, in its inference precision."""
+    return RewardMix.from_specs(cfg.reward, cfg.reward_fn, cfg.reward_weights, resolve_runtime(cfg.train))
 
 
 class RLTrainer(TrainLoop):
     """The shared half of PPO, GRPO and RLOO; subclasses build the trainable module and the update."""
 
     group = 1  # answers sampled per prompt
+    supports_sharding = False  # the rollout engine samples from whole weights
     positive_loss = False  # surrogate losses: their size says nothing about divergence
     watch_zero_gradients = False
 
@@ -128,11 +131,16 @@ class RLTrainer(TrainLoop):
         """`reward` None: the trainer scores its samples itself (multi-turn episodes: their returns)."""
         set_seed(cfg.train.seed)
         self.rl = cfg
-        policy, tokenizer = load_causal_lm(cfg.policy, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
+        self.runtime = resolve_runtime(cfg.train)
+        policy, tokenizer = load_causal_lm(
+            cfg.policy, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code, runtime=self.runtime,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+        )  # fmt: skip
         self.reference = None
-        if need_reference and not cfg.lora.enabled:
-            self.reference, _ = load_causal_lm(cfg.policy, trust_remote_code=cfg.trust_remote_code)
-            self.reference.requires_grad_(False).eval()
+        if need_reference and not cfg.lora.enabled:  # with LoRA: the policy with its adapters disabled
+            self.reference, _ = load_causal_lm(
+                cfg.policy, trust_remote_code=cfg.trust_remote_code, runtime=self.runtime, frozen=True
+            )
         self.need_reference = need_reference
         self.policy, self.tokenizer = policy, tokenizer
         super().__init__(cfg.train, self.build_model(policy), cfg.output, cfg)
@@ -140,6 +148,8 @@ class RLTrainer(TrainLoop):
         self.prompt_ids = [prompt_ids(tokenizer, r.prompt) for r in records]
         self.reward = as_reward_mix(reward) if reward is not None else None
         self.rollout_engine = RolloutEngine(policy, tokenizer)
+        # a CPU generator whatever the device: its state checkpoints the same everywhere (the engine draws
+        # its uniforms from it and moves them to the logits' device)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * self.rank)
         self.gold_fn = None
         if cfg.gold:
@@ -180,7 +190,7 @@ class RLTrainer(TrainLoop):
         generation = self.rollout_engine.sample_texts(
             [self.prompt_ids[i] for i in rows], self.rl.sampling, self.generator
         )
-        rollout, completions = generation.rollout, generation.texts
+        rollout, completions = self.to_device(generation.rollout), generation.texts
         t1 = time.perf_counter()
         records = [self.records[i] for i in rows]
         prompts = [chat_prompt_text(r.prompt) for r in records]
@@ -193,7 +203,7 @@ class RLTrainer(TrainLoop):
             raise NonFiniteRewardError(
                 f"{exc}; iteration {self.step + 1} was not trained on and {where}"
             ) from None
-        scores = raw.float()
+        scores = raw.float().to(self.device)  # (B,)
         if self.rl.no_eos_score is not None:
             scores = torch.where(rollout.ended, scores, torch.full_like(scores, self.rl.no_eos_score))  # (B,)
         n_tokens = float(rollout.completion_mask.sum())
@@ -215,18 +225,20 @@ class RLTrainer(TrainLoop):
         self.tokens_seen += int(n_tokens)
         if self.rl.sample_every and self.step % self.rl.sample_every == 0 and self.is_main:
             self.log_samples(prompts, completions, scores)
-        shared = SharedPromptBatch.from_rollout(rollout, self.rollout_engine.pad_token_id)
+        shared = self.to_device(SharedPromptBatch.from_rollout(rollout, self.rollout_engine.pad_token_id))
         return Samples(rollout, shared, records, prompts, completions, scores, stats)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: SharedPromptBatch) -> torch.Tensor:
-        """log pi_ref of each answer token (B, T), zero on padding."""
+        """log pi_ref of each answer token (B, T), zero on padding: the frozen reference (bf16 weights under
+        bf16 precision), or with LoRA the policy itself with its adapters disabled (no second copy)."""
+        temperature = self.rl.sampling.temperature
         if self.reference is not None:
-            lp, _ = completion_logprobs(self.reference, batch, self.rl.sampling.temperature, entropy=False)
+            lp, _ = completion_logprobs(self.reference, batch, temperature, entropy=False)
         else:
-            with self.policy.disable_adapter():
-                lp, _ = completion_logprobs(self.policy, batch, self.rl.sampling.temperature, entropy=False)
-        return lp  # (B, T), zero on padding
+            with self.policy.disable_adapter(), self.autocast():
+                lp, _ = completion_logprobs(self.policy, batch, temperature, entropy=False)
+        return lp.float()  # (B, T), zero on padding
 
     def log_samples(self, prompts: list[str], completions: list[str], scores: torch.Tensor) -> None:
         with open(self.output_dir / "samples.jsonl", "a", encoding="utf-8") as fh:

@@ -51,6 +51,7 @@ import torch
 from rlhfkit.config import setting
 from rlhfkit.console import console
 from rlhfkit.data import DATA_RENAMED, DataSettings, load_sft, resolve_data_path
+from rlhfkit.device import resolve_runtime
 from rlhfkit.encoding import PreferenceExample, SequenceExample, encode_answer, load_preference_examples
 from rlhfkit.loop import TrainLoop
 from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
@@ -148,6 +149,7 @@ def expected_calibration_error(rows: list[dict[str, Any]]) -> float:
 # ------------------------------------------------------------------------------------------ trainer
 class RMTrainer(TrainLoop):
     name = "rm"
+    supports_sharding = False  # the calibration pass after training runs on rank 0 alone
 
     def __init__(
         self,
@@ -158,8 +160,9 @@ class RMTrainer(TrainLoop):
     ) -> None:
         set_seed(cfg.train.seed)  # the new head's initialisation
         model, tokenizer = build_reward_model(
-            cfg.model, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code
-        )
+            cfg.model, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code,
+            runtime=resolve_runtime(cfg.train), gradient_checkpointing=cfg.train.gradient_checkpointing,
+        )  # fmt: skip
         super().__init__(cfg.train, model, cfg.output, cfg)
         self.rm = cfg
         self.tokenizer = tokenizer
@@ -238,8 +241,9 @@ class RMTrainer(TrainLoop):
         ordered = sorted(self.eval_examples, key=lambda ex: ex.length)
         size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
         for start in range(0, len(ordered), size):
-            batch = self.collate(ordered[start : start + size])
-            rewards = shared_sequence_rewards(self.model, batch["batch"])  # (N,)
+            batch = self.to_device(self.collate(ordered[start : start + size]))
+            with self.autocast():
+                rewards = shared_sequence_rewards(self.model, batch["batch"]).float()  # (N,)
             loss_sum, sums = self.pairwise(rewards, batch)
             for key, value in {"loss": loss_sum, **sums}.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
@@ -256,9 +260,10 @@ class RMTrainer(TrainLoop):
             shift, scale, raw = 0.0, 1.0, torch.zeros(0)
         else:
             sequences = [ex.input_ids for ex in self.calibration]
-            raw = score_sequences(
-                self.model, sequences, self.tokenizer.pad_token_id, SCORE_BATCH
-            ).double()  # (M,)
+            with self.autocast():
+                raw = score_sequences(
+                    self.model, sequences, self.tokenizer.pad_token_id, SCORE_BATCH
+                ).double()  # (M,)
             shift = float(raw.mean())
             std = float(raw.std(unbiased=False))
             scale = std if self.rm.normalize == "shift_scale" and std > 0 else 1.0

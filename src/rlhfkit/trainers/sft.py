@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import torch
 
 from rlhfkit.data import DATA_RENAMED, DataSettings, SFTRecord, load_sft
+from rlhfkit.device import resolve_runtime
 from rlhfkit.encoding import SequenceExample, encode_answer, pad
 from rlhfkit.loop import TrainLoop
 from rlhfkit.losses import token_logprobs_entropy
@@ -71,7 +72,10 @@ class SFTTrainer(TrainLoop):
 
     def __init__(self, cfg: SFTConfig, train: list[SequenceExample], evals: list[SequenceExample]) -> None:
         set_seed(cfg.train.seed)
-        model, tokenizer = load_causal_lm(cfg.model, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code)
+        model, tokenizer = load_causal_lm(
+            cfg.model, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code,
+            runtime=resolve_runtime(cfg.train), gradient_checkpointing=cfg.train.gradient_checkpointing,
+        )  # fmt: skip
         super().__init__(cfg.train, model, cfg.output, cfg)
         self.uniform_loss = math.log(decoder_and_head(model)[1].weight.shape[0])  # ln V
         self.sft = cfg
@@ -137,7 +141,7 @@ class SFTTrainer(TrainLoop):
         size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
         for start in range(0, len(ordered), size):
             batch = self.collate(ordered[start : start + size])
-            part, metrics = self.loss(self.model, batch)
+            part, metrics = self.forward(self.loss, batch)
             loss_sum += float(part)
             correct += float(metrics["token_accuracy"])
             count += batch["num_items"]
@@ -149,7 +153,7 @@ class SFTTrainer(TrainLoop):
         }
 
     def save_final(self) -> None:
-        save_model(self.model, self.tokenizer, self.output_dir)
+        save_model(self.model, self.tokenizer, self.output_dir, self.final_state())
 
 
 def prepare_sft(cfg: SFTConfig) -> tuple[list[SequenceExample], list[SequenceExample]]:
