@@ -17,6 +17,7 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from rlhfkit.agents.db_tasks import CITIES, PEOPLE
 from rlhfkit.agents.env import Task
 
 SIZES = {"train": 300, "test": 60}
@@ -64,7 +65,6 @@ LOREM = [
     "node",
     "time",
 ]
-CITIES = ["Lyon", "Porto", "Denver", "Osaka", "Krakow", "Austin", "Bergen", "Seville"]
 Draw = tuple[str, dict[str, str], str, str, list[str], str]  # prompt, files, answer, kind, choices, command
 
 
@@ -155,27 +155,7 @@ def most_lines(rng: random.Random) -> Draw:
 
 
 def csv_question(rng: random.Random) -> Draw:
-    people = rng.sample(
-        [
-            "Alice",
-            "Bruno",
-            "Chen",
-            "Dana",
-            "Emeka",
-            "Fatima",
-            "Goran",
-            "Hana",
-            "Igor",
-            "Julia",
-            "Kofi",
-            "Lea",
-            "Mateo",
-            "Nadia",
-            "Oscar",
-            "Paula",
-        ],
-        rng.randint(6, 14),
-    )
+    people = rng.sample(PEOPLE[:16], rng.randint(6, 14))
     ages = rng.sample(range(18, 80), len(people))
     rows = [(p, rng.choice(CITIES[: rng.randint(3, 8)]), a) for p, a in zip(people, ages, strict=True)]
     files = {"people.csv": "name,city,age\n" + "".join(f"{p},{c},{a}\n" for p, c, a in rows)}
