@@ -29,7 +29,7 @@ from fractions import Fraction
 from typing import Any
 
 from rlhfkit.agents.answers import last_number, numbers_match
-from rlhfkit.agents.env import Split, Task
+from rlhfkit.agents.env import Split, Task, generated_split
 from rlhfkit.agents.tools import ToolEnvironment
 
 MAX_LENGTH, MAX_NODES, MAX_EXPONENT, MAX_BITS = 300, 100, 1000, 1000
@@ -385,17 +385,12 @@ def problem(rng: random.Random) -> tuple[str, str, Fraction]:
 @functools.cache
 def make_tasks(split: str) -> tuple[Task, ...]:
     """The tasks of a split, the same on every call and machine (see the module docstring)."""
-    test_texts = {problem(random.Random(f"calc:test:{i}"))[0] for i in range(SIZES["test"])}
-    tasks, seen, seed = [], set(), 0
-    while len(tasks) < SIZES[split]:
-        text, expression, value = problem(random.Random(f"calc:{split}:{seed}"))
-        seed += 1
-        if text in seen or (split == "train" and text in test_texts):
-            continue
-        seen.add(text)
-        data = {"answer": render(value), "expression": expression}
-        tasks.append(Task(id=f"calc-{split}-{len(tasks)}", prompt=text, data=data))
-    return tuple(tasks)
+
+    def draw(rng: random.Random) -> tuple[str, dict[str, Any]]:
+        text, expression, value = problem(rng)
+        return text, {"answer": render(value), "expression": expression}
+
+    return generated_split("calc", split, SIZES, draw, lambda prompt, data: prompt)
 
 
 class CalcEnvironment(ToolEnvironment):

@@ -16,7 +16,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.agents.env import Task
+from rlhfkit.agents.env import Task, generated_split
 
 SIZES = {"train": 1000, "test": 150}
 PEOPLE = [
@@ -403,18 +403,6 @@ def draw(rng: random.Random) -> tuple[str, dict[str, Any]]:
 @functools.cache
 def make_tasks(split: str) -> tuple[Task, ...]:
     """The tasks of a split, the same on every call and machine (see the module docstring)."""
-
-    def key(prompt: str, data: dict[str, Any]) -> str:
-        return json.dumps([prompt, data["tables"]])
-
-    test_keys = {key(*draw(random.Random(f"db:test:{i}"))) for i in range(SIZES["test"])}
-    tasks, seen, seed = [], set(), 0
-    while len(tasks) < SIZES[split]:
-        prompt, data = draw(random.Random(f"db:{split}:{seed}"))
-        seed += 1
-        k = key(prompt, data)
-        if k in seen or (split == "train" and k in test_keys):
-            continue
-        seen.add(k)
-        tasks.append(Task(id=f"db-{split}-{len(tasks)}", prompt=prompt, data=data))
-    return tuple(tasks)
+    return generated_split(
+        "db", split, SIZES, draw, lambda prompt, data: json.dumps([prompt, data["tables"]])
+    )

@@ -29,6 +29,7 @@ one object per concurrent episode. A user's environment is `module:Class` in a c
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,3 +85,28 @@ class Environment(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the episode holds (temporary files, processes)."""
+
+
+def generated_split(
+    name: str,
+    split: Split,
+    size: dict[str, int],
+    draw: Callable[[random.Random], tuple[str, dict[str, Any]]],
+    key: Callable[[str, dict[str, Any]], str],
+) -> tuple[Task, ...]:
+    """The tasks of a generated split, the same on every call and machine: `draw` makes (prompt, data) from
+    `random.Random(f"{name}:{split}:{seed}")` for seed 0, 1, ...; a task whose `key` was seen is dropped, and
+    a train task whose key is a test task's too, so the splits are disjoint. Ids: f"{name}-{split}-{i}"."""
+    test_keys = {key(*draw(random.Random(f"{name}:test:{i}"))) for i in range(size["test"])}
+    tasks: list[Task] = []
+    seen: set[str] = set()
+    seed = 0
+    while len(tasks) < size[split]:
+        prompt, data = draw(random.Random(f"{name}:{split}:{seed}"))
+        seed += 1
+        k = key(prompt, data)
+        if k in seen or (split == "train" and k in test_keys):
+            continue
+        seen.add(k)
+        tasks.append(Task(id=f"{name}-{split}-{len(tasks)}", prompt=prompt, data=data))
+    return tuple(tasks)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhfkit.agents.db_tasks import CITIES, PEOPLE
-from rlhfkit.agents.env import Task
+from rlhfkit.agents.env import Task, generated_split
 
 SIZES = {"train": 300, "test": 60}
 WORDS = [
@@ -250,18 +250,6 @@ def draw(rng: random.Random) -> tuple[str, dict[str, Any]]:
 @functools.cache
 def make_tasks(split: str) -> tuple[Task, ...]:
     """The tasks of a split, the same on every call and machine (see the module docstring)."""
-
-    def key(prompt: str, data: dict[str, Any]) -> str:
-        return json.dumps([prompt, data["files"]], sort_keys=True)
-
-    test_keys = {key(*draw(random.Random(f"os:test:{i}"))) for i in range(SIZES["test"])}
-    tasks, seen, seed = [], set(), 0
-    while len(tasks) < SIZES[split]:
-        prompt, data = draw(random.Random(f"os:{split}:{seed}"))
-        seed += 1
-        k = key(prompt, data)
-        if k in seen or (split == "train" and k in test_keys):
-            continue
-        seen.add(k)
-        tasks.append(Task(id=f"os-{split}-{len(tasks)}", prompt=prompt, data=data))
-    return tuple(tasks)
+    return generated_split(
+        "os", split, SIZES, draw, lambda prompt, data: json.dumps([prompt, data["files"]], sort_keys=True)
+    )
