@@ -123,6 +123,34 @@ def test_masked_loss_and_gradient_equal_a_hand_computation(tiny_model: Path, tmp
     assert n == 2 and float(sums["ratio_mean"]) == pytest.approx(float(lmask.sum()), abs=1e-3)
 
 
+def test_micro_batches_of_episodes_give_the_same_values_and_update(tiny_model: Path, tmp_path: Path):
+    """Long episodes run a few rows per forward pass (memory): the reference log-probs and one update's
+    weights are those of a single pass over the batch, to float precision; 0 means 8 episodes with env."""
+    from rlhfkit.trainers.grpo import EPISODE_MICRO_BATCH
+
+    sets = ["prompts_per_step=4", "num_generations=4", "beta=0.1", "train.max_steps=1", "train.lr=1e-3"]
+    weights = []
+    for size in (0, 3, 16):
+        cfg = config(GRPOConfig, tiny_model, tmp_path / f"m{size}", *sets, f"micro_batch={size}")
+        trainer = GRPOTrainer(cfg, LetterEnv().tasks("train"), None)
+        assert trainer.micro_batch == (size or EPISODE_MICRO_BATCH)
+        trainer.generator.manual_seed(0)
+        samples = trainer.sample_episodes([0, 1, 2, 3])
+        whole = trainer.reference_logprobs(samples.shared)  # (16, T)
+        parts = trainer.reference_logprobs(samples.shared, 3)
+        torch.testing.assert_close(parts, whole, atol=1e-5, rtol=0)
+        trainer.generator.manual_seed(0)
+        metrics = trainer.train_step(0)
+        assert metrics["skipped"] == 0.0
+        weights.append({k: p.detach().clone() for k, p in trainer.policy.named_parameters()})
+    for other in weights[1:]:
+        for k, w in weights[0].items():
+            torch.testing.assert_close(other[k], w, atol=1e-5, rtol=0)  # 1% of one Adam step (lr)
+    fresh = GRPOTrainer(config(GRPOConfig, tiny_model, tmp_path / "f", *sets), LetterEnv().tasks("t"), None)
+    start = dict(fresh.policy.named_parameters())
+    assert any(not torch.equal(w, start[k]) for k, w in weights[0].items())  # the update moved the weights
+
+
 def test_resume_equals_uninterrupted(tiny_model: Path, tmp_path: Path):
     from safetensors.torch import load_file
 

@@ -51,6 +51,7 @@ from rlhfkit.trainers.rl import RLConfig, RLTrainer, Samples, load_rl_prompts, r
 from rlhfkit.training import TrainConfig
 
 AGGREGATION: dict[str, losses.Aggregation] = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
+EPISODE_MICRO_BATCH = 8  # episodes per forward pass with `env` when micro_batch is 0
 
 
 @dataclass
@@ -78,7 +79,8 @@ class GRPOConfig(RLConfig):
     num_iterations: int = setting(1, ge=1)
     """Updates per rollout batch (mu); the first has ratio 1, the later ones use importance ratios."""
     micro_batch: int = setting(0, ge=0)
-    """Rollouts per forward/backward pass within an update (gradient accumulation; 0: all at once)."""
+    """Rollouts per forward pass within an update (gradient accumulation) and in the reference pass; 0: all
+    at once, or with `env` EPISODE_MICRO_BATCH episodes (long multi-turn sequences: memory, not speed)."""
     mask_truncated: bool = False
     """Leave answers that never reached EOS out of the loss."""
     dynamic_sampling: bool = False
@@ -132,6 +134,7 @@ class GRPOTrainer(RLTrainer):
             )
         # the longest answer, for the "dr_grpo" constant aggregation
         self.max_len = cfg.agent.max_tokens if cfg.env else cfg.sampling.max_new_tokens
+        self.micro_batch = cfg.micro_batch or (EPISODE_MICRO_BATCH if cfg.env else 0)
 
     def prompts_per_step(self) -> int:
         return self.grpo.prompts_per_step
@@ -194,7 +197,7 @@ class GRPOTrainer(RLTrainer):
         ref_logprobs = None
         rewards = scores  # (B,)
         if self.need_reference:
-            ref_logprobs = self.reference_logprobs(samples.shared)  # (B, T)
+            ref_logprobs = self.reference_logprobs(samples.shared, self.micro_batch)  # (B, T)
             seq_kl = (losses.kl_estimate(old_logprobs, ref_logprobs, "k1") * cmask).sum(-1)  # (B,)
             stats["kl"] = float(seq_kl.mean())
             if cfg.advantage == "rloo":
@@ -258,7 +261,7 @@ class GRPOTrainer(RLTrainer):
         else:
             self.policy.train()
             n = experience["batch"].rows
-            size = self.grpo.micro_batch or n
+            size = self.micro_batch or n
             agg = AGGREGATION[self.grpo.loss_type]
             batches = []
             for lo in range(0, n, size):

@@ -229,9 +229,16 @@ class RLTrainer(TrainLoop):
         return Samples(rollout, shared, records, prompts, completions, scores, stats)
 
     @torch.no_grad()
-    def reference_logprobs(self, batch: SharedPromptBatch) -> torch.Tensor:
+    def reference_logprobs(self, batch: SharedPromptBatch, rows: int = 0) -> torch.Tensor:
         """log pi_ref of each answer token (B, T), zero on padding: the frozen reference (bf16 weights under
-        bf16 precision), or with LoRA the policy itself with its adapters disabled (no second copy)."""
+        bf16 precision), or with LoRA the policy itself with its adapters disabled (no second copy).
+        `rows` > 0 runs that many rows per forward pass (long multi-turn episodes), same values."""
+        if 0 < rows < batch.rows:
+            parts = [
+                self.reference_logprobs(batch.select(torch.arange(lo, min(lo + rows, batch.rows))))
+                for lo in range(0, batch.rows, rows)
+            ]
+            return torch.cat(parts)  # (B, T)
         temperature = self.rl.sampling.temperature
         if self.reference is not None:
             lp, _ = completion_logprobs(self.reference, batch, temperature, entropy=False)
