@@ -145,6 +145,13 @@ def test_sequence_kl_matches_a_plain_forward_per_row(models: dict[str, Path]):
             per_model.append(lp.gather(1, targets[:, None]).sum().detach())
         assert float(kl[b]) == pytest.approx(float(per_model[0] - per_model[1]), abs=1e-4)
     assert float(kl.mean()) > 0.05  # two different models: clearly positive on average
+    # the evaluation's shortcut: the sampler's own log-probs at temperature 1 stand in for the policy pass
+    torch.testing.assert_close(
+        sequence_kl(policy, reference, rollout, tokenizer.pad_token_id, sampled_at_t1=True),
+        kl,
+        atol=1e-4,
+        rtol=0,
+    )
 
 
 def test_policy_equal_to_reference_gives_zero_kl_and_one_half(models: dict[str, Path], tmp_path: Path):

@@ -182,12 +182,21 @@ class Answers:
 
 @torch.no_grad()
 def sequence_kl(
-    policy: torch.nn.Module, reference: torch.nn.Module, rollout: Rollout, pad_token_id: int
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    rollout: Rollout,
+    pad_token_id: int,
+    sampled_at_t1: bool = False,
 ) -> torch.Tensor:
-    """k1 estimate of KL(pi || pi_ref) per answer, (B,): sum over answer tokens of log pi - log pi_ref, both
-    from a fresh forward pass (temperature 1) on the rollout's tokens."""
+    """k1 estimate of KL(pi || pi_ref) per answer, (B,): sum over answer tokens of log pi - log pi_ref, from
+    a fresh forward pass (temperature 1) on the rollout's tokens. `sampled_at_t1`: the rollout was drawn
+    from `policy` at temperature 1 with no top-k / top-p, so its log-probs already are log pi (token in,
+    token out) and only the reference runs."""
     batch = SharedPromptBatch.from_rollout(rollout, pad_token_id)
-    logprobs, _ = completion_logprobs(policy, batch, entropy=False)  # (B, T), zero on padding
+    if sampled_at_t1:
+        logprobs = rollout.logprobs * rollout.completion_mask  # (B, T)
+    else:
+        logprobs, _ = completion_logprobs(policy, batch, entropy=False)  # (B, T), zero on padding
     ref_logprobs, _ = completion_logprobs(reference, batch, entropy=False)  # (B, T)
     return (kl_estimate(logprobs, ref_logprobs, "k1") * rollout.completion_mask).sum(-1)  # (B,)
 
@@ -210,7 +219,8 @@ def generate_answers(
         out.tokens += rollout.lengths.tolist()
         out.ended += rollout.ended.tolist()
         if reference is not None:
-            out.kl += sequence_kl(engine.model, reference, rollout, engine.pad_token_id).tolist()
+            plain = sampling.temperature == 1.0 and sampling.top_k == 0 and sampling.top_p == 1.0
+            out.kl += sequence_kl(engine.model, reference, rollout, engine.pad_token_id, plain).tolist()
     console.print(f"eval: {label}: {len(prompts)} answers in {time.perf_counter() - t0:.1f}s")
     return out
 
