@@ -15,7 +15,7 @@ import pytest
 
 from rlhfkit.agents.env import Environment, StepResult, Task
 from rlhfkit.agents.episode import AgentLimits
-from rlhfkit.agents.evaluate import chat_episodes, overall_scores, summarize
+from rlhfkit.agents.evaluate import chat_episodes, overall_scores, paired_difference, summarize
 from rlhfkit.llm import EndpointLLM
 from rlhfkit.rollout import SamplingConfig
 
@@ -91,6 +91,24 @@ def test_summary_interval_is_the_normal_interval_of_the_outcomes():
     # the environment's own verdict wins over the threshold
     episodes[0].info = {"success": False}
     assert summarize(episodes, threshold=1.0)["successes"] == 2
+
+
+def test_paired_difference_counts_each_task_once_with_its_normal_interval():
+    from rlhfkit.agents.episode import Episode
+
+    def runs(wins: list[int]) -> list[Episode]:
+        return [Episode(f"t{i}", [], [1], [], [], [], reward=float(w), turns=1, reason="answer", tokens=1)
+                for i, w in enumerate(wins)]  # fmt: skip
+
+    base, other = runs([1, 0, 0, 1, 0, 1, 0, 0]), runs([1, 1, 1, 0, 0, 1, 1, 0])
+    d = paired_difference(base, list(reversed(other)), threshold=1.0)  # matched by task id, not position
+    diffs = [0, 1, 1, -1, 0, 0, 1, 0]  # by hand: mean 2/8, sample sd sqrt((4 * 0.75^2 + ... ) / 7)
+    sd = math.sqrt(sum((x - 0.25) ** 2 for x in diffs) / 7)
+    assert d["n"] == 8 and d["difference"] == pytest.approx(0.25) and (d["won"], d["lost"]) == (3, 1)
+    assert d["low"] == pytest.approx(0.25 - 1.959964 * sd / math.sqrt(8), abs=1e-6)
+    assert d["high"] == pytest.approx(0.25 + 1.959964 * sd / math.sqrt(8), abs=1e-6)
+    with pytest.raises(ValueError, match="share no task"):
+        paired_difference(base, [Episode("x", [], [1], [], [], [], reward=1.0)], threshold=1.0)
 
 
 def test_overall_score_weights_each_env_by_the_inverse_mean_success():
@@ -171,6 +189,17 @@ def test_agent_eval_cli_end_to_end(tiny_model: Path, tmp_path: Path):
         assert r["reasons"] == {"answer": 4} and r["mean_turns"] == 2.0
     success = {m: {env: report["results"][m][env]["success"]} for m in report["models"]}
     assert report["overall"] == pytest.approx(overall_scores(success)[0])
+    paired = report["paired"][str(other)][env]  # the second model minus the first, task by task
+    first = {
+        e["task_id"]: len(e["messages"][3]["content"]) % 2 == 0
+        for e in episodes
+        if e["model"] == str(tiny_model)
+    }
+    second = {
+        e["task_id"]: len(e["messages"][3]["content"]) % 2 == 0 for e in episodes if e["model"] == str(other)
+    }
+    assert report["paired_vs"] == str(tiny_model) and paired["n"] == 4
+    assert paired["difference"] == pytest.approx(sum(second[t] - first[t] for t in first) / 4)
     page = (out / "report.html").read_text()
     assert "&lt;b&gt;bold&lt;/b&gt; &amp; &#x27;quoted&#x27;" in page and "<b>bold</b>" not in page
     for e in episodes:  # every answer the models wrote is on the page, escaped

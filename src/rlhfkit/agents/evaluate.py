@@ -16,13 +16,17 @@ models compared in this run, and a model's score is the mean over environments o
 average model of this run). An environment no model solved has no weight and is left out. With a single
 model every weight is 1 / its own success, so its overall score is 1.0 by construction: the report says so.
 
-Written to `output`: agent_eval.json (settings, per-environment results, weights, overall scores),
+With several models, each later one is also compared with the first on the same tasks: the paired
+difference of success with its 95% interval (`paired_difference`), the measure of a training step's gain.
+
+Written to `output`: agent_eval.json (settings, per-environment results, weights, overall scores, paired),
 episodes.jsonl (every episode, turn by turn) and report.html.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -38,7 +42,7 @@ from rlhfkit.agents.registry import load_environment
 from rlhfkit.config import claim_run_dir, setting, to_dict
 from rlhfkit.console import console, progress
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.evaluate import win_rate
+from rlhfkit.evaluate import mean_and_stderr, win_rate
 from rlhfkit.fileio import write_atomic
 from rlhfkit.llm import LLM, Completion
 from rlhfkit.rollout.engine import SamplingConfig
@@ -162,6 +166,22 @@ def summarize(episodes: Sequence[Episode], threshold: float) -> dict[str, Any]:
         "mean_turns": sum(e.turns for e in episodes) / n, "mean_tokens": sum(e.tokens for e in episodes) / n,
         "reasons": dict(Counter(e.reason for e in episodes).most_common()),
     }  # fmt: skip
+
+
+def paired_difference(
+    base: Sequence[Episode], other: Sequence[Episode], threshold: float, confidence: float = 0.95
+) -> dict[str, Any]:
+    """Success of `other` minus `base` on the same tasks (matched by task id): the mean of d_i in {-1, 0, 1}
+    with a normal interval mean +- z s / sqrt(n) (s: sample sd of the d_i), and the tasks each one won alone.
+    Tighter than comparing the two models' intervals: the tasks' difficulty cancels."""
+    mine = {e.task_id: succeeded(e, threshold) for e in base}
+    d = [float(succeeded(e, threshold)) - float(mine[e.task_id]) for e in other if e.task_id in mine]
+    if not d:
+        raise ValueError("paired_difference: the two runs share no task")
+    mean, se = mean_and_stderr(d, worst_sd=1.0)
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    return {"n": len(d), "difference": mean, "low": mean - z * se, "high": mean + z * se, "stderr": se,
+            "won": sum(x > 0 for x in d), "lost": sum(x < 0 for x in d)}  # fmt: skip
 
 
 def overall_scores(
@@ -292,9 +312,15 @@ def run_agent_eval(cfg: AgentEvalConfig) -> dict[str, Any]:
         if len(results) == 1
         else f"Weights: 1 / the mean success of the {len(results)} models of this run in each environment."
     )
+    first = next(iter(episodes))
+    paired = {
+        m: {e: paired_difference(episodes[first][e], episodes[m][e], cfg.success_threshold) for e in cfg.envs}
+        for m in list(episodes)[1:]
+    }
     report = {
         "models": list(results), "envs": list(cfg.envs), "results": results, "weights": weights,
-        "overall": overall, "overall_note": note, "settings": to_dict(cfg),
+        "overall": overall, "overall_note": note, "paired_vs": first, "paired": paired,
+        "settings": to_dict(cfg),
     }  # fmt: skip
     write_atomic(out / "episodes.jsonl", "".join(line + "\n" for line in lines))
     write_atomic(out / "agent_eval.json", json.dumps(report, indent=2) + "\n")
@@ -305,4 +331,7 @@ def run_agent_eval(cfg: AgentEvalConfig) -> dict[str, Any]:
             f"{e} {r['success']:.1%} [{r['low']:.1%}, {r['high']:.1%}]" for e, r in results[model].items()
         ]
         console.print(f"{model}: overall {'—' if score is None else f'{score:.3f}'}; {', '.join(per_env)}")
+    for model, envs in paired.items():
+        per_env = [f"{e} {d['difference']:+.1%} [{d['low']:+.1%}, {d['high']:+.1%}]" for e, d in envs.items()]
+        console.print(f"{model} - {first}, same tasks: {', '.join(per_env)}")
     return report

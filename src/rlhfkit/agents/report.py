@@ -14,6 +14,10 @@ def interval(r: dict[str, Any]) -> str:
     return f"{fmt(r['success'], pct=True)} [{fmt(r['low'], pct=True)}, {fmt(r['high'], pct=True)}]"
 
 
+def paired_cell(d: dict[str, Any]) -> str:
+    return f"{d['difference']:+.1%} [{d['low']:+.1%}, {d['high']:+.1%}] ({d['won']} won, {d['lost']} lost)"
+
+
 def turn_html(message: dict[str, Any]) -> str:
     """One message: its role, its text, and its tool calls (name and arguments), all escaped."""
     role = message.get("role", "")
@@ -50,6 +54,14 @@ def agent_report_html(
         "Success rates with 95% normal intervals. Overall (AgentBench): the mean over environments of "
         "success x weight, the weight being 1 / the mean success of the models of this run (an environment "
         f"no model solved is left out). {report['overall_note']}"))  # fmt: skip
+    if report.get("paired"):
+        body.append(f"<h2>Paired differences vs {esc(report['paired_vs'])}</h2>")
+        rows = [[esc(m)] + [paired_cell(d[e]) for e in envs] for m, d in report["paired"].items()]
+        body.append(table_html(["model", *map(esc, envs)], rows, numeric=range(1, len(envs) + 1)))
+        body.append(note_html(
+            "Success minus the first model's on the same tasks, with its 95% normal interval, and the "
+            "tasks each one solved alone: the tasks' difficulty cancels, so this is the test of a gain."
+        ))  # fmt: skip
     for env in envs:
         body.append(f"<h2>{esc(env)}</h2>")
         header = [
