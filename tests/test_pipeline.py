@@ -18,6 +18,10 @@ def short_is_better(prompt: str, answer: str) -> float:
     return -float(len(answer))
 
 
+def evaluation_config(out: Path) -> dict:
+    return json.loads((out / "eval" / "eval.json").read_text())["config"]
+
+
 def run(*args: str) -> str:
     result = CliRunner().invoke(app, ["pipeline", "--quick", *args])
     assert result.exit_code == 0, result.output
@@ -37,10 +41,15 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path: Path):
     for name in ("sft", "rl"):
         AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32)
     AutoModelForSequenceClassification.from_pretrained(out / "rm", dtype=torch.float32)
+    # online feedback (GRPO, the default): the panel ranked the policy's groups and the reward model went on
+    # learning; the evaluation used the one step C ended with
+    AutoModelForSequenceClassification.from_pretrained(out / "rl" / "reward_model", dtype=torch.float32)
+    assert evaluation_config(out)["reward"] == str(out / "rl" / "reward_model")
     rankings = load_preferences(out / "feedback" / "rankings.jsonl")  # the format `rlhfkit rm` reads
     assert len(rankings) >= 12
     rl_rows = [json.loads(x) for x in (out / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert all("gold" in r for r in rl_rows if r["split"] == "train")  # watched, for the report
+    assert any(r.get("rm_online_pairs", 0) > 0 for r in rl_rows if r["split"] == "train")
     evaluation = json.loads((out / "eval" / "eval.json").read_text())
     assert evaluation["n_prompts"] == 16 and 0.0 <= evaluation["win_rate"]["rate"] <= 1.0
     html = (out / "report.html").read_text()
@@ -78,6 +87,8 @@ def test_quick_pipeline_with_a_users_gold_preference_and_ppo(tmp_path: Path):
     assert all(a["policy_gold"] == -float(len(a["policy_answer"])) for a in answers)
     assert json.loads((out / "pipeline.json").read_text())["algorithm"] == "ppo"
     assert "advantage:" not in (out / "rl" / "config.yaml").read_text()  # PPO's config, not GRPO's
+    assert not (out / "rl" / "reward_model").exists()  # PPO has no groups to rank: its reward model is frozen
+    assert evaluation_config(out)["reward"] == str(out / "rm")
 
 
 @pytest.mark.slow

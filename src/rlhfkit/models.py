@@ -435,13 +435,10 @@ def init_head(head: torch.nn.Linear) -> None:
         torch.nn.init.zeros_(head.bias)
 
 
-def load_reward_model(
-    name_or_path: str, trust_remote_code: bool = False, runtime: Runtime | None = None
-) -> tuple[Any, Any]:
-    """(model, tokenizer) of a saved reward model, frozen: in eval mode, without gradients, on `runtime`'s
-    device in its inference dtype (default: float32 on the CPU). Refuses anything that is not a one-output
+def check_reward_model(name_or_path: str, trust_remote_code: bool = False) -> str:
+    """The resolved path of a saved reward model; refuses anything that is not a one-output
     sequence-classification checkpoint (transformers would silently add a random head)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     path = resolve_model(name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
@@ -451,6 +448,18 @@ def load_reward_model(
             f"{name_or_path}: not a reward model (architectures {architectures}, "
             f"{config.num_labels} labels); train one with `rlhfkit rm`"
         )
+    return path
+
+
+def load_reward_model(
+    name_or_path: str, trust_remote_code: bool = False, runtime: Runtime | None = None
+) -> tuple[Any, Any]:
+    """(model, tokenizer) of a saved reward model, frozen: in eval mode, without gradients, on `runtime`'s
+    device in its inference dtype (default: float32 on the CPU). Refuses anything that is not a one-output
+    sequence-classification checkpoint (transformers would silently add a random head)."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = check_reward_model(name_or_path, trust_remote_code)
     with quiet_transformers():
         model = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=torch.float32, trust_remote_code=trust_remote_code, use_safetensors=True

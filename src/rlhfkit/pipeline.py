@@ -42,7 +42,8 @@ from rlhfkit.feedback.export import ranking_json
 from rlhfkit.fileio import write_atomic
 from rlhfkit.models import DEFAULT_MODEL
 from rlhfkit.rollout.engine import SamplingConfig
-from rlhfkit.trainers.grpo import GRPOConfig
+from rlhfkit.trainers.grpo import ONLINE_RM_DIR, GRPOConfig
+from rlhfkit.trainers.online import OnlineFeedbackConfig
 from rlhfkit.trainers.ppo import PPOConfig
 from rlhfkit.trainers.rm import RMConfig
 from rlhfkit.trainers.sft import SFTConfig
@@ -75,6 +76,11 @@ class FeedbackConfig:
     """Each annotator swaps each adjacent pair of its ranking with this probability (AlpacaFarm: 0.25)."""
     seed: int = setting(0, ge=0)
     """Sampling and panel seed."""
+    online: bool = True
+    """Step C with GRPO / RLOO: the panel also ranks every group of the policy's answers and the reward model
+    goes on learning from those rankings during RL (iterated online RLHF, `rlhfkit.trainers.online`); it is
+    saved as rl/reward_model, which the evaluation then uses. PPO has no groups: its reward model stays
+    frozen."""
 
 
 @dataclass
@@ -272,12 +278,28 @@ class Pipeline:
                   "train": self._train(cfg.train)}  # fmt: skip
         if section.algorithm == "ppo":
             return dataclasses.replace(section.ppo, **wiring)
-        return dataclasses.replace(section.grpo, advantage=section.algorithm, **wiring)
+        online = self.online_feedback()
+        return dataclasses.replace(
+            section.grpo, advantage=section.algorithm, online_feedback=online, **wiring
+        )
+
+    def online_feedback(self) -> OnlineFeedbackConfig:
+        fb = self.cfg.feedback
+        if not fb.online or self.cfg.rl.algorithm == "ppo":
+            return OnlineFeedbackConfig()
+        return OnlineFeedbackConfig(
+            labeler=self.cfg.gold, annotators=fb.annotators, flip_prob=fb.flip_prob, lr=self.cfg.rm.train.lr
+        )
+
+    def final_reward_model(self) -> Path:
+        """The reward model step C ended with: the one it went on training with online feedback."""
+        online = self.dirs["rl"] / ONLINE_RM_DIR
+        return online if self.online_feedback().labeler and online.is_dir() else self.dirs["rm"]
 
     def eval_config(self) -> EvalConfig:
         return dataclasses.replace(
             self.cfg.eval, policy=str(self.dirs["rl"]), reference=str(self.dirs["sft"]),
-            reward=str(self.dirs["rm"]), gold=self.cfg.gold, output=str(self.dirs["eval"]),
+            reward=str(self.final_reward_model()), gold=self.cfg.gold, output=str(self.dirs["eval"]),
             max_new_tokens=self.cfg.max_new_tokens,  # answers cut where training cut them
             seed=self.cfg.seed,
         )  # fmt: skip
@@ -306,6 +328,10 @@ class Pipeline:
 
     def stage_rl(self) -> None:
         cfg = self.rl_config()
+        if self.cfg.feedback.online and self.cfg.rl.algorithm == "ppo":
+            console.print(
+                "feedback.online: PPO has no groups of answers to rank; the reward model stays frozen"
+            )
         if isinstance(cfg, PPOConfig):
             from rlhfkit.trainers.ppo import run_ppo
 

@@ -347,9 +347,14 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     )
 
     plots: dict[str, tuple[bytes, str]] = {}
-    rl_keys = [("score", "reward-model score"), ("kl", "KL to reference (nats)"), ("gold", "gold reward")]
+    rl_keys = [
+        ("score", "reward-model score"), ("kl", "KL to reference (nats)"), ("gold", "gold reward"),
+        ("rm_online_accuracy", "RM accuracy on new labels"),
+    ]  # fmt: skip
     figures = [
-        ("rl_curves", "RL", rl, rl_keys, "Means over each iteration's rollouts (training temperature)."),
+        ("rl_curves", "RL", rl, rl_keys, "Means over each iteration's rollouts (training temperature); with "
+         "online feedback, the reward model's agreement with the panel's rankings of each new batch, before "
+         "it learns from them."),
         ("sft_loss", "SFT", sft, [("loss", "loss")], "Cross-entropy per answer token."),
         ("rm_curves", "Reward model", rm, [("loss", "loss"), ("accuracy", "pairwise accuracy")],
          "Bradley-Terry loss and the share of pairs ordered like the labels."),

@@ -43,15 +43,18 @@ from rlhfkit.agents.episode import AgentLimits, episode_batch, run_episodes, tra
 from rlhfkit.agents.registry import load_environment
 from rlhfkit.config import setting
 from rlhfkit.data import PromptRecord
+from rlhfkit.device import resolve_runtime
 from rlhfkit.errors import ConfigError, NonFiniteRewardError
 from rlhfkit.models import context_length, save_model
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.rewards import RewardMix, Scorer
+from rlhfkit.trainers.online import OnlineFeedbackConfig, OnlineRewardModel
 from rlhfkit.trainers.rl import RLConfig, RLTrainer, Samples, load_rl_prompts, reward_mix
 from rlhfkit.training import TrainConfig
 
 AGGREGATION: dict[str, losses.Aggregation] = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
 EPISODE_MICRO_BATCH = 8  # episodes per forward pass with `env` when micro_batch is 0
+ONLINE_RM_DIR = "reward_model"  # the reward model at the end of a run with online feedback
 
 
 @dataclass
@@ -90,6 +93,9 @@ class GRPOConfig(RLConfig):
     and its episode returns the rewards (`prompts` and the reward settings are then not used)."""
     env_settings: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the environment (`--set env_settings.KEY=VALUE`)."""
+    online_feedback: OnlineFeedbackConfig = field(default_factory=OnlineFeedbackConfig)
+    """Rank each group with `online_feedback.labeler` and train the (one) reward model on those rankings as
+    the run goes (`trainers.online`); off unless a labeler is named."""
     agent: AgentLimits = field(default_factory=AgentLimits)
     """Episode limits with `env`: turns, tokens per episode, tokens per turn (the last replaces
     `sampling.max_new_tokens`; the rest of `sampling` applies to every turn)."""
@@ -121,12 +127,33 @@ class GRPOTrainer(RLTrainer):
             raise ConfigError(f"num_generations must be >= 2 for group baselines, got {cfg.num_generations}")
         if cfg.num_iterations < 1:
             raise ConfigError(f"num_iterations must be >= 1, got {cfg.num_iterations}")
-        if reward is None and not cfg.env:
+        if reward is None and not cfg.env and not cfg.online_feedback.labeler:
             raise ConfigError("RL needs a reward: --reward DIR, --reward-fn module:function or --env ENV")
         self.grpo = cfg
         self.group = cfg.num_generations
         self.name = cfg.advantage
+        self.online = None
+        if cfg.online_feedback.labeler:
+            self.online = OnlineRewardModel(
+                cfg.online_feedback,
+                cfg.reward[0],
+                resolve_runtime(cfg.train),
+                cfg.train.seed,
+                cfg.trust_remote_code,
+            )
+            if cfg.reward_weights and len(cfg.reward_weights) != 1 + len(cfg.reward_fn):
+                raise ConfigError(
+                    f"reward_weights has {len(cfg.reward_weights)} entries for {1 + len(cfg.reward_fn)} "
+                    "reward components (the reward model first, then reward functions)"
+                )
+            functions = []  # reward functions beside it, if any
+            if cfg.reward_fn:
+                functions = RewardMix.from_specs([], cfg.reward_fn, cfg.reward_weights[1:]).components
+            weight = cfg.reward_weights[0] if cfg.reward_weights else 1.0
+            reward = RewardMix([self.online.component(weight), *functions])
         super().__init__(cfg, records, reward, need_reference=cfg.beta > 0)
+        if self.online is not None and self.world > 1:
+            raise ConfigError("online_feedback runs in one process (each would train its own reward model)")
         self.make_env = partial(load_environment, cfg.env, **cfg.env_settings) if cfg.env else None
         if cfg.env and cfg.agent.max_tokens > (context := context_length(self.policy)):
             raise ConfigError(
@@ -219,6 +246,13 @@ class GRPOTrainer(RLTrainer):
         if cfg.mask_truncated:
             loss_mask = loss_mask * rollout.ended[:, None]  # (B, T)
         stats["seconds_scoring"] += time.perf_counter() - t1
+        if self.online is not None:  # the rewards above are the reward model's before it learns from these
+            t2 = time.perf_counter()
+            update = self.online.update(
+                self.step, samples.shared, samples.prompts, samples.completions, self.group
+            )
+            stats.update(update)
+            stats["seconds_rm_update"] = time.perf_counter() - t2
         rows = keep.nonzero().squeeze(1)  # (B',)
         if len(rows) == 0:
             return None, stats
@@ -285,16 +319,31 @@ class GRPOTrainer(RLTrainer):
         out["seconds_training"] = time.perf_counter() - t0
         return out
 
+    def extra_state(self) -> dict[str, Any]:
+        state = super().extra_state()
+        if self.online is not None:
+            state["online_rm"] = self.online.state_dict()
+        return state
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        super().load_extra_state(state)
+        if self.online is not None:
+            self.online.load_state_dict(state["online_rm"])
+
     def save_final(self) -> None:
         save_model(self.policy, self.tokenizer, self.output_dir)
+        if self.online is not None:
+            self.online.save(self.output_dir / ONLINE_RM_DIR)
 
 
 def run_grpo(cfg: GRPOConfig, reward: RewardMix | Scorer | None = None) -> dict[str, float]:
     """Validate the prompts and the reward before anything is written, then train (GRPO or RLOO); with
     `env`, the environment's train tasks and episode returns instead."""
     if cfg.env is not None:
-        if reward is not None or cfg.reward or cfg.reward_fn or cfg.gold:
-            raise ConfigError(f"env {cfg.env} gives the rewards: drop reward, reward_fn and gold (or env)")
+        if reward is not None or cfg.reward or cfg.reward_fn or cfg.gold or cfg.online_feedback.labeler:
+            raise ConfigError(
+                f"env {cfg.env} gives the rewards: drop reward, reward_fn, gold and online_feedback (or env)"
+            )
         env = load_environment(cfg.env, **cfg.env_settings)
         tasks = env.tasks("train")
         env.close()
@@ -302,6 +351,16 @@ def run_grpo(cfg: GRPOConfig, reward: RewardMix | Scorer | None = None) -> dict[
             raise ConfigError(f"env {cfg.env}: no train tasks")
         return GRPOTrainer(cfg, tasks, None).run()  # type: ignore[arg-type] # a Task has a .prompt too
     records = load_rl_prompts(cfg)
+    if cfg.online_feedback.labeler:
+        if reward is not None or len(cfg.reward) != 1:
+            raise ConfigError(
+                "online_feedback trains one reward model: give exactly one --reward DIR "
+                f"(got {len(cfg.reward)})"
+            )
+        from rlhfkit.judge import load_gold
+
+        load_gold(cfg.online_feedback.labeler)  # a wrong labeler is an error before anything is loaded
+        return GRPOTrainer(cfg, records, None).run()
     return GRPOTrainer(cfg, records, reward or reward_mix(cfg)).run()
 
 
