@@ -10,6 +10,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from rlhfkit.checkpoint import list_checkpoints
 from rlhfkit.cli import app
 
 
@@ -35,7 +36,10 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path: Path):
     from rlhfkit.data import load_preferences
 
     out = tmp_path / "run"
-    run("--output", str(out))
+    checkpointing = ("--set", "sft.train.save_every=2", "--set", "rl.grpo.train.save_every=1")
+    run("--output", str(out), *checkpointing)
+    # a finished stage's checkpoints are removed (its model is saved beside them), unless asked to keep them
+    assert not any((out / stage / "checkpoints").exists() for stage in ("sft", "rm", "rl"))
     state = json.loads((out / "pipeline.json").read_text())
     assert [s["status"] for s in state["stages"].values()] == ["done"] * 6
     for name in ("sft", "rl"):
@@ -57,14 +61,16 @@ def test_quick_pipeline_end_to_end_and_resume(tmp_path: Path):
     assert len(list((out / "plots").glob("*.png"))) >= 3
 
     # a second run skips every finished stage (the report is rebuilt) and keeps their timings
-    output = run("--output", str(out))
+    output = run("--output", str(out), *checkpointing)
     assert output.count("already done") == 5
     again = json.loads((out / "pipeline.json").read_text())
     assert {k: v["seconds"] for k, v in again["stages"].items() if k != "report"} == {
         k: v["seconds"] for k, v in state["stages"].items() if k != "report"
     }
     # a different configuration in the same directory is refused, with nothing run
-    result = CliRunner().invoke(app, ["pipeline", "--quick", "--output", str(out), "--set", "feedback.k=2"])
+    result = CliRunner().invoke(
+        app, ["pipeline", "--quick", "--output", str(out), *checkpointing, "--set", "feedback.k=2"]
+    )
     assert result.exit_code == 2 and "different configuration" in result.output
 
 
@@ -78,7 +84,14 @@ def test_quick_pipeline_with_a_users_gold_preference_and_ppo(tmp_path: Path):
         "gold=tests.test_pipeline:short_is_better",
         "--set",
         "rl.algorithm=ppo",
+        "--set",
+        "sft.train.save_every=2",
+        "--set",
+        "rm.train.save_every=2",
+        "--set",
+        "keep_checkpoints=true",
     )
+    assert list_checkpoints(out / "sft" / "checkpoints") and list_checkpoints(out / "rm" / "checkpoints")
     rows = [json.loads(x) for x in (out / "feedback" / "rankings.jsonl").read_text().splitlines()]
     for row in rows:  # the labels come from the user's preference: gold = -length of each answer
         answers = [c[0]["content"] for c in row["completions"]]
