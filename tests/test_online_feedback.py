@@ -15,9 +15,9 @@ from tests.conftest import write_jsonl
 from rlhfkit.config import load_config
 from rlhfkit.errors import ConfigError, RlhfkitError
 from rlhfkit.models import build_reward_model, load_tokenizer, save_model, set_normalization
+from rlhfkit.online import OnlineFeedbackConfig, OnlineRewardModel
 from rlhfkit.prefix import SharedPromptBatch
 from rlhfkit.trainers.grpo import ONLINE_RM_DIR, GRPOConfig, GRPOTrainer, run_grpo
-from rlhfkit.trainers.online import OnlineFeedbackConfig, OnlineRewardModel
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,11 +11,9 @@ under `$RLHFKIT_CACHE/models/<name>` (default `~/.cache/rlhfkit`); later loads r
 Every model we save is a Hugging Face directory that plain `transformers` loads: LoRA adapters are
 merged first. Weights are read from safetensors only; `trust_remote_code` is off unless asked for.
 
-A reward model is a plain `AutoModelForSequenceClassification` with one output. Its raw score is turned
-into `(raw - shift) / scale` with the constants stored in its config.json (`rlhfkit_reward_shift`,
-`rlhfkit_reward_scale`, written by `rlhfkit rm`); plain transformers ignores them (Llama's head has no bias
-to fold the shift into). A value model (PPO's critic) is built the same way, from a reward model (head
-kept) or a causal LM (new head).
+A reward model is a plain one-output `AutoModelForSequenceClassification` whose normalisation constants
+live in its config.json (`rlhfkit.rewards`); PPO's value model is built the same way, from a reward model
+(head kept) or a causal LM (new head).
 """
 
 from __future__ import annotations
@@ -43,9 +41,8 @@ from rlhfkit.device import Runtime, enable_gradient_checkpointing, place_model
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.fileio import file_lock, fsync_dir, fsync_tree, saving, sha256_file
 
-# A pad token distinct from EOS: with pad == EOS the model is never trained to stop (the EOS labels get
-# masked as padding) and the reward is read at the wrong token. We reuse a special token the vocabulary
-# already has where possible, so no embedding has to be added.
+# A pad token distinct from EOS (with pad == EOS the EOS labels are masked as padding, so the model never
+# learns to stop, and rewards are read at the wrong token): one the vocabulary has, so no embedding is added.
 PAD_CANDIDATES = ("<|endoftext|>", "<|finetune_right_pad_id|>", "<pad>", "[PAD]", "<unk>")
 ADDED_PAD_TOKEN = "<|pad|>"
 
@@ -436,27 +433,23 @@ def init_head(head: torch.nn.Linear) -> None:
 
 
 def check_reward_model(name_or_path: str, trust_remote_code: bool = False) -> str:
-    """The resolved path of a saved reward model; refuses anything that is not a one-output
-    sequence-classification checkpoint (transformers would silently add a random head)."""
+    """Path of a saved one-output sequence classifier; anything else is refused (it would get a new head)."""
     from transformers import AutoConfig
 
     path = resolve_model(name_or_path)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     architectures = list(getattr(config, "architectures", None) or [])
     if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
-        raise RlhfkitError(
-            f"{name_or_path}: not a reward model (architectures {architectures}, "
-            f"{config.num_labels} labels); train one with `rlhfkit rm`"
-        )
+        raise RlhfkitError(f"{name_or_path}: not a reward model (architectures {architectures}, "
+                           f"{config.num_labels} labels); train one with `rlhfkit rm`")  # fmt: skip
     return path
 
 
 def load_reward_model(
     name_or_path: str, trust_remote_code: bool = False, runtime: Runtime | None = None
 ) -> tuple[Any, Any]:
-    """(model, tokenizer) of a saved reward model, frozen: in eval mode, without gradients, on `runtime`'s
-    device in its inference dtype (default: float32 on the CPU). Refuses anything that is not a one-output
-    sequence-classification checkpoint (transformers would silently add a random head)."""
+    """(model, tokenizer) of a saved reward model (`check_reward_model`), frozen: in eval mode, without
+    gradients, on `runtime`'s device in its inference dtype (default: float32 on the CPU)."""
     from transformers import AutoModelForSequenceClassification
 
     path = check_reward_model(name_or_path, trust_remote_code)

@@ -12,7 +12,7 @@ Stages, each in its own directory of the run (`runs/pipeline` by default):
   rl/         C. GRPO (or RLOO, PPO) against the reward model, KL-anchored to the SFT model; the gold score of
               the rollouts is logged beside (never used as a reward) for the over-optimisation curve. With
               GRPO / RLOO the panel also ranks each group of the policy's answers and the reward model goes
-              on learning from those rankings (`feedback.online`, `rlhfkit.trainers.online`): rl/reward_model
+              on learning from those rankings (`feedback.online`, `rlhfkit.online`): rl/reward_model
   eval/       the SFT and the final policy answer the held-out prompts; the gold judge compares them
   report.html the numbers and plots
 
@@ -45,9 +45,9 @@ from rlhfkit.feedback.agreement import pair_agreement
 from rlhfkit.feedback.export import ranking_json
 from rlhfkit.fileio import write_atomic
 from rlhfkit.models import DEFAULT_MODEL
+from rlhfkit.online import OnlineFeedbackConfig
 from rlhfkit.rollout.engine import SamplingConfig
 from rlhfkit.trainers.grpo import ONLINE_RM_DIR, GRPOConfig
-from rlhfkit.trainers.online import OnlineFeedbackConfig
 from rlhfkit.trainers.ppo import PPOConfig
 from rlhfkit.trainers.rm import RMConfig
 from rlhfkit.trainers.sft import SFTConfig
@@ -82,7 +82,7 @@ class FeedbackConfig:
     """Sampling and panel seed."""
     online: bool = True
     """Step C with GRPO / RLOO: the panel also ranks every group of the policy's answers and the reward model
-    goes on learning from those rankings during RL (iterated online RLHF, `rlhfkit.trainers.online`); it is
+    goes on learning from those rankings during RL (iterated online RLHF, `rlhfkit.online`); it is
     saved as rl/reward_model, which the evaluation then uses. PPO has no groups: its reward model stays
     frozen."""
 

@@ -46,9 +46,9 @@ from rlhfkit.data import PromptRecord
 from rlhfkit.device import resolve_runtime
 from rlhfkit.errors import ConfigError, NonFiniteRewardError
 from rlhfkit.models import context_length, save_model
+from rlhfkit.online import OnlineFeedbackConfig, OnlineRewardModel
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.rewards import RewardMix, Scorer
-from rlhfkit.trainers.online import OnlineFeedbackConfig, OnlineRewardModel
 from rlhfkit.trainers.rl import RLConfig, RLTrainer, Samples, load_rl_prompts, reward_mix
 from rlhfkit.training import TrainConfig
 
@@ -95,7 +95,7 @@ class GRPOConfig(RLConfig):
     """Keyword arguments of the environment (`--set env_settings.KEY=VALUE`)."""
     online_feedback: OnlineFeedbackConfig = field(default_factory=OnlineFeedbackConfig)
     """Rank each group with `online_feedback.labeler` and train the (one) reward model on those rankings as
-    the run goes (`trainers.online`); off unless a labeler is named."""
+    the run goes (`rlhfkit.online`); off unless a labeler is named."""
     agent: AgentLimits = field(default_factory=AgentLimits)
     """Episode limits with `env`: turns, tokens per episode, tokens per turn (the last replaces
     `sampling.max_new_tokens`; the rest of `sampling` applies to every turn)."""

@@ -56,7 +56,7 @@ MAX_GRAD_NORM = 1.0
 
 @dataclass
 class OnlineFeedbackConfig:
-    """Rank the policy's answers during RL and train the reward model on them (see `trainers.online`)."""
+    """Rank the policy's answers during RL and train the reward model on them (see `rlhfkit.online`)."""
 
     labeler: str | None = None
     """`module:function` (prompt, answer) -> float whose simulated panel ranks every group, or "default"
