@@ -141,7 +141,11 @@ def test_grpo_with_online_feedback_resumes_exactly(tiny_model: Path, tiny_rm: Pa
         if loop.step == 3:
             raise Stop
 
-    cfg = grpo_config(tiny_model, tiny_rm, tmp_path, "b", "train.max_steps=4", "train.save_every=2")
+    # b also watches the labeler as its gold, whose scores the labels then reuse: the same labels
+    cfg = grpo_config(
+        tiny_model, tiny_rm, tmp_path, "b", "train.max_steps=4", "train.save_every=2",
+        "gold=tests.test_online_feedback:count_a",
+    )  # fmt: skip
     from rlhfkit.trainers.rl import load_rl_prompts
 
     trainer = GRPOTrainer(cfg, load_rl_prompts(cfg), None)

@@ -115,12 +115,19 @@ class OnlineRewardModel:
 
     # -- labels
     def rank_groups(
-        self, step: int, prompts: Sequence[str], completions: Sequence[str], group: int
+        self,
+        step: int,
+        prompts: Sequence[str],
+        completions: Sequence[str],
+        group: int,
+        scores: Sequence[float] | None = None,
     ) -> tuple[list[int], list[int]]:
         """(the panel's rank levels, the labeler's own levels) of every answer, rank 0 best within its group.
         Group g of iteration `step` goes to annotator (step x groups + g) mod panel, whose noise is seeded by
-        (seed, step, g): the same labels however often the run is resumed."""
-        scores = [float(self.labeler(p, c)) for p, c in zip(prompts, completions, strict=True)]
+        (seed, step, g): the same labels however often the run is resumed. `scores`: the labeler's scores of
+        the answers when the caller already has them (they are computed otherwise)."""
+        if scores is None:
+            scores = [float(self.labeler(p, c)) for p, c in zip(prompts, completions, strict=True)]
         bad = [i for i, s in enumerate(scores) if not math.isfinite(s)]
         if bad:
             raise ValueError(
@@ -144,9 +151,10 @@ class OnlineRewardModel:
         prompts: Sequence[str],
         completions: Sequence[str],
         group: int,
+        scores: Sequence[float] | None = None,
     ) -> dict[str, float]:
         """Rank the groups, measure the reward model on those labels, then one optimizer step on them."""
-        ranks, truth = self.rank_groups(step, prompts, completions, group)
+        ranks, truth = self.rank_groups(step, prompts, completions, group, scores)
         n = batch.rows
         group_index = torch.arange(n // group).repeat_interleave(group)  # (B,)
         pairs = pairwise_from_rankings(group_index, torch.tensor(ranks))
@@ -200,7 +208,7 @@ class OnlineRewardModel:
     # -- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
-            "weights": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "weights": self.model.state_dict(),  # written out at once: no copy needed
             "optimizer": self.optimizer.state_dict(),
         }
 

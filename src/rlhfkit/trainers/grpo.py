@@ -248,8 +248,10 @@ class GRPOTrainer(RLTrainer):
         stats["seconds_scoring"] += time.perf_counter() - t1
         if self.online is not None:  # the rewards above are the reward model's before it learns from these
             t2 = time.perf_counter()
+            # the pipeline's labeler is its watched gold: reuse those scores (an LLM judge is not cheap)
+            known = samples.gold if cfg.online_feedback.labeler == self.rl.gold else None
             update = self.online.update(
-                self.step, samples.shared, samples.prompts, samples.completions, self.group
+                self.step, samples.shared, samples.prompts, samples.completions, self.group, known
             )
             stats.update(update)
             stats["seconds_rm_update"] = time.perf_counter() - t2

@@ -86,6 +86,7 @@ class Samples:
     scores: torch.Tensor  # (B,) the reward used (after no_eos_score)
     stats: dict[str, float]
     loss_mask: torch.Tensor | None = None  # (B, T) multi-turn episodes: 1 on the model's own tokens only
+    gold: list[float] | None = None  # the watched `gold` score of each row, when the run has one
 
     @property
     def mask(self) -> torch.Tensor:  # (B, T) float: 1 on the tokens the policy is trained on
@@ -217,16 +218,16 @@ class RLTrainer(TrainLoop):
         }
         if len(parts) > 1:
             stats.update({f"reward_{name}": float(v.mean()) for name, v in parts.items()})
+        gold = None
         if self.gold_fn is not None:
-            stats["gold"] = sum(self.gold_fn(p, c) for p, c in zip(prompts, completions, strict=True)) / len(
-                prompts
-            )
+            gold = [float(self.gold_fn(p, c)) for p, c in zip(prompts, completions, strict=True)]
+            stats["gold"] = sum(gold) / len(gold)
         stats["seconds_scoring"] = time.perf_counter() - t1
         self.tokens_seen += int(n_tokens)
         if self.rl.sample_every and self.step % self.rl.sample_every == 0 and self.is_main:
             self.log_samples(prompts, completions, scores)
         shared = self.to_device(SharedPromptBatch.from_rollout(rollout, self.rollout_engine.pad_token_id))
-        return Samples(rollout, shared, records, prompts, completions, scores, stats)
+        return Samples(rollout, shared, records, prompts, completions, scores, stats, gold=gold)
 
     @torch.no_grad()
     def reference_logprobs(self, batch: SharedPromptBatch, rows: int = 0) -> torch.Tensor:
