@@ -129,3 +129,16 @@ def test_a_wrong_gold_is_refused_before_any_stage(tmp_path: Path):
     )
     assert result.exit_code == 2 and "gold 'no_such_mod:f'" in result.output
     assert not out.exists()
+
+
+def test_step_c_gets_the_panel_of_the_feedback_stage_and_its_own_online_settings(tmp_path: Path):
+    from rlhfkit.config import load_config
+    from rlhfkit.pipeline import Pipeline, PipelineConfig
+
+    sets = [f"output={tmp_path}", "feedback.flip_prob=0.1", "feedback.annotators=3", "rm.train.lr=2e-6",
+            "rl.grpo.online_feedback.lr=3e-5", "rl.grpo.online_feedback.micro_batch=8"]  # fmt: skip
+    online = Pipeline(load_config(PipelineConfig, None, sets)).rl_config().online_feedback
+    assert (online.labeler, online.annotators, online.flip_prob) == ("default", 3, 0.1)
+    assert (online.lr, online.micro_batch) == (3e-5, 8)  # not step B's lr
+    off = Pipeline(load_config(PipelineConfig, None, [*sets, "feedback.online=false"])).rl_config()
+    assert off.online_feedback.labeler is None

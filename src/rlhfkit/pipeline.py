@@ -83,8 +83,9 @@ class FeedbackConfig:
     online: bool = True
     """Step C with GRPO / RLOO: the panel also ranks every group of the policy's answers and the reward model
     goes on learning from those rankings during RL (iterated online RLHF, `rlhfkit.online`); it is
-    saved as rl/reward_model, which the evaluation then uses. PPO has no groups: its reward model stays
-    frozen."""
+    saved as rl/reward_model, which the evaluation then uses. The panel is this stage's (gold, annotators,
+    flip_prob); the update's own settings are `rl.grpo.online_feedback` (lr, micro_batch). PPO has no
+    groups: its reward model stays frozen."""
 
 
 @dataclass
@@ -295,8 +296,12 @@ class Pipeline:
         fb = self.cfg.feedback
         if not fb.online or self.cfg.rl.algorithm == "ppo":
             return OnlineFeedbackConfig()
-        return OnlineFeedbackConfig(
-            labeler=self.cfg.gold, annotators=fb.annotators, flip_prob=fb.flip_prob, lr=self.cfg.rm.train.lr
+        # the panel is the feedback stage's; the update's own settings (lr, micro_batch) are rl.grpo's
+        return dataclasses.replace(
+            self.cfg.rl.grpo.online_feedback,
+            labeler=self.cfg.gold,
+            annotators=fb.annotators,
+            flip_prob=fb.flip_prob,
         )
 
     def final_reward_model(self) -> Path:
