@@ -90,6 +90,33 @@ def test_the_reward_model_learns_the_labelers_preference(tiny_rm: Path):
         assert torch.allclose(raw, shared_sequence_rewards(rm.model, batch).float(), atol=1e-5)
 
 
+def test_the_update_reuses_the_scoring_pass_and_takes_the_same_step(tiny_rm: Path):
+    from rlhfkit.rewards import reward_parts
+
+    tokenizer = load_tokenizer(str(tiny_rm))
+    batch, prompts, answers = random_groups(random.Random(1), tokenizer, groups=4, group=4)
+    reused, fresh = online(tiny_rm, lr=1e-3), online(tiny_rm, lr=1e-3)
+    passes = {"reused": 0, "fresh": 0}
+    for name, rm in (("reused", reused), ("fresh", fresh)):
+        decoder, _ = reward_parts(rm.model)
+        decoder.register_forward_hook(lambda *_, name=name: passes.__setitem__(name, passes[name] + 1))
+    reused.score_batch(batch)  # the trainer scores the rollout, then updates on the same rows
+    trainer_batch = SharedPromptBatch(*(t.clone() for t in vars(batch).values()))  # its own batch object
+    stats = reused.update(0, trainer_batch, prompts, answers, 4)
+    want = fresh.update(0, batch, prompts, answers, 4)  # nothing was scored: the pass is run anew
+    assert passes["reused"] == passes["fresh"] > 0  # scoring + update ran the model as often as an update
+    assert stats["rm_online_loss"] == pytest.approx(want["rm_online_loss"], abs=1e-6)
+    assert stats["rm_online_label_accuracy"] == want["rm_online_label_accuracy"]
+    for (name, a), b in zip(reused.model.named_parameters(), fresh.model.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-6), name
+    # a kept pass is handed out once, and only for the rows it scored
+    other, _, _ = random_groups(random.Random(2), tokenizer, groups=4, group=4)
+    reused.score_batch(batch)
+    assert reused.take_scoring_pass(other) is None and reused.take_scoring_pass(batch) is None
+    reused.score_batch(batch)
+    assert reused.take_scoring_pass(batch) is not None
+
+
 def test_a_batch_of_ties_is_no_update(tiny_rm: Path):
     rm = online(tiny_rm)
     tokenizer = load_tokenizer(str(tiny_rm))

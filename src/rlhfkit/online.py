@@ -10,11 +10,12 @@ Iterated online RLHF (Bai et al. 2022, section 4.5; Dong et al. 2024, "RLHF Work
 labelling the current policy's answers and training the reward model on them as the policy moves.
 
 Here, every iteration of GRPO / RLOO:
- 1. the G answers of each group are scored by the reward model (as they are without this module);
+ 1. the G answers of each group are scored by the reward model (as they are without this module); when
+    the batch is one pass of the update (B <= `micro_batch`) that forward keeps its graph for step 3;
  2. a labeler ranks each group: a panel of simulated annotators over `labeler`, a `module:function`
     (prompt, answer) -> float (the pipeline's gold, an LLM judge, ...), each annotator swapping adjacent
     answers of its ranking with `flip_prob` (`rlhfkit.judge`, as in the pipeline's feedback stage);
- 3. after the policy's update the reward model takes one AdamW step (its own optimizer, `lr`, gradient
+ 3. before the policy's update the reward model takes one AdamW step (its own optimizer, `lr`, gradient
     norm clipped to 1) on the Bradley-Terry loss of those rankings, every group weighted 1 (all its
     comparable pairs, each 1 / n_pairs, as `rlhfkit rm` weighs a prompt).
 So iteration t's rewards come from the reward model that learned from iterations < t; the policy still
@@ -95,13 +96,22 @@ class OnlineRewardModel:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         fused = self.params[0].device.type in ("cpu", "cuda")  # one kernel for all parameters (device.py)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0, fused=fused)
+        self._kept: tuple[list[list[int]], torch.Tensor] | None = None  # see score_batch
 
     # -- scoring, as `rewards.rollout_scorer` does for a frozen reward model
-    @torch.no_grad()
     def score_batch(self, batch: SharedPromptBatch) -> torch.Tensor:
-        """Normalised rewards (B,) of a batch's rows with the current weights."""
-        raw = shared_sequence_rewards(self.model, batch).float().cpu()  # (B,)
-        return (raw - self.shift) / self.scale
+        """Normalised rewards (B,) of a batch's rows with the current weights. A batch that is one pass of
+        the update (B <= micro_batch) is run with its graph, kept for `update`: the same rows with the same
+        weights, so an iteration runs the reward model forward once, not twice."""
+        self._kept = None
+        if batch.rows > self.cfg.micro_batch:
+            with torch.no_grad():
+                raw = shared_sequence_rewards(self.model, batch).float()  # (B,)
+        else:
+            with torch.enable_grad():
+                raw = shared_sequence_rewards(self.model, batch).float()  # (B,)
+            self._kept = (batch.sequences(), raw)
+        return (raw.detach().cpu() - self.shift) / self.scale
 
     def component(self, weight: float = 1.0) -> RewardComponent:
         pad = self.tokenizer.pad_token_id
@@ -154,6 +164,7 @@ class OnlineRewardModel:
         scores: Sequence[float] | None = None,
     ) -> dict[str, float]:
         """Rank the groups, measure the reward model on those labels, then one optimizer step on them."""
+        kept = self.take_scoring_pass(batch)  # (B,) with its graph, or None: the passes are run anew
         ranks, truth = self.rank_groups(step, prompts, completions, group, scores)
         n = batch.rows
         group_index = torch.arange(n // group).repeat_interleave(group)  # (B,)
@@ -163,7 +174,7 @@ class OnlineRewardModel:
         stats = {"rm_online_pairs": float(len(pairs.weights))}
         if n_groups == 0:  # every group tied: nothing to learn
             return stats
-        per_pass = max(1, self.cfg.micro_batch // group) * group
+        per_pass = n if kept is not None else max(1, self.cfg.micro_batch // group) * group
         rewards = torch.zeros(n)  # (B,) raw, before the update
         loss_total = 0.0
         self.model.train()
@@ -174,7 +185,10 @@ class OnlineRewardModel:
                 inside = (pairs.chosen_index >= lo) & (pairs.chosen_index < lo + per_pass)
                 if not bool(inside.any()):
                     continue
-                r = shared_sequence_rewards(self.model, batch.select(rows)).float()  # (b,)
+                if kept is not None:  # the scoring pass of these rows, same weights
+                    r = kept  # (b,) = (B,)
+                else:
+                    r = shared_sequence_rewards(self.model, batch.select(rows)).float()  # (b,)
                 rewards[rows] = r.detach().cpu()
                 chosen = r[pairs.chosen_index[inside] - lo]  # (p,)
                 rejected = r[pairs.rejected_index[inside] - lo]  # (p,)
@@ -205,6 +219,14 @@ class OnlineRewardModel:
         )
         return stats
 
+    def take_scoring_pass(self, batch: SharedPromptBatch) -> torch.Tensor | None:
+        """The raw rewards (B,), with their graph, of the last `score_batch` if it scored these very rows
+        and the weights have not changed since; it is handed out once."""
+        kept, self._kept = self._kept, None
+        if kept is None or kept[0] != batch.sequences():
+            return None
+        return kept[1]
+
     # -- checkpoints
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -213,6 +235,7 @@ class OnlineRewardModel:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._kept = None
         with torch.no_grad():
             self.model.load_state_dict(state["weights"])
         self.optimizer.load_state_dict(state["optimizer"])
