@@ -103,7 +103,8 @@ class OnlineRewardModel:
     def score_batch(self, batch: SharedPromptBatch) -> torch.Tensor:
         """Normalised rewards (B,) of a batch's rows with the current weights. A batch that is one pass of
         the update (B <= micro_batch) is run with its graph, kept for `update`: the same rows with the same
-        weights, so an iteration runs the reward model forward once, not twice."""
+        weights, so an iteration runs the reward model forward once, not twice (that pass runs in eval mode:
+        a reward model with dropout learns from it without dropout; the bundled models have none)."""
         self._kept = None
         if batch.rows > self.cfg.micro_batch:
             with torch.no_grad():
