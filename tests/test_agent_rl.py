@@ -62,7 +62,7 @@ def test_multi_turn_rl_raises_an_episode_reward(cls: type[GRPOConfig], tiny_mode
     rows = train_rows(out)
     assert len(rows) == 20
     assert all(r["turns"] == 2 and r["end_answer"] == 1.0 for r in rows)  # every episode took both turns
-    assert all(abs(r["ratio_first_update"] - 1.0) < 1e-4 for r in rows)  # token in, token out
+    assert all(abs(r["ratio_first_minibatch"] - 1.0) < 1e-4 for r in rows)  # token in, token out
     first = sum(r["score"] for r in rows[:3]) / 3
     last = sum(r["score"] for r in rows[-3:]) / 3
     # ~1 in 100 random characters is a given letter: ~0.16 per 16 model tokens; 2.0 is >10x chance
@@ -80,27 +80,29 @@ def test_masked_loss_and_gradient_equal_a_hand_computation(tiny_model: Path, tmp
     trainer = GRPOTrainer(cfg, LetterEnv().tasks("train"), None)
     for seed in range(50):  # a group whose two returns differ
         trainer.generator.manual_seed(seed)
-        samples = trainer.sample_episodes([1])
+        samples = trainer.sample([1])
         if samples.scores[0] != samples.scores[1]:
             break
     rewards = samples.scores
     assert rewards[0] != rewards[1]
     trainer.generator.manual_seed(seed)  # the same episodes again, through the trainer's own path
-    experience, _ = trainer.make_experience([1])
-    a = experience["advantages"]
+    experience, _ = trainer.make_experience(trainer.sample([1]))
+    assert experience is not None
+    a = experience.advantages
     # group-normalised: (r - mean) / (std + 1e-4), std with ddof 1: +-1/sqrt(2) for 2 distinct values
     torch.testing.assert_close(a, (rewards - rewards.mean()) / (rewards.std() + 1e-4))
     assert abs(float(a.abs()[0]) - 2**-0.5) < 1e-3 and float(a.sum()) == pytest.approx(0.0, abs=1e-6)
-    lmask = experience["loss_mask"]
+    lmask = experience.completion_mask
     rollout = samples.rollout
-    assert torch.equal(lmask, samples.loss_mask) and bool(
+    assert torch.equal(lmask, samples.completion_mask) and bool(
         (rollout.completion_mask.bool() & (lmask == 0)).any()
     )
-    n = experience["batch"].rows
-    mb = {**experience, "num_items": float(lmask.sum())}
+    n = experience.rows
+    (mb,) = experience.minibatches(n, per_token=True)
+    assert mb.num_items == float(lmask.sum())
     trainer.policy.zero_grad()
     loss_sum, sums = trainer.grpo_loss(trainer.policy, mb)
-    (loss_sum / mb["num_items"]).backward()
+    (loss_sum / mb.num_items).backward()
     got = {k: p.grad.clone() for k, p in trainer.policy.named_parameters()}
     # by hand: one plain forward over prompt + episode, log-probs of the episode tokens
     trainer.policy.zero_grad()
@@ -111,13 +113,14 @@ def test_masked_loss_and_gradient_equal_a_hand_computation(tiny_model: Path, tmp
     ).logits.float()  # (B, P+T, V)
     p = rollout.prompt_ids.shape[1]
     lp = torch.log_softmax(logits[:, p - 1 : -1], -1).gather(-1, rollout.completion_ids[..., None])[..., 0]
-    old, ref = experience["old_logprobs"], experience["ref_logprobs"]  # (B, T)
+    old, ref = experience.old_logprobs, experience.ref_logprobs  # (B, T)
+    assert ref is not None
     ratio = torch.exp(lp - old)  # 1 at the sampled policy
     k3 = torch.exp(ref - lp) - (ref - lp) - 1
     per_token = -a[:, None] * ratio + 0.1 * k3
     loss = (per_token * lmask).sum() / lmask.sum()
     loss.backward()
-    assert float(loss_sum.detach() / mb["num_items"]) == pytest.approx(float(loss.detach()), abs=1e-5)
+    assert float(loss_sum.detach() / mb.num_items) == pytest.approx(float(loss.detach()), abs=1e-5)
     for k, param in trainer.policy.named_parameters():
         torch.testing.assert_close(got[k], param.grad, atol=2e-6, rtol=1e-4)
     assert n == 2 and float(sums["ratio_mean"]) == pytest.approx(float(lmask.sum()), abs=1e-3)
@@ -135,7 +138,7 @@ def test_micro_batches_of_episodes_give_the_same_values_and_update(tiny_model: P
         trainer = GRPOTrainer(cfg, LetterEnv().tasks("train"), None)
         assert trainer.micro_batch == (size or EPISODE_MICRO_BATCH)
         trainer.generator.manual_seed(0)
-        samples = trainer.sample_episodes([0, 1, 2, 3])
+        samples = trainer.sample([0, 1, 2, 3])
         whole = trainer.reference_logprobs(samples.shared)  # (16, T)
         parts = trainer.reference_logprobs(samples.shared, 3)
         torch.testing.assert_close(parts, whole, atol=1e-5, rtol=0)

@@ -116,4 +116,4 @@ def test_grpo_steps_on_the_gpu(tiny_model: Path, tmp_path: Path):
     assert {(p.device.type, p.dtype) for p in trainer.reference.parameters()} == {("cuda", torch.bfloat16)}
     trainer.run()
     rows = read_metrics(out, "train")
-    assert len(rows) == 3 and all(abs(r["ratio_first_update"] - 1.0) < 5e-2 for r in rows)
+    assert len(rows) == 3 and all(abs(r["ratio_first_minibatch"] - 1.0) < 5e-2 for r in rows)

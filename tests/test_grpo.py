@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from tests.conftest import write_jsonl
 
 from rlhfkit.config import load_config
+from rlhfkit.experience import Experience
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.rewards import RewardComponent, RewardMix, function_scorer
 from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, run_grpo
@@ -55,7 +57,7 @@ def test_critic_free_rl_raises_a_verifiable_reward(cls: type[GRPOConfig], tiny_m
     rows = train_rows(out)
     assert len(rows) == 20
     # one update per rollout batch: the old log-probs are the sampler's, so the ratio is exactly 1
-    assert all(abs(r["ratio_first_update"] - 1.0) < 1e-4 for r in rows)
+    assert all(abs(r["ratio_first_minibatch"] - 1.0) < 1e-4 for r in rows)
     first = sum(r["score"] for r in rows[:3]) / 3
     last = sum(r["score"] for r in rows[-3:]) / 3
     # The random tiny model writes a given letter in ~1 of 100 characters: ~0.2 per 16-token answer.
@@ -116,12 +118,13 @@ def test_masked_truncated_answers_carry_no_gradient(tiny_model: Path, tmp_path: 
     sets = ["sampling.max_new_tokens=4", "mask_truncated=true", "train.max_steps=1"]
     cfg = config(GRPOConfig, tiny_model, prompts, tmp_path / "trunc", *sets)
     trainer = GRPOTrainer(cfg, load_prompts(prompts), function_scorer(count_target))
-    experience, stats = trainer.make_experience(trainer.batch_indices(0))
+    experience, stats = trainer.make_experience(trainer.sample(trainer.batch_indices(0)))
     assert experience is not None
-    lost = int((experience["loss_mask"].sum(-1) == 0).sum())
-    rows = experience["batch"].rows
+    lost = int((experience.completion_mask.sum(-1) == 0).sum())
+    rows = experience.rows
     assert lost == round((1.0 - stats["eos_rate"]) * rows) and lost > 0
-    loss, _ = trainer.grpo_loss(trainer.policy, {**experience, "loss_mask": torch.zeros((rows, 4))})
+    zeroed = dataclasses.replace(experience, completion_mask=torch.zeros((rows, 4)))
+    loss, _ = trainer.grpo_loss(trainer.policy, zeroed)
     loss.backward()
     assert float(loss.detach()) == 0.0
     assert all(p.grad is None or not p.grad.any() for p in trainer.policy.parameters())
@@ -141,8 +144,7 @@ def test_loss_is_summed_over_the_items_its_aggregation_averages(
     lmask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])  # 4 + 3 answer tokens
     with torch.no_grad():
         old, _ = completion_logprobs(trainer.policy, batch, 1.0)
-    mb = {"batch": batch, "loss_mask": lmask, "old_logprobs": old, "advantages": torch.tensor([1.0, -1.0]),
-          "ref_logprobs": None}  # fmt: skip
+    mb = Experience(batch, lmask, old, torch.tensor([1.0, -1.0]))
     loss_sum, sums = trainer.grpo_loss(trainer.policy, mb)
     # ratio 1 everywhere: per-token loss is -A; the ratio sum is one per counted item
     assert float(sums["ratio_mean"]) == pytest.approx(expected, abs=1e-5)
@@ -190,3 +192,34 @@ def test_cli_grpo_bad_prompt_names_the_line(tiny_model: Path, tmp_path: Path):
     assert result.exit_code == 2
     assert "bad.jsonl:2" in result.output and "prompt" in result.output
     assert not out.exists()
+
+
+def test_a_registered_advantage_estimator_is_one_function_and_a_line(tiny_model: Path, tmp_path: Path):
+    """`losses.register_advantage` adds an estimator the `advantage` setting can name; an unknown name is a
+    one-line configuration error listing the known ones."""
+    from rlhfkit import losses
+    from rlhfkit.data import load_prompts
+    from rlhfkit.errors import ConfigError
+
+    @losses.register_advantage("mean_baseline")
+    def mean_baseline(rewards: torch.Tensor, group_size: int, **_) -> tuple[torch.Tensor, torch.Tensor]:
+        grouped = rewards.view(-1, group_size)  # (B/G, G)
+        centred = grouped - grouped.mean(dim=1, keepdim=True)
+        return centred.reshape(-1), (centred == 0).all(dim=1)
+
+    prompts = prompts_file(tmp_path)
+    try:
+        cfg = config(GRPOConfig, tiny_model, prompts, tmp_path / "mb", "advantage=mean_baseline", "beta=0")
+        trainer = GRPOTrainer(cfg, load_prompts(prompts), function_scorer(count_target))
+        samples = trainer.sample(trainer.batch_indices(0))
+        experience, _ = trainer.make_experience(samples)
+        assert experience is not None
+        grouped = samples.scores.view(-1, 4)
+        torch.testing.assert_close(
+            experience.advantages, (grouped - grouped.mean(1, keepdim=True)).reshape(-1)
+        )
+    finally:
+        del losses.ADVANTAGE_ESTIMATORS["mean_baseline"]
+    bad = config(GRPOConfig, tiny_model, prompts, tmp_path / "bad", "advantage=nope")
+    with pytest.raises(ConfigError, match=r"advantage='nope' is not a known estimator \(grpo, rloo\)"):
+        GRPOTrainer(bad, load_prompts(prompts), function_scorer(count_target))

@@ -46,7 +46,9 @@ from rlhfkit.fileio import io_error_message
 from rlhfkit.runtime import keep_freed_memory
 from rlhfkit.training import TrainConfig, lr_lambda, rng_state, set_rng_state, set_seed, step_optimizer
 
-Batch = dict[str, Any]
+Batch = Any
+"""A micro-batch: a dict of tensors from `collate` (supervised trainers) or a typed batch such as RL's
+`experience.Experience`; either carries `num_items`, its share of the loss normaliser."""
 LossFn = Callable[[Any, Batch], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
@@ -210,7 +212,7 @@ class TrainLoop:
 
         Every batch's loss is a sum over items; dividing by the global item count makes the update
         independent of how the global batch is split into micro-batches and processes."""
-        n_global = self._reduce(float(sum(float(b["num_items"]) for b in batches)))
+        n_global = self._reduce(float(sum(float(batch_field(b, "num_items")) for b in batches)))
         scale = self.world / max(n_global, 1.0)
         sums: dict[str, float] = defaultdict(float)
         loss_total = 0.0
@@ -230,7 +232,7 @@ class TrainLoop:
             loss_total += float(loss_sum.detach())
             for key, value in metric_sums.items():
                 sums[key] += float(value)
-            self.tokens_seen += int(batch.get("num_tokens", 0))
+            self.tokens_seen += int(batch_field(batch, "num_tokens"))
         loss_value = self._reduce(loss_total) / max(n_global, 1.0)
         # accelerate's clip also gathers the norm of FSDP-sharded gradients; max_norm=inf only measures it
         clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
@@ -458,6 +460,11 @@ class TrainLoop:
             self._tb.close()
         self.accelerator.wait_for_everyone()
         return eval_metrics
+
+
+def batch_field(batch: Batch, key: str) -> Any:
+    """`batch[key]` of a dict batch, `batch.key` of a typed one; 0 when it has none."""
+    return batch.get(key, 0) if isinstance(batch, dict) else getattr(batch, key, 0)
 
 
 def _round(value: Any) -> Any:

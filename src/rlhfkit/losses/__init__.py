@@ -36,6 +36,7 @@ from rlhfkit.losses.masked import (
 )
 from rlhfkit.losses.mismatch import logprob_mismatch, truncated_is_weights
 from rlhfkit.losses.policy import (
+    ADVANTAGE_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
     aggregate_loss,
@@ -45,7 +46,9 @@ from rlhfkit.losses.policy import (
     kl_estimate,
     kl_penalized_rewards,
     make_kl_controller,
+    outcome_advantages,
     policy_loss,
+    register_advantage,
     rloo_advantages,
     value_loss,
 )
@@ -60,6 +63,7 @@ from rlhfkit.losses.preference import (
 )
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
     "LOG_RATIO_CLAMP",
     "AdaptiveKLController",
     "Aggregation",
@@ -85,10 +89,12 @@ __all__ = [
     "masked_sum",
     "masked_var",
     "masked_whiten",
+    "outcome_advantages",
     "pairwise_from_rankings",
     "policy_loss",
     "ranking_loss",
     "ranking_pairs",
+    "register_advantage",
     "rloo_advantages",
     "token_logprobs_entropy",
     "truncated_is_weights",

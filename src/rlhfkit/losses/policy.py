@@ -6,6 +6,7 @@ Shape letters and conventions: the `rlhfkit.losses` package docstring.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -324,3 +325,44 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     # equivalent to: adv[g, i] = grouped[g, i] - (grouped[g].sum() - grouped[g, i]) / (G - 1)
     zero_var = grouped.amax(dim=1) == grouped.amin(dim=1)  # (B/G,)
     return torch.where(zero_var[:, None], 0.0, adv).reshape(-1)  # (B,)
+
+
+# ------------------------------------------------------------------- outcome advantages, by name
+OutcomeAdvantage = Callable[..., tuple[Tensor, Tensor]]
+"""(rewards (B,) in consecutive groups of G, G, **settings) -> (advantages (B,), zero variance (B/G,))."""
+
+ADVANTAGE_ESTIMATORS: dict[str, OutcomeAdvantage] = {}
+"""Outcome advantage estimators by name (the `advantage` setting of GRPO / RLOO); a new one is a function
+and a `@register_advantage("name")` line."""
+
+
+def register_advantage(name: str) -> Callable[[OutcomeAdvantage], OutcomeAdvantage]:
+    def add(fn: OutcomeAdvantage) -> OutcomeAdvantage:
+        ADVANTAGE_ESTIMATORS[name] = fn
+        return fn
+
+    return add
+
+
+@register_advantage("grpo")
+def grpo_outcome_advantages(
+    rewards: Tensor, group_size: int, scale: Literal["group", "batch", "none"] = "group"
+) -> tuple[Tensor, Tensor]:
+    """`group_advantages` (scale: the `scale_rewards` setting)."""
+    return group_advantages(rewards, group_size, scale)
+
+
+@register_advantage("rloo")
+def rloo_outcome_advantages(rewards: Tensor, group_size: int, **_: Any) -> tuple[Tensor, Tensor]:
+    """`rloo_advantages`; a group has zero variance when all its advantages are 0."""
+    advantages = rloo_advantages(rewards, group_size)  # (B,)
+    return advantages, (advantages.view(-1, group_size) == 0).all(dim=1)  # (B,), (B/G,)
+
+
+def outcome_advantages(name: str, rewards: Tensor, group_size: int, **settings: Any) -> tuple[Tensor, Tensor]:
+    """The advantages of estimator `name` (see `ADVANTAGE_ESTIMATORS`)."""
+    if name not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(
+            f"unknown advantage estimator {name!r}; known: {', '.join(sorted(ADVANTAGE_ESTIMATORS))}"
+        )
+    return ADVANTAGE_ESTIMATORS[name](rewards, group_size, **settings)

@@ -39,17 +39,18 @@ from typing import Any, Literal
 import torch
 
 from rlhfkit import losses
-from rlhfkit.agents.episode import AgentLimits, episode_batch, run_episodes, transcript
+from rlhfkit.agents.episode import AgentLimits
 from rlhfkit.agents.registry import load_environment
 from rlhfkit.config import setting
 from rlhfkit.data import PromptRecord
 from rlhfkit.device import resolve_runtime
-from rlhfkit.errors import ConfigError, NonFiniteRewardError
+from rlhfkit.errors import ConfigError
+from rlhfkit.experience import EpisodeSampler, Experience, Sampler, Samples
 from rlhfkit.models import context_length, save_model
 from rlhfkit.online import OnlineFeedbackConfig, OnlineRewardModel
-from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
+from rlhfkit.prefix import completion_logprobs
 from rlhfkit.rewards import RewardMix, Scorer
-from rlhfkit.trainers.rl import RLConfig, RLTrainer, Samples, load_rl_prompts, reward_mix
+from rlhfkit.trainers.rl import RLConfig, RLTrainer, load_rl_prompts, reward_mix
 from rlhfkit.training import TrainConfig
 
 AGGREGATION: dict[str, losses.Aggregation] = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
@@ -65,8 +66,9 @@ class GRPOConfig(RLConfig):
     """Prompts per iteration; each is answered `num_generations` times."""
     num_generations: int = setting(4, ge=2)
     """G, the group size."""
-    advantage: Literal["grpo", "rloo"] = "grpo"
-    """Group-normalised advantages (GRPO) or the leave-one-out baseline (RLOO)."""
+    advantage: str = "grpo"
+    """Outcome advantage estimator by name (`losses.ADVANTAGE_ESTIMATORS`): "grpo" group-normalised, "rloo"
+    the leave-one-out baseline with the KL in the reward, or one added by `losses.register_advantage`."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
     """GRPO: divide the centred rewards by the group's std, the batch's std, or nothing (Dr. GRPO)."""
     beta: float = setting(0.04, ge=0)
@@ -111,8 +113,8 @@ class GRPOConfig(RLConfig):
 class RLOOConfig(GRPOConfig):
     """Settings of `rlhfkit rloo`: GRPOConfig with the leave-one-out baseline and the KL in the reward."""
 
-    advantage: Literal["grpo", "rloo"] = "rloo"
-    """Group-normalised advantages (GRPO) or the leave-one-out baseline (RLOO)."""
+    advantage: str = "rloo"
+    """The leave-one-out baseline (RLOO), or any estimator `GRPOConfig.advantage` takes."""
     beta: float = setting(0.05, ge=0)
     """KL coefficient, subtracted from each answer's reward as beta x sum_t (log pi - log pi_ref)."""
     output: str = "runs/rloo"
@@ -127,6 +129,12 @@ class GRPOTrainer(RLTrainer):
             raise ConfigError(f"num_generations must be >= 2 for group baselines, got {cfg.num_generations}")
         if cfg.num_iterations < 1:
             raise ConfigError(f"num_iterations must be >= 1, got {cfg.num_iterations}")
+        if cfg.advantage not in losses.ADVANTAGE_ESTIMATORS:
+            known = ", ".join(sorted(losses.ADVANTAGE_ESTIMATORS))
+            raise ConfigError(
+                f"advantage={cfg.advantage!r} is not a known estimator ({known}); "
+                "register one with rlhfkit.losses.register_advantage"
+            )
         if reward is None and not cfg.env and not cfg.online_feedback.labeler:
             raise ConfigError("RL needs a reward: --reward DIR, --reward-fn module:function or --env ENV")
         self.grpo = cfg
@@ -154,7 +162,6 @@ class GRPOTrainer(RLTrainer):
         super().__init__(cfg, records, reward, need_reference=cfg.beta > 0)
         if self.online is not None and self.world > 1:
             raise ConfigError("online_feedback runs in one process (each would train its own reward model)")
-        self.make_env = partial(load_environment, cfg.env, **cfg.env_settings) if cfg.env else None
         if cfg.env and cfg.agent.max_tokens > (context := context_length(self.policy)):
             raise ConfigError(
                 f"agent.max_tokens={cfg.agent.max_tokens} exceeds the model's context ({context})"
@@ -162,6 +169,7 @@ class GRPOTrainer(RLTrainer):
         # the longest answer, for the "dr_grpo" constant aggregation
         self.max_len = cfg.agent.max_tokens if cfg.env else cfg.sampling.max_new_tokens
         self.micro_batch = cfg.micro_batch or (EPISODE_MICRO_BATCH if cfg.env else 0)
+        self.kl_in_reward = cfg.advantage == "rloo"  # RLOO: the KL penalty is part of each answer's reward
 
     def prompts_per_step(self) -> int:
         return self.grpo.prompts_per_step
@@ -169,56 +177,24 @@ class GRPOTrainer(RLTrainer):
     def total_updates(self) -> int:
         return self.cfg.max_steps * self.grpo.num_iterations
 
-    def sample(self, indices: list[int]) -> Samples:
-        return self.sample_episodes(indices) if self.make_env is not None else super().sample(indices)
-
-    @torch.no_grad()
-    def sample_episodes(self, indices: list[int]) -> Samples:
-        """G episodes of each task (`agents.episode`) and their returns, as a rollout with a loss mask."""
-        assert self.make_env is not None
-        tasks: list[Any] = [self.records[i] for i in indices for _ in range(self.group)]
-        t0 = time.perf_counter()
-        agent, engine = self.grpo.agent, self.rollout_engine
-        episodes = run_episodes(engine, self.make_env, tasks, self.rl.sampling, agent, self.generator)
-        t1 = time.perf_counter()
-        rewards = torch.tensor([e.reward for e in episodes], dtype=torch.float32)  # (B,)
-        if not bool(torch.isfinite(rewards).all()):
-            bad = next(e for e in episodes if not torch.isfinite(torch.tensor(e.reward)))
-            raise NonFiniteRewardError(f"env {self.grpo.env}: task {bad.task_id} returned {bad.reward}")
-        rollout, loss_mask = episode_batch(episodes, self.rollout_engine.pad_token_id)  # (B, T) each
-        rollout, loss_mask = self.to_device(rollout), self.to_device(loss_mask)  # as RLTrainer.sample does
-        scores = rewards = self.to_device(rewards)
-        if self.rl.no_eos_score is not None:  # episodes a limit cut short
-            fallback = torch.full_like(rewards, self.rl.no_eos_score)  # (B,)
-            scores = torch.where(rollout.ended, rewards, fallback)  # (B,)
-        n_tokens = float(loss_mask.sum())
-        stats = {
-            "score": float(rewards.mean()),
-            "score_used": float(scores.mean()),
-            "turns": sum(e.turns for e in episodes) / len(episodes),
-            "episode_tokens": sum(e.tokens for e in episodes) / len(episodes),
-            "answer_length": n_tokens / len(episodes),
-            "eos_rate": float(rollout.ended.float().mean()),
-            "rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
-            "seconds_rollout": t1 - t0,
-            "seconds_scoring": 0.0,
-        }
-        for reason in sorted({e.reason for e in episodes}):
-            stats[f"end_{reason}"] = sum(e.reason == reason for e in episodes) / len(episodes)
-        self.tokens_seen += int(n_tokens)
-        prompts = [t.prompt for t in tasks]
-        completions = [transcript(e.messages) for e in episodes]
-        if self.rl.sample_every and self.step % self.rl.sample_every == 0 and self.is_main:
-            self.log_samples(prompts, completions, scores)
-        shared = self.to_device(SharedPromptBatch.from_rollout(rollout, self.rollout_engine.pad_token_id))
-        return Samples(rollout, shared, [], prompts, completions, scores, stats, loss_mask)
-
-    @torch.no_grad()
-    def make_experience(self, indices: list[int]) -> tuple[dict[str, Any] | None, dict[str, float]]:
+    def make_sampler(self) -> Sampler:
+        """Answers to the prompts, or with `env` episodes of the environment's tasks."""
         cfg = self.grpo
-        samples = self.sample(indices)
+        if not cfg.env:
+            return super().make_sampler()
+        make_env = partial(load_environment, cfg.env, **cfg.env_settings)
+        return EpisodeSampler(self.rollout_engine, make_env, self.records, cfg.sampling, cfg.agent, cfg.env)
+
+    @torch.no_grad()
+    def make_experience(self, samples: Samples) -> tuple[Experience | None, dict[str, float]]:
+        """Reference log-probs, the KL, group advantages; None when every group was dropped."""
+        cfg = self.grpo
         t1 = time.perf_counter()
-        rollout, cmask, scores = samples.rollout, samples.mask, samples.scores  # (B, T), (B, T), (B,)
+        rollout, cmask, scores = (
+            samples.rollout,
+            samples.completion_mask,
+            samples.scores,
+        )  # (B, T), (B, T), (B,)
         old_logprobs = rollout.logprobs * cmask  # (B, T)
         stats = dict(samples.stats)
         ref_logprobs = None
@@ -227,13 +203,11 @@ class GRPOTrainer(RLTrainer):
             ref_logprobs = self.reference_logprobs(samples.shared, self.micro_batch)  # (B, T)
             seq_kl = (losses.kl_estimate(old_logprobs, ref_logprobs, "k1") * cmask).sum(-1)  # (B,)
             stats["kl"] = float(seq_kl.mean())
-            if cfg.advantage == "rloo":
+            if self.kl_in_reward:
                 rewards = scores - cfg.beta * seq_kl  # (B,)
-        if cfg.advantage == "rloo":
-            advantages = losses.rloo_advantages(rewards, self.group)  # (B,)
-            zero_var = (advantages.view(-1, self.group) == 0).all(dim=1)  # (B/G,)
-        else:
-            advantages, zero_var = losses.group_advantages(rewards, self.group, cfg.scale_rewards)
+        advantages, zero_var = losses.outcome_advantages(
+            cfg.advantage, rewards, self.group, scale=cfg.scale_rewards
+        )  # (B,), (B/G,)
         stats.update(
             total_reward=float(rewards.mean()),
             reward_std_in_group=float(rewards.view(-1, self.group).std(dim=1).mean()),
@@ -258,29 +232,29 @@ class GRPOTrainer(RLTrainer):
         rows = keep.nonzero().squeeze(1)  # (B',)
         if len(rows) == 0:
             return None, stats
-        experience = {
-            "batch": samples.shared if len(rows) == len(keep) else samples.shared.select(rows),
-            "loss_mask": loss_mask[rows], "old_logprobs": old_logprobs[rows], "advantages": advantages[rows],
-            "ref_logprobs": None if ref_logprobs is None or cfg.advantage == "rloo" else ref_logprobs[rows],
-        }  # fmt: skip
-        return experience, stats
+        experience = Experience(
+            samples.shared, loss_mask, old_logprobs, advantages,
+            None if self.kl_in_reward else ref_logprobs,
+        )  # fmt: skip
+        batch = samples.shared if len(rows) == len(keep) else samples.shared.select(rows)
+        return experience.select(rows, batch), stats
 
-    def grpo_loss(self, model: Any, mb: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def grpo_loss(self, model: Any, mb: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss (+ beta x k3 KL) of one micro-batch, scaled to a sum over the items the
         aggregation averages over (tokens for "dapo", sequences otherwise), as the loop expects."""
         cfg = self.grpo
-        batch, lmask = mb["batch"], mb["loss_mask"]
-        logprobs, entropy = completion_logprobs(model, batch, cfg.sampling.temperature)  # (B, T)
+        lmask = mb.completion_mask  # (B, T)
+        logprobs, entropy = completion_logprobs(model, mb.batch, cfg.sampling.temperature)  # (B, T)
         agg = AGGREGATION[cfg.loss_type]
         max_len = self.max_len
         pg, m = losses.policy_loss(
-            logprobs, mb["old_logprobs"], mb["advantages"], lmask, cfg.clip_low, cfg.clip_high, agg, max_len
+            logprobs, mb.old_logprobs, mb.advantages, lmask, cfg.clip_low, cfg.clip_high, agg, max_len
         )
-        count = lmask.sum() if agg == "token" else lmask.new_tensor(float(batch.rows))
+        count = lmask.sum() if agg == "token" else lmask.new_tensor(float(mb.rows))
         loss = pg
         sums = {key: m[key] * count for key in ("clip_frac", "approx_kl", "ratio_mean")}
-        if mb["ref_logprobs"] is not None:
-            k3 = losses.kl_estimate(logprobs, mb["ref_logprobs"], "k3")  # (B, T)
+        if mb.ref_logprobs is not None:
+            k3 = losses.kl_estimate(logprobs, mb.ref_logprobs, "k3")  # (B, T)
             kl = losses.aggregate_loss(k3, lmask, agg, max_len)
             loss = loss + cfg.beta * kl
             sums["kl_loss"] = kl.detach() * count
@@ -289,31 +263,22 @@ class GRPOTrainer(RLTrainer):
         return loss * count, sums
 
     def train_step(self, step: int) -> dict[str, float]:
-        experience, stats = self.make_experience(self.batch_indices(step))
+        """sample -> experience -> `num_iterations` passes over its micro-batches -> metrics."""
+        samples = self.sample(self.batch_indices(step))
+        experience, stats = self.make_experience(samples)
         t0 = time.perf_counter()
         out: dict[str, float] = {"skipped": 0.0}
         if experience is None:  # every group had equal rewards: nothing to learn from
             out["skipped"] = 1.0
         else:
             self.policy.train()
-            n = experience["batch"].rows
-            size = self.micro_batch or n
-            agg = AGGREGATION[self.grpo.loss_type]
-            batches = []
-            for lo in range(0, n, size):
-                mb = {
-                    k: (v[lo : lo + size] if isinstance(v, torch.Tensor) else v)
-                    for k, v in experience.items()
-                }
-                if size < n:
-                    mb["batch"] = experience["batch"].select(torch.arange(lo, min(lo + size, n)))
-                mb["num_items"] = float(mb["loss_mask"].sum()) if agg == "token" else float(mb["batch"].rows)
-                batches.append(mb)
+            per_token = AGGREGATION[self.grpo.loss_type] == "token"
+            batches = experience.minibatches(self.micro_batch or experience.rows, per_token)
             totals: dict[str, float] = {}
             for it in range(self.grpo.num_iterations):
                 metrics = self.optimize(batches, self.grpo_loss)
                 if it == 0:
-                    out["ratio_first_update"] = metrics["ratio_mean"]
+                    out["ratio_first_minibatch"] = metrics["ratio_mean"]
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value / self.grpo.num_iterations
             out.update(totals)

@@ -32,6 +32,7 @@ import torch
 from rlhfkit import losses
 from rlhfkit.config import setting
 from rlhfkit.data import PromptRecord
+from rlhfkit.experience import Experience, Samples
 from rlhfkit.models import build_reward_model, normalization, save_model, unwrap
 from rlhfkit.prefix import SharedPromptBatch, answer_predictors, completion_logprobs, shared_prompt_forward
 from rlhfkit.rewards import RewardMix, Scorer
@@ -141,10 +142,10 @@ class PPOTrainer(RLTrainer):
         self.kl_ctl.load_state_dict(state["kl_ctl"])
 
     @torch.no_grad()
-    def make_experience(self, indices: list[int]) -> tuple[dict[str, Any], dict[str, float]]:
-        samples = self.sample(indices)
+    def make_experience(self, samples: Samples) -> tuple[Experience, dict[str, float]]:
+        """Reference log-probs and values, KL-penalised per-token rewards, GAE advantages and returns."""
         t1 = time.perf_counter()
-        rollout, cmask, batch = samples.rollout, samples.mask, samples.shared  # cmask (B, T)
+        rollout, cmask, batch = samples.rollout, samples.completion_mask, samples.shared  # cmask (B, T)
         ref_logprobs = self.reference_logprobs(batch)  # (B, T)
         with self.autocast():
             values = token_values(self.value, batch).float() * cmask  # (B, T)
@@ -158,10 +159,7 @@ class PPOTrainer(RLTrainer):
         advantages, returns = losses.compute_gae(rewards, values, cmask, self.ppo.gamma, self.ppo.lam)
         advantages = losses.masked_whiten(advantages, cmask)  # (B, T)
         seq_kl = (kl * cmask).sum(-1)  # (B,)
-        experience = {
-            "batch": batch, "completion_mask": cmask, "old_logprobs": logprobs, "old_values": values,
-            "advantages": advantages, "returns": returns,
-        }  # fmt: skip
+        experience = Experience(batch, cmask, logprobs, advantages, old_values=values, returns=returns)
         stats = {
             **samples.stats,
             "kl": float(seq_kl.mean()),
@@ -172,18 +170,19 @@ class PPOTrainer(RLTrainer):
         stats["seconds_scoring"] += time.perf_counter() - t1
         return experience, stats
 
-    def ppo_loss(
-        self, model: PolicyAndValue, mb: dict[str, Any]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def ppo_loss(self, model: PolicyAndValue, mb: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss + vf_coef x clipped value loss of one minibatch, as a sum over its tokens."""
-        batch, cmask = mb["batch"], mb["completion_mask"]
-        logprobs, entropy = completion_logprobs(model.policy, batch, self.ppo.sampling.temperature)  # (B, T)
-        values = token_values(model.value, batch)  # (B, T)
+        assert mb.old_values is not None and mb.returns is not None
+        cmask = mb.completion_mask  # (B, T)
+        logprobs, entropy = completion_logprobs(
+            model.policy, mb.batch, self.ppo.sampling.temperature
+        )  # (B, T)
+        values = token_values(model.value, mb.batch)  # (B, T)
         pg_loss, pg_metrics = losses.policy_loss(
-            logprobs, mb["old_logprobs"], mb["advantages"], cmask, clip_low=self.ppo.cliprange
+            logprobs, mb.old_logprobs, mb.advantages, cmask, clip_low=self.ppo.cliprange
         )
         vf_loss, vf_metrics = losses.value_loss(
-            values, mb["old_values"], mb["returns"], cmask, clip_range=self.ppo.cliprange_value
+            values, mb.old_values, mb.returns, cmask, clip_range=self.ppo.cliprange_value
         )
         n = cmask.sum()
         loss_sum = (pg_loss + self.ppo.vf_coef * vf_loss) * n  # token means -> token sums for the loop
@@ -199,20 +198,17 @@ class PPOTrainer(RLTrainer):
         return loss_sum, sums
 
     def train_step(self, step: int) -> dict[str, float]:
-        experience, stats = self.make_experience(self.batch_indices(step))
+        """sample -> experience -> `ppo_epochs` x shuffled minibatches, one optimizer step each -> metrics."""
+        samples = self.sample(self.batch_indices(step))
+        experience, stats = self.make_experience(samples)
         t0 = time.perf_counter()
         self.policy.train()
-        n_rows = experience["batch"].rows
-        size = max(1, n_rows // self.ppo.minibatches)
+        size = max(1, experience.rows // self.ppo.minibatches)
         totals: dict[str, float] = {}
         first: dict[str, float] = {}
         for epoch in range(self.ppo.ppo_epochs):
-            order = torch.randperm(n_rows, generator=self.generator)
-            for k in range(self.ppo.minibatches):
-                rows = order[k * size : (k + 1) * size]
-                mb = {key: (v[rows] if isinstance(v, torch.Tensor) else v) for key, v in experience.items()}
-                mb["batch"] = experience["batch"].select(rows)
-                mb["num_items"] = float(mb["completion_mask"].sum())
+            order = torch.randperm(experience.rows, generator=self.generator)[: size * self.ppo.minibatches]
+            for k, mb in enumerate(experience.minibatches(size, per_token=True, order=order)):
                 metrics = self.optimize([mb], self.ppo_loss)
                 if epoch == 0 and k == 0:
                     first = metrics
@@ -222,13 +218,15 @@ class PPOTrainer(RLTrainer):
         out = {key: value / updates for key, value in totals.items()}
         out["ratio_first_minibatch"] = first["ratio_mean"]
         with torch.no_grad():
-            cmask = experience["completion_mask"]
+            assert experience.old_values is not None and experience.returns is not None
             out["explained_variance"] = float(
-                losses.explained_variance(experience["old_values"], experience["returns"], cmask)
+                losses.explained_variance(
+                    experience.old_values, experience.returns, experience.completion_mask
+                )
             )
         out.update(stats)
         out["seconds_training"] = time.perf_counter() - t0
-        self.kl_ctl.update(stats["kl"], n_rows * self.world)
+        self.kl_ctl.update(stats["kl"], experience.rows * self.world)
         return out
 
     def save_final(self) -> None:

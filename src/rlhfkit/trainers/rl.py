@@ -30,8 +30,9 @@ from rlhfkit.checkpoint import latest_checkpoint
 from rlhfkit.config import setting
 from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
 from rlhfkit.device import resolve_runtime
-from rlhfkit.encoding import chat_prompt_text, checked_prompt_ids, prompt_ids
+from rlhfkit.encoding import checked_prompt_ids, prompt_ids
 from rlhfkit.errors import NonFiniteRewardError
+from rlhfkit.experience import AnswerSampler, Sampler, Samples
 from rlhfkit.loop import TrainLoop
 from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
@@ -72,27 +73,6 @@ class RLConfig(StageConfig):
     """The shared loop: `max_steps` = RL iterations; LoRA adapters also go on the value model."""
 
     RENAMED: ClassVar[dict[str, str]] = SAMPLING_RENAMED
-
-
-@dataclass
-class Samples:
-    """One scored rollout batch, rows in groups of `group` answers to the same prompt."""
-
-    rollout: Rollout
-    shared: SharedPromptBatch  # the same rows with each distinct prompt once, for the forward passes
-    records: list[PromptRecord]
-    prompts: list[str]  # display text of each row's prompt
-    completions: list[str]  # decoded answers
-    scores: torch.Tensor  # (B,) the reward used (after no_eos_score)
-    stats: dict[str, float]
-    loss_mask: torch.Tensor | None = None  # (B, T) multi-turn episodes: 1 on the model's own tokens only
-    gold: list[float] | None = None  # the watched `gold` score of each row, when the run has one
-
-    @property
-    def mask(self) -> torch.Tensor:  # (B, T) float: 1 on the tokens the policy is trained on
-        """The answers' real tokens including EOS; in an episode only the model's turns (not the
-        observations between them, which the forward pass still attends to)."""
-        return self.loss_mask if self.loss_mask is not None else self.rollout.completion_mask.float()
 
 
 def load_rl_prompts(cfg: RLConfig) -> list[PromptRecord]:
@@ -149,6 +129,7 @@ class RLTrainer(TrainLoop):
         self.prompt_ids = [prompt_ids(tokenizer, r.prompt) for r in records]
         self.reward = as_reward_mix(reward) if reward is not None else None
         self.rollout_engine = RolloutEngine(policy, tokenizer)
+        self.sampler = self.make_sampler()
         # a CPU generator whatever the device: its state checkpoints the same everywhere (the engine draws
         # its uniforms from it and moves them to the logits' device)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * self.rank)
@@ -183,35 +164,33 @@ class RLTrainer(TrainLoop):
             self._stream = self.make_stream()
         return self._stream.batch(step)[self.rank :: self.world]
 
+    def make_sampler(self) -> Sampler:
+        """What samples an iteration's rows: one answer each (episodes: `GRPOTrainer` with `env`)."""
+        return AnswerSampler(self.rollout_engine, self.prompt_ids, self.records, self.rl.sampling)
+
     @torch.no_grad()
     def sample(self, indices: list[int]) -> Samples:
-        """Rollout (each prompt `group` times, consecutively) and reward of one iteration."""
+        """Sample each prompt `group` times (consecutive rows) and score every row: the sampler's own rewards
+        (episode returns) or the reward mixture; answers that never reach EOS may get `no_eos_score`."""
         rows = [i for i in indices for _ in range(self.group)]
         t0 = time.perf_counter()
-        generation = self.rollout_engine.sample_texts(
-            [self.prompt_ids[i] for i in rows], self.rl.sampling, self.generator
-        )
-        rollout, completions = self.to_device(generation.rollout), generation.texts
+        gen = self.sampler(rows, self.generator)
+        rollout, mask = self.to_device(gen.rollout), self.to_device(gen.completion_mask)  # (B, T) each
         t1 = time.perf_counter()
-        records = [self.records[i] for i in rows]
-        prompts = [chat_prompt_text(r.prompt) for r in records]
-        assert self.reward is not None, "a trainer without a reward mix must override sample"
-        try:
-            raw, parts = self.reward(prompts, completions, rollout, records)  # (B,), {name: (B,)}
-        except NonFiniteRewardError as exc:
-            kept = latest_checkpoint(self.output_dir / "checkpoints")
-            where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint was written yet"
-            raise NonFiniteRewardError(
-                f"{exc}; iteration {self.step + 1} was not trained on and {where}"
-            ) from None
+        parts: dict[str, torch.Tensor] = {}
+        if gen.rewards is not None:
+            raw = gen.rewards  # (B,)
+        else:
+            assert self.reward is not None, "a trainer without a reward mix needs a sampler that scores"
+            raw, parts = self.score(gen.prompts, gen.completions, rollout, gen.records)  # (B,), {name: (B,)}
         scores = raw.float().to(self.device)  # (B,)
         if self.rl.no_eos_score is not None:
             scores = torch.where(rollout.ended, scores, torch.full_like(scores, self.rl.no_eos_score))  # (B,)
-        n_tokens = float(rollout.completion_mask.sum())
+        n_tokens = float(mask.sum())
         stats = {
             "score": float(raw.mean()),
             "score_used": float(scores.mean()),
-            "answer_length": float(rollout.lengths.float().mean()),
+            **gen.stats,
             "eos_rate": float(rollout.ended.float().mean()),
             "rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
             "seconds_rollout": t1 - t0,
@@ -220,14 +199,29 @@ class RLTrainer(TrainLoop):
             stats.update({f"reward_{name}": float(v.mean()) for name, v in parts.items()})
         gold = None
         if self.gold_fn is not None:
-            gold = [float(self.gold_fn(p, c)) for p, c in zip(prompts, completions, strict=True)]
+            gold = [float(self.gold_fn(p, c)) for p, c in zip(gen.prompts, gen.completions, strict=True)]
             stats["gold"] = sum(gold) / len(gold)
         stats["seconds_scoring"] = time.perf_counter() - t1
         self.tokens_seen += int(n_tokens)
         if self.rl.sample_every and self.step % self.rl.sample_every == 0 and self.is_main:
-            self.log_samples(prompts, completions, scores)
+            self.log_samples(gen.prompts, gen.completions, scores)
         shared = self.to_device(SharedPromptBatch.from_rollout(rollout, self.rollout_engine.pad_token_id))
-        return Samples(rollout, shared, records, prompts, completions, scores, stats, gold=gold)
+        return Samples(rollout, shared, mask, gen.records, gen.prompts, gen.completions, scores, stats, gold)
+
+    def score(
+        self, prompts: list[str], completions: list[str], rollout: Rollout, records: list[PromptRecord]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The reward mixture's total (B,) and components; a non-finite reward stops the run naming the
+        last good checkpoint, before anything is trained on."""
+        assert self.reward is not None
+        try:
+            return self.reward(prompts, completions, rollout, records)
+        except NonFiniteRewardError as exc:
+            kept = latest_checkpoint(self.output_dir / "checkpoints")
+            where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint was written yet"
+            raise NonFiniteRewardError(
+                f"{exc}; iteration {self.step + 1} was not trained on and {where}"
+            ) from None
 
     @torch.no_grad()
     def reference_logprobs(self, batch: SharedPromptBatch, rows: int = 0) -> torch.Tensor:
