@@ -84,6 +84,7 @@ class Experience:
     ref_logprobs: torch.Tensor | None = None  # (B, T) when the loss holds a KL term to the reference
     old_values: torch.Tensor | None = None  # (B, T) the critic's values at sampling time (PPO)
     returns: torch.Tensor | None = None  # (B, T) the critic's targets (PPO)
+    is_weights: torch.Tensor | None = None  # (B, T) truncated importance weights pi_old / pi_sampler
     num_items: float = 0.0
 
     @property

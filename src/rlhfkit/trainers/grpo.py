@@ -190,13 +190,9 @@ class GRPOTrainer(RLTrainer):
         """Reference log-probs, the KL, group advantages; None when every group was dropped."""
         cfg = self.grpo
         t1 = time.perf_counter()
-        rollout, cmask, scores = (
-            samples.rollout,
-            samples.completion_mask,
-            samples.scores,
-        )  # (B, T), (B, T), (B,)
-        old_logprobs = rollout.logprobs * cmask  # (B, T)
-        stats = dict(samples.stats)
+        rollout, cmask, scores = samples.rollout, samples.completion_mask, samples.scores  # (B, T) x2, (B,)
+        old_logprobs, is_weights, mismatch = self.old_logprobs(samples, self.micro_batch)  # (B, T) each
+        stats = {**samples.stats, **mismatch}
         ref_logprobs = None
         rewards = scores  # (B,)
         if self.need_reference:
@@ -234,7 +230,7 @@ class GRPOTrainer(RLTrainer):
             return None, stats
         experience = Experience(
             samples.shared, loss_mask, old_logprobs, advantages,
-            None if self.kl_in_reward else ref_logprobs,
+            None if self.kl_in_reward else ref_logprobs, is_weights=is_weights,
         )  # fmt: skip
         batch = samples.shared if len(rows) == len(keep) else samples.shared.select(rows)
         return experience.select(rows, batch), stats
@@ -248,8 +244,9 @@ class GRPOTrainer(RLTrainer):
         agg = AGGREGATION[cfg.loss_type]
         max_len = self.max_len
         pg, m = losses.policy_loss(
-            logprobs, mb.old_logprobs, mb.advantages, lmask, cfg.clip_low, cfg.clip_high, agg, max_len
-        )
+            logprobs, mb.old_logprobs, mb.advantages, lmask, cfg.clip_low, cfg.clip_high, agg, max_len,
+            is_weights=mb.is_weights,
+        )  # fmt: skip
         count = lmask.sum() if agg == "token" else lmask.new_tensor(float(mb.rows))
         loss = pg
         sums = {key: m[key] * count for key in ("clip_frac", "approx_kl", "ratio_mean")}

@@ -145,11 +145,11 @@ class PPOTrainer(RLTrainer):
     def make_experience(self, samples: Samples) -> tuple[Experience, dict[str, float]]:
         """Reference log-probs and values, KL-penalised per-token rewards, GAE advantages and returns."""
         t1 = time.perf_counter()
-        rollout, cmask, batch = samples.rollout, samples.completion_mask, samples.shared  # cmask (B, T)
+        cmask, batch = samples.completion_mask, samples.shared  # (B, T)
         ref_logprobs = self.reference_logprobs(batch)  # (B, T)
         with self.autocast():
             values = token_values(self.value, batch).float() * cmask  # (B, T)
-        logprobs = rollout.logprobs * cmask  # (B, T)
+        logprobs, is_weights, mismatch = self.old_logprobs(samples)  # (B, T) each
         scores = samples.scores  # (B,)
         rewards, kl = losses.kl_penalized_rewards(
             scores, logprobs, ref_logprobs, cmask, self.kl_ctl.value, self.ppo.kl_estimator
@@ -159,9 +159,12 @@ class PPOTrainer(RLTrainer):
         advantages, returns = losses.compute_gae(rewards, values, cmask, self.ppo.gamma, self.ppo.lam)
         advantages = losses.masked_whiten(advantages, cmask)  # (B, T)
         seq_kl = (kl * cmask).sum(-1)  # (B,)
-        experience = Experience(batch, cmask, logprobs, advantages, old_values=values, returns=returns)
+        experience = Experience(
+            batch, cmask, logprobs, advantages, old_values=values, returns=returns, is_weights=is_weights
+        )
         stats = {
             **samples.stats,
+            **mismatch,
             "kl": float(seq_kl.mean()),
             "non_score_reward": float(-self.kl_ctl.value * seq_kl.mean()),
             "total_reward": float((scores - self.kl_ctl.value * seq_kl).mean()),
@@ -179,7 +182,12 @@ class PPOTrainer(RLTrainer):
         )  # (B, T)
         values = token_values(model.value, mb.batch)  # (B, T)
         pg_loss, pg_metrics = losses.policy_loss(
-            logprobs, mb.old_logprobs, mb.advantages, cmask, clip_low=self.ppo.cliprange
+            logprobs,
+            mb.old_logprobs,
+            mb.advantages,
+            cmask,
+            clip_low=self.ppo.cliprange,
+            is_weights=mb.is_weights,
         )
         vf_loss, vf_metrics = losses.value_loss(
             values, mb.old_values, mb.returns, cmask, clip_range=self.ppo.cliprange_value

@@ -19,13 +19,15 @@ Shapes: B rollouts, P prompt tokens (left-padded), T answer tokens, V vocabulary
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 
+from rlhfkit import losses
 from rlhfkit.checkpoint import latest_checkpoint
 from rlhfkit.config import setting
 from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
@@ -67,6 +69,16 @@ class RLConfig(StageConfig):
     """How answers are sampled (`sampling.max_new_tokens`, `.temperature`, `.top_p`, `.top_k`)."""
     no_eos_score: float | None = None
     """Score given to answers that never reach EOS (None: keep the reward's score)."""
+    old_logprobs: Literal["auto", "sampler", "trainer"] = "auto"
+    """Where the update's old log-probs (pi_old) come from: "sampler", the rollout's own (exact when the
+    sampler computes what the trainer's forward does); "trainer", a no-grad forward of the policy before
+    the update, which measures the sampler / trainer mismatch (`mismatch_*` metrics) and weights each
+    token's loss by the truncated importance ratio (`tis_cap`); "auto": the trainer's whenever the two
+    differ by design (train.precision bf16, or a GPU sampler with its own kernels), the sampler's on a
+    float32 CPU run."""
+    tis_cap: float = setting(2.0, ge=0)
+    """Truncation C of the importance weights min(pi_old / pi_sampler, C) when old log-probs come from the
+    trainer (Yao et al. 2025; `losses.mismatch`); 0: measure the mismatch, weight nothing."""
     sample_every: int = setting(10, ge=0)
     """Append sample answers to samples.jsonl every N iterations (0: never)."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -130,6 +142,9 @@ class RLTrainer(TrainLoop):
         self.reward = as_reward_mix(reward) if reward is not None else None
         self.rollout_engine = RolloutEngine(policy, tokenizer)
         self.sampler = self.make_sampler()
+        mode = cfg.old_logprobs
+        exact = self.runtime.precision == "fp32" and self.runtime.device.type == "cpu"
+        self.recompute_old = mode == "trainer" or (mode == "auto" and not exact)
         # a CPU generator whatever the device: its state checkpoints the same everywhere (the engine draws
         # its uniforms from it and moves them to the logits' device)
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * self.rank)
@@ -228,19 +243,54 @@ class RLTrainer(TrainLoop):
         """log pi_ref of each answer token (B, T), zero on padding: the frozen reference (bf16 weights under
         bf16 precision), or with LoRA the policy itself with its adapters disabled (no second copy).
         `rows` > 0 runs that many rows per forward pass (long multi-turn episodes), same values."""
+        if self.reference is not None:  # already in the inference dtype: no autocast
+            return self.forward_logprobs(self.reference, batch, rows, autocast=False)
+        with self.policy.disable_adapter():
+            return self.forward_logprobs(self.policy, batch, rows)
+
+    @torch.no_grad()
+    def forward_logprobs(
+        self, model: torch.nn.Module, batch: SharedPromptBatch, rows: int = 0, autocast: bool = True
+    ) -> torch.Tensor:
+        """log p of each answer token (B, T) under `model` (and the run's autocast), float32, zero on
+        padding; `rows` > 0 runs that many rows per forward pass, same values."""
         if 0 < rows < batch.rows:
             parts = [
-                self.reference_logprobs(batch.select(torch.arange(lo, min(lo + rows, batch.rows))))
+                self.forward_logprobs(
+                    model, batch.select(torch.arange(lo, min(lo + rows, batch.rows))), 0, autocast
+                )
                 for lo in range(0, batch.rows, rows)
             ]
             return torch.cat(parts)  # (B, T)
-        temperature = self.rl.sampling.temperature
-        if self.reference is not None:
-            lp, _ = completion_logprobs(self.reference, batch, temperature, entropy=False)
-        else:
-            with self.policy.disable_adapter(), self.autocast():
-                lp, _ = completion_logprobs(self.policy, batch, temperature, entropy=False)
-        return lp.float()  # (B, T), zero on padding
+        with self.autocast() if autocast else contextlib.nullcontext():
+            lp, _ = completion_logprobs(model, batch, self.rl.sampling.temperature, entropy=False)
+        return lp.float()  # (B, T)
+
+    @torch.no_grad()
+    def old_logprobs(
+        self, samples: Samples, rows: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """(old log-probs (B, T), truncated importance weights (B, T) or None, mismatch metrics).
+
+        The sampler's log-probs, or (`old_logprobs`, see RLConfig) the policy's own forward before the
+        update: then `mismatch_logprob_abs_mean` / `_max` and `mismatch_kl` say how far the sampler was
+        from the trainer, and each token is weighted by min(exp(log pi_old - log pi_sampler), tis_cap)."""
+        mask = samples.completion_mask  # (B, T)
+        sampler = samples.rollout.logprobs * mask  # (B, T)
+        if not self.recompute_old:
+            return sampler, None, {}
+        trainer = self.forward_logprobs(self.policy, samples.shared, rows) * mask  # (B, T)
+        m = losses.logprob_mismatch(sampler, trainer, mask)
+        stats = {
+            "mismatch_logprob_abs_mean": float(m["abs_diff_mean"]),
+            "mismatch_logprob_abs_max": float(m["abs_diff_max"]),
+            "mismatch_kl": float(m["kl"]),
+        }
+        weights = None
+        if self.rl.tis_cap > 0:
+            weights, w = losses.truncated_is_weights(trainer, sampler, mask, self.rl.tis_cap)  # (B, T)
+            stats.update({key: float(value) for key, value in w.items()})
+        return trainer, weights, stats
 
     def log_samples(self, prompts: list[str], completions: list[str], scores: torch.Tensor) -> None:
         with open(self.output_dir / "samples.jsonl", "a", encoding="utf-8") as fh:
