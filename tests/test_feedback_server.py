@@ -262,6 +262,75 @@ def test_cookies_and_stored_secrets(project):
             assert conn.execute("SELECT count(*) FROM sessions").fetchone()[0] == 0
 
 
+def set_cookies(client: httpx.Client, headers: dict[str, str] | None = None) -> dict[str, str]:
+    """{name: Set-Cookie header} of a login through the form as ann. The login cookie is sent back by hand:
+    a client on http:// would rightly keep a Secure one to itself."""
+    page = client.get("/login", headers=headers)
+    login_cookie = page.cookies["rlhfkit_login_csrf"]
+    form = {"csrf": hidden(page.text, "csrf"), "name": "ann", "password": PASSWORD}
+    sent = (headers or {}) | {"Cookie": f"rlhfkit_login_csrf={login_cookie}"}
+    reply = client.post("/login", data=form, headers=sent)
+    assert reply.status_code == 303, reply.text
+    found = {}
+    for response in (page, reply):
+        for header in response.headers.get_list("set-cookie"):
+            found.setdefault(header.split("=", 1)[0], header)
+    return found
+
+
+def is_secure(set_cookie: str) -> bool:
+    return "secure" in [part.strip().lower() for part in set_cookie.split(";")]
+
+
+@pytest.mark.parametrize(
+    ("secure_cookies", "client", "trusted", "proto", "expected"),
+    [
+        (True, "10.0.0.9", "127.0.0.1", None, True),  # --secure-cookies: always
+        (False, "10.0.0.9", "127.0.0.1", None, False),  # plain HTTP (a development server): never
+        (False, "10.0.0.2", "10.0.0.2", "https", True),  # TLS, as a trusted proxy says
+        (False, "127.0.0.1", "127.0.0.1", "https", True),  # the default trusts the local host
+        (False, "10.0.0.9", "10.0.0.2", "https", False),  # anyone else's header is ignored
+        (False, "10.0.0.2", "10.0.0.2", "http", False),  # the proxy says plain HTTP
+    ],
+)
+def test_cookies_are_secure_with_the_flag_or_behind_a_trusted_tls_proxy(
+    tmp_path: Path, secure_cookies: bool, client: str, trusted: str, proto: str | None, expected: bool
+):
+    from fastapi.testclient import TestClient
+
+    db = tmp_path / "fb.sqlite"
+    make_project(db, [("P", ["a", "b"])], overlap=1, users={"ann": "annotator"}).close()
+    app = create_app(db, secure_cookies=secure_cookies, forwarded_allow_ips=trusted)
+    headers = {"X-Forwarded-Proto": proto} if proto else None
+    with TestClient(app, client=(client, 50000), follow_redirects=False) as http:
+        cookies = set_cookies(http, headers)
+        assert set(cookies) == {"rlhfkit_login_csrf", "rlhfkit_session"}
+        assert all(is_secure(c) == expected for c in cookies.values()), cookies
+        assert "HttpOnly" in cookies["rlhfkit_session"] and "SameSite=strict" in cookies["rlhfkit_session"]
+
+
+def test_feedback_serve_trusts_forwarded_headers_only_from_its_proxies(tmp_path: Path):
+    """The command's own server: X-Forwarded-Proto counts from --forwarded-allow-ips (here the default,
+    127.0.0.1), not from 127.0.0.2."""
+    db = tmp_path / "fb.sqlite"
+    make_project(db, [("P", ["a", "b"])], overlap=1, users={"ann": "annotator"}).close()
+    port = free_port()
+    command = [sys.executable, "-m", "rlhfkit.cli", "feedback", "serve", "--db", str(db), "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    proxied = {"X-Forwarded-Proto": "https"}
+    try:
+        wait_until_up(server, f"{base}/login", timeout=60)
+        for address, expected in (("127.0.0.1", True), ("127.0.0.2", False)):
+            transport = httpx.HTTPTransport(local_address=address)
+            with httpx.Client(base_url=base, transport=transport, follow_redirects=False) as client:
+                cookie = set_cookies(client, proxied)["rlhfkit_session"]
+                assert is_secure(cookie) == expected, (address, cookie)
+    finally:
+        server.kill()
+        server.wait(timeout=30)
+
+
 def test_labelling_flow_and_admin_page(project):
     db, base = project
     ann = login(base, "ann")

@@ -10,8 +10,14 @@ Security model:
   or not, or from one client address, further attempts get 429 with ``Retry-After`` and their password is
   not checked. A login clears its name's failures, not its address's. Failed and refused logins are logged
   (logger ``rlhfkit.feedback``) with name and address. The counts live in memory and are per process:
-  several workers each count their own, and a restart forgets them. Behind a reverse proxy the address is
-  the one uvicorn takes from ``X-Forwarded-For`` (it trusts that header only from the local host).
+  several workers each count their own, and a restart forgets them.
+* Behind a reverse proxy. ``X-Forwarded-For`` (the client's address) and ``X-Forwarded-Proto`` (http or
+  https) are read only from the addresses in ``forwarded_allow_ips`` (default: the local host), by uvicorn's
+  ``ProxyHeadersMiddleware`` inside the app, so the rule is the same under any server and in tests; from
+  anyone else they are ignored, or a client could pick its own address or claim TLS.
+* Cookies are ``Secure`` (sent by browsers only over HTTPS) with ``secure_cookies``, and on every request
+  that arrived over HTTPS: TLS served by uvicorn itself, or ``X-Forwarded-Proto: https`` from a trusted
+  proxy. Without the flag a plain-HTTP request (a development server) still gets a cookie that works.
 * CSRF. Every POST carries the session's CSRF token in a form field, compared in constant time; a POST
   whose ``Origin`` header names another host is refused too. SameSite=Strict already keeps the cookie off
   cross-site requests; the token also covers browsers and proxies that do not honour it. The login form,
@@ -42,6 +48,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.feedback import store
@@ -131,8 +138,11 @@ def create_app(
     login_failures: int = 10,
     login_window: float = 60.0,
     clock: Callable[[], float] = time.monotonic,
+    forwarded_allow_ips: str | list[str] = "127.0.0.1",
 ) -> FastAPI:
-    """The app over an existing project database. ``secure_cookies`` marks cookies HTTPS-only (behind TLS);
+    """The app over an existing project database. ``secure_cookies`` marks every cookie HTTPS-only (it is
+    already on a request that came over HTTPS); ``forwarded_allow_ips`` are the proxies whose
+    ``X-Forwarded-*`` headers count (comma-separated or a list, "*" for any; see the module docstring);
     ``login_failures`` failed logins within ``login_window`` seconds lock a name or address; ``clock`` is for
     tests."""
     if login_failures < 1 or login_window <= 0:
@@ -167,11 +177,20 @@ def create_app(
         response.headers["Content-Security-Policy"] = _CSP + f"; script-src 'nonce-{nonce}'"
         return response
 
+    def secure(request: Request) -> bool:
+        """Whether this request's cookies get the Secure flag: always with the flag, else over HTTPS."""
+        return secure_cookies or request.url.scheme == "https"
+
     def set_cookie(
-        response: Response, key: str, value: str, path: str = "/", max_age: int | None = None
+        response: Response,
+        request: Request,
+        key: str,
+        value: str,
+        path: str = "/",
+        max_age: int | None = None,
     ) -> None:
         response.set_cookie(
-            key, value, path=path, max_age=max_age, httponly=True, samesite="strict", secure=secure_cookies
+            key, value, path=path, max_age=max_age, httponly=True, samesite="strict", secure=secure(request)
         )
 
     # ------------------------------------------------------------------------------ middleware
@@ -228,7 +247,7 @@ def create_app(
     def login_page(request: Request) -> Response:
         token = new_token()
         response = render("login.html", request, login_csrf=token, title="Log in")
-        set_cookie(response, LOGIN_COOKIE, token, path="/login")
+        set_cookie(response, request, LOGIN_COOKIE, token, path="/login")
         return response
 
     @app.post("/login")
@@ -258,12 +277,12 @@ def create_app(
             log.warning("failed login for user %r from %s", key, address)  # %r: a name cannot forge log lines
             token = new_token()
             response = render("login.html", request, 401, login_csrf=token, error="Wrong name or password.")
-            set_cookie(response, LOGIN_COOKIE, token, path="/login")
+            set_cookie(response, request, LOGIN_COOKIE, token, path="/login")
             return response
         throttle.succeeded(key)
         response = RedirectResponse("/", status_code=303)
-        set_cookie(response, SESSION_COOKIE, session[0], max_age=store.SESSION_SECONDS)
-        response.delete_cookie(LOGIN_COOKIE, path="/login")
+        set_cookie(response, request, SESSION_COOKIE, session[0], max_age=store.SESSION_SECONDS)
+        response.delete_cookie(LOGIN_COOKIE, path="/login", secure=secure(request))
         return response
 
     @app.post("/logout")
@@ -271,7 +290,7 @@ def create_app(
         with db_conn() as conn:
             store.end_session(conn, request.cookies.get(SESSION_COOKIE, ""))
         response = RedirectResponse("/login", status_code=303)
-        response.delete_cookie(SESSION_COOKIE, path="/")
+        response.delete_cookie(SESSION_COOKIE, path="/", secure=secure(request))
         return response
 
     @app.get("/")
@@ -388,4 +407,6 @@ def create_app(
         disposition = f'attachment; filename="feedback-{fmt}.jsonl"'
         return Response(body, media_type="application/x-ndjson", headers={"Content-Disposition": disposition})
 
+    # outermost: the routes, the throttle and the cookies see the client and scheme a trusted proxy names
+    app.add_middleware(ProxyHeadersMiddleware, trusted_hosts=forwarded_allow_ips)
     return app

@@ -100,8 +100,20 @@ def serve(
         float, typer.Option(help="Give an unanswered item to others after this.")
     ] = 30.0,
     secure_cookies: Annotated[
-        bool, typer.Option(help="HTTPS-only cookies (when served behind TLS).")
+        bool,
+        typer.Option(
+            help="Mark every cookie Secure (sent over HTTPS only). Without it, a request that came over "
+            "HTTPS (X-Forwarded-Proto: https from a --forwarded-allow-ips proxy) still gets Secure cookies."
+        ),
     ] = False,
+    forwarded_allow_ips: Annotated[
+        str,
+        typer.Option(
+            envvar="FORWARDED_ALLOW_IPS",
+            help="Comma-separated addresses of the reverse proxies whose X-Forwarded-For and "
+            "X-Forwarded-Proto headers are trusted ('*' for any); from others they are ignored.",
+        ),
+    ] = "127.0.0.1",
     login_failures: Annotated[
         int, typer.Option(help="Failed logins per user name or address that lock it (429) for a while.")
     ] = 10,
@@ -126,10 +138,11 @@ def serve(
             conn.close()
         app = create_app(
             db, lease=lease_minutes * 60, secure_cookies=secure_cookies, login_failures=login_failures,
-            login_window=login_window,
+            login_window=login_window, forwarded_allow_ips=forwarded_allow_ips,
         )  # fmt: skip
         err.print(f"[bold]feedback[/]: serving {db} on http://{host}:{port}/ (Ctrl-C stops)")
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        # the app reads proxy headers itself (forwarded_allow_ips); uvicorn must not apply its own rule too
+        uvicorn.run(app, host=host, port=port, log_level="warning", proxy_headers=False)
 
     run_command(go)
 
