@@ -3,6 +3,10 @@ every command turns a user error into one line and exit code 2.
 
 Every module that prints goes through `console` (stderr, so stdout stays free for data, e.g. `rlhfkit
 score` without `--output`). Progress bars show only on a terminal; in logs and CI they are silent.
+
+A message (a note, a warning, an error) is one line in a log whatever its length: off a terminal Rich would
+wrap text at 80 columns (its width when it cannot ask a terminal), so a line-based reader (`grep`, a CI log
+viewer) would see half a message. On a terminal the window wraps it, as usual.
 """
 
 from __future__ import annotations
@@ -11,7 +15,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -20,7 +24,21 @@ from rlhfkit.errors import RlhfkitError
 
 T = TypeVar("T")
 
-console = Console(stderr=True)
+
+class MessageConsole(Console):
+    """A Rich console whose plain-text messages are never wrapped when it does not write to a terminal.
+
+    Only `print` calls made of strings change (soft wrap: no line breaks added, nothing cropped); tables
+    and other renderables keep Rich's layout, and an explicit `soft_wrap=` is respected.
+    """
+
+    def print(self, *objects: Any, soft_wrap: bool | None = None, **kwargs: Any) -> None:
+        if soft_wrap is None and all(isinstance(o, str) for o in objects) and not self.is_terminal:
+            soft_wrap = True
+        super().print(*objects, soft_wrap=soft_wrap, **kwargs)
+
+
+console = MessageConsole(stderr=True)
 
 
 def progress(enabled: bool = True) -> Progress:
