@@ -17,11 +17,11 @@ import math
 import sys
 from pathlib import Path
 
-TIMING = ("seconds", "per_s", "_s", "elapsed", "mfu")
-
 
 def is_timing(key: str) -> bool:
-    return any(part in key for part in TIMING)
+    """Keys that measure time or speed: seconds_*, step_seconds, *_per_s, *_s, elapsed, mfu."""
+    last = key.rsplit(".", 1)[-1]
+    return "seconds" in key or last.endswith("_s") or last in ("elapsed", "mfu")
 
 
 def flatten(value: object, prefix: str = "") -> dict[str, object]:

@@ -24,7 +24,7 @@ from rlhfkit.report import build_report
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 INJECTED = '<script>window.__pwned = 1; alert("x")</script><img src=x onerror="window.__pwned = 2">'
-PLOTS = {"rl_curves", "sft_loss", "rm_curves", "overoptimisation"}
+PLOTS = {"rl_curves", "rl_health", "sft_loss", "rm_curves", "overoptimisation"}
 IMG = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)" alt="([a-z_]+)">')
 
 
@@ -47,6 +47,8 @@ def synthetic_metrics(run: Path) -> None:
     write_jsonl(run / "sft" / "metrics.jsonl", sft)
     write_jsonl(run / "rm" / "metrics.jsonl", rm)
     write_jsonl(run / "rl" / "metrics.jsonl", rl)
+    health = {"config": {"action": "warn"}, "thresholds": {"kl": 10.0}, "events": {}}
+    (run / "rl" / "health.json").write_text(json.dumps(health))
     with open(run / "rl" / "metrics.jsonl", "a", encoding="utf-8") as fh:
         fh.write('{"step": 13, "split": "tr')  # a run killed mid-write: the partial line is skipped
     stages = {name: {"seconds": sec, "status": "done"} for name, sec in
@@ -86,7 +88,7 @@ def test_report_has_plots_table_and_escaped_text(run: Path, report: Path):
     page = report.read_text(encoding="utf-8")
     assert report == run / "report.html"
     images = IMG.findall(page)
-    assert {alt for _, alt in images} == PLOTS and len(images) == 4
+    assert {alt for _, alt in images} == PLOTS and len(images) == 5
     for data, alt in images:  # embedded PNG == the saved plots/NAME.png
         png = base64.b64decode(data)
         assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
@@ -119,7 +121,7 @@ def test_missing_parts_become_notes(tmp_path: Path):
     assert sorted(p.name for p in (run / "plots").iterdir()) == ["rl_curves.png"]
     for note in ("No eval/eval.json", "No pipeline.json", "SFT: no metrics", "Reward model: no metrics",
                  "RL metrics have no gold score", "Needs RL metrics with both kl and gold",
-                 "No eval/answers.jsonl"):  # fmt: skip
+                 "No eval/answers.jsonl", "No rl/health.json"):  # fmt: skip
         assert note in page, note
     empty = tmp_path / "empty"
     (empty / "eval").mkdir(parents=True)
@@ -149,7 +151,7 @@ def test_report_in_a_real_browser(report: Path, chromium):
         text = page.inner_text("body")
     finally:
         page.close()
-    assert {img["alt"] for img in images} == PLOTS and len(images) == 4  # the injected <img> is text
+    assert {img["alt"] for img in images} == PLOTS and len(images) == 5  # the injected <img> is text
     for img in images:
         assert img["complete"] and img["natural"] > 0, img
         assert img["width"] > 300 and img["height"] > 150, img
@@ -185,3 +187,30 @@ def test_cli_eval_and_report(run: Path, tmp_path: Path):
     result = CliRunner().invoke(app, ["report", "--run", str(tmp_path / "nope")])
     assert result.exit_code == 2 and "no such run directory" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_rl_health_section_says_what_fired_and_plots_the_thresholds(tmp_path: Path):
+    run = tmp_path / "run"
+    (run / "rl").mkdir(parents=True)
+    rows = [
+        {"step": s, "split": "train", "entropy": 4.0 / s, "kl": 2.0 * s, "repeat_share": 0.1,
+         "answer_length": 20.0, **({"health_kl": 1.0} if s >= 6 else {})}
+        for s in range(1, 9)
+    ]  # fmt: skip
+    write_jsonl(run / "rl" / "metrics.jsonl", rows)
+    event = {"first": 6, "last": 8, "count": 3, "text": "KL to the reference 12 nats exceeds <b>kl_max</b>"}
+    health = {
+        "config": {"action": "warn"},
+        "thresholds": {"kl": 10.0, "entropy": 0.8},
+        "events": {"kl": event},
+    }
+    (run / "rl" / "health.json").write_text(json.dumps(health))
+    page = build_report(run).read_text(encoding="utf-8")
+    assert (
+        "rl_health" in [alt for _, alt in IMG.findall(page)] and (run / "plots" / "rl_health.png").is_file()
+    )
+    assert "<b>kl</b> fired at iteration 6 and in 2 later iterations (last 8)" in page
+    assert "&lt;b&gt;kl_max&lt;/b&gt;" in page and "<b>kl_max</b>" not in page  # the text is escaped
+    health["events"] = {}
+    (run / "rl" / "health.json").write_text(json.dumps(health))
+    assert "No RL health check fired" in build_report(run).read_text(encoding="utf-8")

@@ -40,3 +40,7 @@ class NonFiniteRewardError(RlhfkitError):
 
 class SaveError(RlhfkitError):
     """Writing a checkpoint or a model failed (disk full, no permission): one line naming the path."""
+
+
+class HealthError(RlhfkitError):
+    """An RL health check stopped a run (`train.health.action=stop`); the last good checkpoint is kept."""

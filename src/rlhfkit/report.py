@@ -305,6 +305,55 @@ def answers_html(rows: Sequence[dict[str, Any]]) -> str:
     return "".join(parts)
 
 
+# ------------------------------------------------------------------------------------------ RL health
+HEALTH_PANELS = (  # (metric, title, thresholds in health.json drawn on it, check whose marks it shows)
+    ("entropy", "policy entropy", ("entropy",), "entropy"),
+    ("kl", "KL to reference (nats)", ("kl",), "kl"),
+    ("repeat_share", "share of looping samples", ("repeat_share",), "looping"),
+    ("answer_length", "answer length (tokens)", ("answer_length_low", "answer_length_high"), "length"),
+)
+
+
+def health_plot(rows: Sequence[dict[str, Any]], thresholds: dict[str, float]) -> bytes | None:
+    """The watched quantities over iterations, each with its threshold (dashed) and the iterations where
+    its check fired (red crosses); None when the run logged none of them."""
+    present = [p for p in HEALTH_PANELS if series(rows, p[0])[0]]
+    if not present:
+        return None
+    fig, axes = figure(len(present))
+    for ax, (key, title, limits, check) in zip(axes, present, strict=True):
+        _curve(ax, rows, key, title)
+        for limit in limits:
+            if _is_number(thresholds.get(limit)):
+                ax.axhline(thresholds[limit], color="#b42318", ls="--", lw=1.0)
+        marked = [(r["step"], r[key]) for r in rows if r.get(f"health_{check}") and _is_number(r.get(key))]
+        if marked:
+            ax.plot(*zip(*marked, strict=True), "x", color="#b42318", ms=7)
+    return png_bytes(fig)
+
+
+def health_html(rows: Sequence[dict[str, Any]], health: dict[str, Any] | None) -> tuple[str, bytes | None]:
+    """The RL health section: what fired, in words, and the plot (rlhfkit.health, OUTPUT/health.json)."""
+    if health is None:
+        return note_html("No rl/health.json in this run: the RL health checks did not run."), None
+    events = health.get("events", {})
+    action = health.get("config", {}).get("action", "warn")
+    if not events:
+        words = (
+            "<p>No RL health check fired: entropy, KL, looping, unfinished answers and length stayed within "
+        )
+        words += f"their thresholds (train.health, action {esc(action)}).</p>"
+    else:
+        lines = []
+        for name, e in events.items():
+            later = f" and in {e['count'] - 1} later iterations (last {e['last']})" if e["count"] > 1 else ""
+            what = f"fired at iteration {e['first']}{later}: {e['text']}"
+            lines.append(f"<li><b>{esc(name)}</b> {esc(what)}</li>")
+        items = "".join(lines)
+        words = f"<p class='note'>RL health checks fired (action {esc(action)}):</p><ul>{items}</ul>"
+    return words, health_plot(rows, health.get("thresholds", {}))
+
+
 # ------------------------------------------------------------------------------------------ the report
 def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write the HTML report of a run directory (default RUN/report.html) and RUN/plots/*.png; returns the
@@ -371,6 +420,18 @@ def build_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
         body.append(f"<h3>{esc(label)}</h3>" + figure_html(png, name, plots[name][1]))
         if name == "rl_curves" and not series(rl, "gold")[0]:
             body.append(note_html("RL metrics have no gold score: the gold curve is not shown."))
+
+    if rl:
+        body.append("<h3>RL health</h3>")
+        words, png = health_html(rl, _read_json(run / "rl" / "health.json"))
+        body.append(words)
+        if png is not None:
+            caption = (
+                "The quantities the RL health checks watch, per iteration; dashed: each check's threshold "
+                "(relative to the first iteration); crosses: iterations where the check fired."
+            )
+            plots["rl_health"] = (png, caption)
+            body.append(figure_html(png, "rl_health", caption))
 
     body.append("<h2>Over-optimisation (Gao et al. 2022)</h2>")
     png = overoptimisation_plot(rl, evaluation)

@@ -18,6 +18,7 @@ import torch
 
 from rlhfkit.config import setting
 from rlhfkit.device import cuda_rng_states, set_cuda_rng_states
+from rlhfkit.health import HealthConfig
 from rlhfkit.models import LoraSettings
 
 # What `--resume-with-changes` may change in a stopped run (config.accept_changes): how fast and how long
@@ -26,6 +27,7 @@ RESUMABLE = (
     "train.lr", "train.scheduler", "train.warmup_steps", "train.max_steps", "train.epochs",
     "train.max_grad_norm", "train.eval_every", "train.save_every", "train.keep_checkpoints",
     "train.log_every", "train.threads", "train.guard.", "train.device", "train.gradient_checkpointing",
+    "train.health.",
 )  # fmt: skip
 
 
@@ -95,6 +97,8 @@ class TrainConfig:
     """AdamW, or AdamW with 8-bit moments (bitsandbytes, CUDA only: about 3/4 less optimizer memory)."""
     guard: GuardConfig = field(default_factory=GuardConfig)
     """The divergence guard."""
+    health: HealthConfig = field(default_factory=HealthConfig)
+    """RL health checks (entropy collapse, KL blow-up, looping, reward hacking): `rlhfkit.health`."""
 
 
 @dataclass

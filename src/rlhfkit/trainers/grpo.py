@@ -259,7 +259,7 @@ class GRPOTrainer(RLTrainer):
         sums["entropy"] = losses.masked_mean(entropy, lmask) * count
         return loss * count, sums
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def iteration(self, step: int) -> dict[str, float]:
         """sample -> experience -> `num_iterations` passes over its micro-batches -> metrics."""
         samples = self.sample(self.batch_indices(step))
         experience, stats = self.make_experience(samples)

@@ -205,7 +205,7 @@ class PPOTrainer(RLTrainer):
         }
         return loss_sum, sums
 
-    def train_step(self, step: int) -> dict[str, float]:
+    def iteration(self, step: int) -> dict[str, float]:
         """sample -> experience -> `ppo_epochs` x shuffled minibatches, one optimizer step each -> metrics."""
         samples = self.sample(self.batch_indices(step))
         experience, stats = self.make_experience(samples)

@@ -30,11 +30,14 @@ import torch
 from rlhfkit import losses
 from rlhfkit.checkpoint import latest_checkpoint
 from rlhfkit.config import setting
+from rlhfkit.console import console
 from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
 from rlhfkit.device import resolve_runtime
 from rlhfkit.encoding import checked_prompt_ids, prompt_ids
-from rlhfkit.errors import NonFiniteRewardError
+from rlhfkit.errors import HealthError, NonFiniteRewardError
 from rlhfkit.experience import AnswerSampler, Sampler, Samples
+from rlhfkit.fileio import write_atomic
+from rlhfkit.health import HEALTH_FILE, HealthMonitor, repeat_share
 from rlhfkit.loop import TrainLoop
 from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
@@ -142,6 +145,7 @@ class RLTrainer(TrainLoop):
         self.reward = as_reward_mix(reward) if reward is not None else None
         self.rollout_engine = RolloutEngine(policy, tokenizer)
         self.sampler = self.make_sampler()
+        self.health = HealthMonitor(cfg.train.health)
         mode = cfg.old_logprobs
         exact = self.runtime.precision == "fp32" and self.runtime.device.type == "cpu"
         self.recompute_old = mode == "trainer" or (mode == "auto" and not exact)
@@ -168,10 +172,54 @@ class RLTrainer(TrainLoop):
         return self.cfg.max_steps
 
     def extra_state(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
+        return {"generator": self.generator.get_state(), "health": self.health.state_dict()}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        if "health" in state:  # checkpoints written before the health checks existed have none
+            self.health.load_state_dict(state["health"])
+
+    def iteration(self, step: int) -> dict[str, float]:
+        """One RL iteration: sample -> experience -> update(s) -> metrics (each trainer's own)."""
+        raise NotImplementedError
+
+    def train_step(self, step: int) -> dict[str, float]:
+        """An iteration, then the health checks on its metrics (`rlhfkit.health`)."""
+        metrics = self.iteration(step)
+        if self.cfg.health.enabled:
+            self.judge_health(metrics)
+        return metrics
+
+    def judge_health(self, metrics: dict[str, float]) -> None:
+        """Mark the checks that fire in `metrics`; warn once per check, or stop (`train.health.action`)."""
+        fired = self.health.check(metrics)
+        for name in fired:
+            metrics[f"health_{name}"] = 1.0
+        iteration = self.step + 1
+        stop = self.cfg.health.action == "stop" and bool(fired)
+        if self.world > 1:  # every process stops together (their samples, hence metrics, differ)
+            stop = self._reduce(float(stop)) > 0
+        if stop:
+            kept = latest_checkpoint(self.output_dir / "checkpoints")
+            if kept is None:
+                where = "no checkpoint was written yet; start again in a new --output with other settings"
+            else:
+                where = (
+                    f"the last good checkpoint is {kept}; continue from it with other settings: the same "
+                    "command with --resume-with-changes --set train.lr=... (or train.health.*)"
+                )
+            what = "; ".join(f"{name}: {text}" for name, text in fired.items()) or "another process's check"
+            raise HealthError(
+                f"RL health stopped the run at iteration {iteration}: {what}; this iteration was not saved "
+                f"and {where} (train.health.action=warn only warns)"
+            )
+        for name in self.health.record(iteration, fired):
+            if self.is_main:
+                console.print(
+                    f"[yellow]warning[/]: RL health ({name}) at iteration {iteration}: {fired[name]}"
+                )
+        if self.is_main:
+            write_atomic(self.output_dir / HEALTH_FILE, json.dumps(self.health.summary(), indent=1))
 
     def batch_indices(self, step: int) -> list[int]:
         """Prompt indices of iteration `step`, this process's share."""
@@ -202,11 +250,13 @@ class RLTrainer(TrainLoop):
         if self.rl.no_eos_score is not None:
             scores = torch.where(rollout.ended, scores, torch.full_like(scores, self.rl.no_eos_score))  # (B,)
         n_tokens = float(mask.sum())
+        h = self.cfg.health
         stats = {
             "score": float(raw.mean()),
             "score_used": float(scores.mean()),
             **gen.stats,
             "eos_rate": float(rollout.ended.float().mean()),
+            "repeat_share": repeat_share(rollout.completion_ids, mask, h.repeat_ngram, h.repeat_count),
             "rollout_tokens_per_s": n_tokens / max(t1 - t0, 1e-9),
             "seconds_rollout": t1 - t0,
         }
