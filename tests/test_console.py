@@ -40,3 +40,22 @@ def test_only_text_messages_skip_wrapping_and_a_terminal_still_wraps():
     terminal = io.StringIO()
     MessageConsole(file=terminal, width=40, force_terminal=True).print("note: " + "word " * 30)
     assert len(terminal.getvalue().splitlines()) > 1
+
+
+def test_quiet_transformers_silences_the_gguf_readers_plain_tqdm_bar(capfd):
+    """The one-off GGUF conversion drew "Converting and de-quantizing" with plain tqdm, which transformers'
+    own progress-bar switch does not reach; inside `quiet_transformers` it draws nothing, and after it the
+    module's tqdm is the original again."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    from rlhfkit.console import quiet_transformers
+
+    original = gguf_utils.tqdm
+    with quiet_transformers():
+        for _ in gguf_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+    assert "Converting" not in capfd.readouterr().err
+    assert gguf_utils.tqdm is original
+    for _ in gguf_utils.tqdm(range(3), desc="drawn again", mininterval=0):
+        pass
+    assert "drawn again" in capfd.readouterr().err

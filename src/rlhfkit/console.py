@@ -72,7 +72,9 @@ def quiet_transformers() -> Iterator[None]:
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:
-        yield
+        # the GGUF reader draws its bar with plain tqdm, which transformers' switch does not reach
+        with _tqdm_off("transformers.modeling_gguf_pytorch_utils"):
+            yield
     finally:
         logging.set_verbosity(verbosity)
         if bars:
@@ -93,3 +95,25 @@ def run_command(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt:
         console.print("interrupted; the last checkpoint is kept and the same command resumes from it")
         raise typer.Exit(code=130) from None
+
+
+@contextlib.contextmanager
+def _tqdm_off(module_name: str) -> Iterator[None]:
+    """`module_name`'s `tqdm` draws no bar while this runs (the module is left alone if it has none)."""
+    import functools
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        yield
+        return
+    original = getattr(module, "tqdm", None)
+    if original is None:
+        yield
+        return
+    module.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        module.tqdm = original

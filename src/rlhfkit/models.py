@@ -204,22 +204,22 @@ def _convert_gguf(gguf: Path, spec: EmbeddedModel, out: Path) -> None:
 
     kwargs = {"gguf_file": gguf.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
-    with quiet_transformers():
+    with quiet_transformers():  # no load reports, no GGUF or "Writing model shards" bars in the log
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
-    config_dict = loaded.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config_dict.pop("_name_or_path", None)
-    config = AutoConfig.for_model(**config_dict)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RlhfkitError(f"converting {gguf.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    set_pad_token(tokenizer, model, preferred=spec.pad_token)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
+        config_dict = loaded.config.to_dict()
+        config_dict.pop("quantization_config", None)
+        config_dict.pop("_name_or_path", None)
+        config = AutoConfig.for_model(**config_dict)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise RlhfkitError(f"converting {gguf.name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if config.tie_word_embeddings:
+            model.tie_weights()
+        set_pad_token(tokenizer, model, preferred=spec.pad_token)
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
 
 
 # ----------------------------------------------------------------------------------------------------
