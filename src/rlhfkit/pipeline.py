@@ -68,8 +68,8 @@ class FeedbackConfig:
     """Answers per prompt (the annotators rank all K; duplicates are dropped)."""
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.5))
     """How answers are sampled (`max_new_tokens`: set by the pipeline). T 0.5, as step C samples: at T 1.0
-    most answers are cut off at 64 tokens and only 97 of 550 ranked pairs compare two finished answers, so
-    the reward model learns little but "finish"; at T 0.5, 240 of 548 (bench/RESULTS.md, issue 20)."""
+    most answers are cut off, so few ranked pairs compare two finished answers and the reward model learns
+    little but "finish" (measured: bench/RESULTS.md)."""
     batch_size: int = setting(64, ge=1)
     """Rollouts per generation batch."""
     annotators: int = setting(4, ge=1)
@@ -93,8 +93,8 @@ class RLSection:
     """Step C: which algorithm, and its settings (policy, reward and output are set by the pipeline)."""
 
     algorithm: Literal["ppo", "grpo", "rloo"] = "grpo"
-    """Critic-free GRPO (default) or RLOO, or PPO with a value model. On the default data GRPO's policy won
-    66% against PPO's 60% with the same reward model (bench/RESULTS.md, issue 20)."""
+    """Critic-free GRPO (default) or RLOO, or PPO with a value model. GRPO is the default because its policy
+    wins more often with the same reward model on the bundled data (bench/RESULTS.md)."""
     ppo: PPOConfig = field(
         default_factory=lambda: PPOConfig(
             rollout_batch=16,
@@ -120,8 +120,8 @@ class RLSection:
         )
     )
     """GRPO / RLOO settings (`advantage` is set from `algorithm`). T 0.5 like the feedback answers, so the
-    reward model scores answers like the ones it learned from; lr 1e-5 (5e-6 hardly moves the policy in 12
-    steps: with the gold itself as the reward it reached a 64.5% win rate at KL 0.33)."""
+    reward model scores answers like the ones it learned from; lr 1e-5, because half of it hardly moves the
+    policy in 12 iterations and twice it makes some seeds loop (bench/RESULTS.md)."""
 
 
 @dataclass
@@ -152,10 +152,8 @@ class PipelineConfig:
             normalize="shift_scale", train=TrainConfig(lr=3e-5, batch_size=8, epochs=1.0, save_every=10)
         )
     )
-    """Step B settings (model, data, output: set by the pipeline). lr 3e-5: 96 rankings make only 12 steps;
-    at 1e-5 seed 2's reward model ordered pairs of finished answers no better than chance (50.1%; 61.4% at
-    3e-5, in the same time), and on seeds 0-2 and the second gold the 3e-5 model agrees with the gold more
-    often (bench/RESULTS.md, issue 20: the policy's win rate moved within its noise)."""
+    """Step B settings (model, data, output: set by the pipeline). lr 3e-5: 96 rankings make only 12 steps,
+    and at a third of it a reward model may still order finished answers at chance (bench/RESULTS.md)."""
     rl: RLSection = field(default_factory=RLSection)
     """Step C settings (policy, reward, gold, output, `sampling.max_new_tokens`: set by the pipeline)."""
     eval: EvalConfig = field(default_factory=lambda: EvalConfig(policy="", reference="", batch_size=32))

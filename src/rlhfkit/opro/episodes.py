@@ -1,4 +1,4 @@
-"""OPRO histories as RL data (issue 18, "beyond the paper"): every step's meta-prompt with each proposal
+"""OPRO histories as RL data (beyond the paper): every step's meta-prompt with each proposal
 the optimizer wrote and how much it improved on the best solution it was shown, and the reward that lets
 `rlhfkit grpo` train an optimizer on such meta-prompts.
 

@@ -19,7 +19,7 @@ One iteration (papers.md section 3):
     ("dr_grpo", Liu et al. 2025). `mask_truncated` removes answers that never reached EOS from the loss.
 With beta = 0 no reference model is loaded and no reference pass is run.
 
-Multi-turn (`env`, issue 17): the prompts are an environment's train tasks and a group is G episodes of one
+Multi-turn (`env`): the prompts are an environment's train tasks and a group is G episodes of one
 task (`agents.episode`: the model acts through tools over several turns); the reward is the episode's
 return. Advantages are as above, one per episode; the policy loss and the KL to the reference count only
 the model's own tokens (the loss mask), never the observations between its turns.
