@@ -93,7 +93,7 @@ class Experience:
 
     def select(self, rows: torch.Tensor, batch: SharedPromptBatch | None = None) -> Experience:
         """The experience of `rows` (B',); `batch` when the caller already has `self.batch.select(rows)`."""
-        tensors = {
+        tensors: dict[str, Any] = {
             f.name: value[rows]
             for f in dataclasses.fields(self)
             if isinstance(value := getattr(self, f.name), torch.Tensor)

@@ -33,7 +33,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import torch
 
@@ -90,7 +90,7 @@ def repeat_share(ids: torch.Tensor, mask: torch.Tensor, n: int, count: int) -> f
     return loops / max(len(ids), 1)
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
     return isinstance(value, int | float) and math.isfinite(value)
 
 

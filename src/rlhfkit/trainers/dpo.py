@@ -59,7 +59,6 @@ from rlhfkit.console import console, progress
 from rlhfkit.data import DATA_RENAMED, DataSettings
 from rlhfkit.device import resolve_runtime
 from rlhfkit.encoding import PreferenceExample, SequenceExample, load_preference_examples
-from rlhfkit.loop import TrainLoop
 from rlhfkit.losses import dpo_loss
 from rlhfkit.models import (
     DEFAULT_MODEL,
@@ -69,7 +68,8 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
-from rlhfkit.training import EpochStream, StageConfig, TrainConfig, set_seed
+from rlhfkit.trainers.base import SupervisedTrainer
+from rlhfkit.training import StageConfig, TrainConfig, set_seed
 
 CACHE_FILE = "reference_logprobs.safetensors"
 CACHE_VERSION = 1  # bump when the meaning of the cached numbers changes
@@ -205,7 +205,7 @@ def write_cache(path: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ trainer
-class DPOTrainer(TrainLoop):
+class DPOTrainer(SupervisedTrainer[DPOExample]):
     name = "dpo"
 
     def __init__(self, cfg: DPOConfig, train: list[DPOExample], evals: list[DPOExample]) -> None:
@@ -215,22 +215,9 @@ class DPOTrainer(TrainLoop):
             cfg.policy, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code, runtime=self.runtime,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
         )  # fmt: skip
-        super().__init__(cfg.train, model, cfg.output, cfg)
+        super().__init__(cfg, model, tokenizer, train, evals)
         self.dpo = cfg
-        self.tokenizer = tokenizer
-        self.train_examples = train
-        self.eval_examples = evals
-        self.stream = EpochStream([ex.length for ex in train], cfg.train.batch_size, cfg.train.seed,
-                                  cfg.data.group_window)  # fmt: skip
         self._tb = None  # `run` opens it after `prepare_output`, which already logs the reference pass
-
-    def total_steps(self) -> int:
-        if self.cfg.max_steps:
-            return self.cfg.max_steps
-        return max(1, math.ceil(self.cfg.epochs * len(self.train_examples) / self.cfg.batch_size))
-
-    def step_examples(self, step: int) -> list[DPOExample]:
-        return [self.train_examples[i] for i in self.stream.batch(step)]
 
     def example_length(self, example: DPOExample) -> int:
         return example.length
@@ -366,13 +353,11 @@ class DPOTrainer(TrainLoop):
         if not self.eval_examples:
             return {}
         totals: dict[str, float] = {}
-        ordered = sorted(self.eval_examples, key=lambda ex: ex.length)
-        size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
-        for start in range(0, len(ordered), size):
-            loss_sum, sums = self.forward(self.loss, self.collate(ordered[start : start + size]))
+        for _, batch in self.eval_batches():
+            loss_sum, sums = self.forward(self.loss, batch)
             for key, value in {"loss": loss_sum, **sums}.items():
                 totals[key] = totals.get(key, 0.0) + float(value)
-        return {key: value / len(ordered) for key, value in totals.items()}
+        return {key: value / len(self.eval_examples) for key, value in totals.items()}
 
     def save_final(self) -> None:
         save_model(self.model, self.tokenizer, self.output_dir, self.final_state())

@@ -124,7 +124,9 @@ class RLOOConfig(GRPOConfig):
 class GRPOTrainer(RLTrainer):
     name = "grpo"
 
-    def __init__(self, cfg: GRPOConfig, records: list[PromptRecord], reward: RewardMix | Scorer) -> None:
+    def __init__(
+        self, cfg: GRPOConfig, records: list[PromptRecord], reward: RewardMix | Scorer | None
+    ) -> None:
         if cfg.num_generations < 2:
             raise ConfigError(f"num_generations must be >= 2 for group baselines, got {cfg.num_generations}")
         if cfg.num_iterations < 1:
@@ -241,6 +243,7 @@ class GRPOTrainer(RLTrainer):
         cfg = self.grpo
         lmask = mb.completion_mask  # (B, T)
         logprobs, entropy = completion_logprobs(model, mb.batch, cfg.sampling.temperature)  # (B, T)
+        assert entropy is not None
         agg = AGGREGATION[cfg.loss_type]
         max_len = self.max_len
         pg, m = losses.policy_loss(

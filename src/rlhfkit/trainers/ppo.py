@@ -181,6 +181,7 @@ class PPOTrainer(RLTrainer):
             model.policy, mb.batch, self.ppo.sampling.temperature
         )  # (B, T)
         values = token_values(model.value, mb.batch)  # (B, T)
+        assert entropy is not None
         pg_loss, pg_metrics = losses.policy_loss(
             logprobs,
             mb.old_logprobs,

@@ -41,7 +41,6 @@ Shapes: N answers in a flat micro-batch, T tokens, C hidden size, P (better, wor
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -53,7 +52,6 @@ from rlhfkit.console import console
 from rlhfkit.data import DATA_RENAMED, DataSettings, load_sft, resolve_data_path
 from rlhfkit.device import resolve_runtime
 from rlhfkit.encoding import PreferenceExample, SequenceExample, encode_answer, load_preference_examples
-from rlhfkit.loop import TrainLoop
 from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
 from rlhfkit.models import (
     DEFAULT_MODEL,
@@ -64,7 +62,8 @@ from rlhfkit.models import (
 )
 from rlhfkit.prefix import SharedPromptBatch
 from rlhfkit.rewards import score_sequences, shared_sequence_rewards
-from rlhfkit.training import EpochStream, StageConfig, TrainConfig, set_seed
+from rlhfkit.trainers.base import SupervisedTrainer
+from rlhfkit.training import StageConfig, TrainConfig, set_seed
 
 SCORE_BATCH = 16  # sequences per forward pass when scoring without gradients (calibration)
 
@@ -147,7 +146,7 @@ def expected_calibration_error(rows: list[dict[str, Any]]) -> float:
 
 
 # ------------------------------------------------------------------------------------------ trainer
-class RMTrainer(TrainLoop):
+class RMTrainer(SupervisedTrainer[PreferenceExample]):
     name = "rm"
     supports_sharding = False  # the calibration pass after training runs on rank 0 alone
 
@@ -163,23 +162,10 @@ class RMTrainer(TrainLoop):
             cfg.model, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code,
             runtime=resolve_runtime(cfg.train), gradient_checkpointing=cfg.train.gradient_checkpointing,
         )  # fmt: skip
-        super().__init__(cfg.train, model, cfg.output, cfg)
+        super().__init__(cfg, model, tokenizer, train, evals)
         self.rm = cfg
-        self.tokenizer = tokenizer
-        self.train_examples = train
-        self.eval_examples = evals
         self.calibration = calibration
-        lengths = [ex.length for ex in train]
-        self.stream = EpochStream(lengths, cfg.train.batch_size, cfg.train.seed, cfg.data.group_window)
         self._calibration_rows: list[dict[str, Any]] = []
-
-    def total_steps(self) -> int:
-        if self.cfg.max_steps:
-            return self.cfg.max_steps
-        return max(1, math.ceil(self.cfg.epochs * len(self.train_examples) / self.cfg.batch_size))
-
-    def step_examples(self, step: int) -> list[PreferenceExample]:
-        return [self.train_examples[i] for i in self.stream.batch(step)]
 
     def example_length(self, example: PreferenceExample) -> int:
         return example.length
@@ -238,10 +224,8 @@ class RMTrainer(TrainLoop):
             return {}
         totals: dict[str, float] = {}
         diffs = []
-        ordered = sorted(self.eval_examples, key=lambda ex: ex.length)
-        size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
-        for start in range(0, len(ordered), size):
-            batch = self.to_device(self.collate(ordered[start : start + size]))
+        for _, collated in self.eval_batches():
+            batch = self.to_device(collated)
             with self.autocast():
                 rewards = shared_sequence_rewards(self.model, batch["batch"]).float()  # (N,)
             loss_sum, sums = self.pairwise(rewards, batch)
@@ -249,7 +233,7 @@ class RMTrainer(TrainLoop):
                 totals[key] = totals.get(key, 0.0) + float(value)
             diffs.append(rewards[batch["chosen_index"]] - rewards[batch["rejected_index"]])  # (P,)
         self._calibration_rows = calibration_table(torch.cat(diffs))
-        metrics = {key: value / len(ordered) for key, value in totals.items()}
+        metrics = {key: value / len(self.eval_examples) for key, value in totals.items()}
         metrics["ece"] = expected_calibration_error(self._calibration_rows)
         return metrics
 

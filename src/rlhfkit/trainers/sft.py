@@ -28,7 +28,6 @@ import torch
 from rlhfkit.data import DATA_RENAMED, DataSettings, SFTRecord, load_sft
 from rlhfkit.device import resolve_runtime
 from rlhfkit.encoding import SequenceExample, encode_answer, pad
-from rlhfkit.loop import TrainLoop
 from rlhfkit.losses import token_logprobs_entropy
 from rlhfkit.models import (
     DEFAULT_MODEL,
@@ -37,7 +36,8 @@ from rlhfkit.models import (
     load_tokenizer,
     save_model,
 )
-from rlhfkit.training import EpochStream, StageConfig, TrainConfig, set_seed
+from rlhfkit.trainers.base import SupervisedTrainer
+from rlhfkit.training import StageConfig, TrainConfig, set_seed
 
 
 @dataclass
@@ -67,7 +67,7 @@ def encode_sft(records: list[SFTRecord], tokenizer: Any, data: DataSettings) -> 
     return [ex for ex in examples if ex is not None]
 
 
-class SFTTrainer(TrainLoop):
+class SFTTrainer(SupervisedTrainer[SequenceExample]):
     name = "sft"
 
     def __init__(self, cfg: SFTConfig, train: list[SequenceExample], evals: list[SequenceExample]) -> None:
@@ -76,23 +76,9 @@ class SFTTrainer(TrainLoop):
             cfg.model, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code,
             runtime=resolve_runtime(cfg.train), gradient_checkpointing=cfg.train.gradient_checkpointing,
         )  # fmt: skip
-        super().__init__(cfg.train, model, cfg.output, cfg)
+        super().__init__(cfg, model, tokenizer, train, evals)
         self.uniform_loss = math.log(decoder_and_head(model)[1].weight.shape[0])  # ln V
         self.sft = cfg
-        self.tokenizer = tokenizer
-        self.train_examples = train
-        self.eval_examples = evals
-        self.stream = EpochStream(
-            [len(ex) for ex in train], cfg.train.batch_size, cfg.train.seed, cfg.data.group_window
-        )
-
-    def total_steps(self) -> int:
-        if self.cfg.max_steps:
-            return self.cfg.max_steps
-        return max(1, math.ceil(self.cfg.epochs * len(self.train_examples) / self.cfg.batch_size))
-
-    def step_examples(self, step: int) -> list[SequenceExample]:
-        return [self.train_examples[i] for i in self.stream.batch(step)]
 
     def example_length(self, example: SequenceExample) -> int:
         return len(example)
@@ -137,10 +123,7 @@ class SFTTrainer(TrainLoop):
         if not self.eval_examples:
             return {}
         loss_sum, correct, count = 0.0, 0.0, 0
-        ordered = sorted(self.eval_examples, key=len)
-        size = max(1, self.cfg.batch_size // max(self.cfg.grad_accum, 1))
-        for start in range(0, len(ordered), size):
-            batch = self.collate(ordered[start : start + size])
+        for _, batch in self.eval_batches():
             part, metrics = self.forward(self.loss, batch)
             loss_sum += float(part)
             correct += float(metrics["token_accuracy"])
