@@ -5,6 +5,7 @@ A checkpoint is a directory `checkpoints/step-00000042/` holding:
   state.safetensors    every other tensor of the training state (optimizer moments, RNG states, ...)
   state.json           everything else (step, scheduler, controller, RNG of Python/NumPy, ...), with
                        {"__tensor__": key} placeholders pointing into state.safetensors
+Rank 0 writes it; the RNG and trainer state of every process go in (`rank_state`).
 It is written into a temporary directory, every file and the directory are fsynced, and only then is it
 renamed into place: a rename is atomic, so a crash leaves either the old set of checkpoints or the new
 one, never a half-written checkpoint. Loading uses safetensors and json only (no pickle).
@@ -99,6 +100,26 @@ def write_checkpoint(
     for _, old in list_checkpoints(root)[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def gather_ranks(mine: Any, world: int) -> list[Any]:
+    """`mine` of every process, in rank order, on every process: a collective, each process calls it (small
+    objects: they are pickled, CPU tensors included)."""
+    if world == 1:
+        return [mine]
+    gathered: list[Any] = [None] * world
+    torch.distributed.all_gather_object(gathered, mine)
+    return gathered
+
+
+def rank_state(state: dict[str, Any], rank: int) -> dict[str, Any] | None:
+    """Process `rank`'s {"rng", "extra"} (RNG states, trainer state) in a checkpoint's training state: rank
+    0's at the top level, as a one-process run has them, the others' under "ranks" in rank order. None when
+    the checkpoint holds none for it (written by fewer processes, or before states were kept per rank)."""
+    if rank == 0:
+        return state
+    others = state.get("ranks") or []
+    return others[rank - 1] if rank <= len(others) else None
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -33,8 +33,10 @@ import torch
 
 from rlhfkit.checkpoint import (
     clean_partial,
+    gather_ranks,
     latest_checkpoint,
     list_checkpoints,
+    rank_state,
     read_checkpoint,
     write_checkpoint,
 )
@@ -202,9 +204,11 @@ class TrainLoop:
         return [self.collate([examples[i] for i in order[k * size : (k + 1) * size]]) for k in mine]
 
     def _reduce(self, value: float) -> float:
+        """The sum of `value` over the processes, reduced on the run's device: NCCL, the backend of every
+        GPU launch, all-reduces CUDA tensors only (gloo takes CPU ones: the CPU tests cannot tell)."""
         if self.world == 1:
             return value
-        tensor = torch.tensor([value], dtype=torch.float64)
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)  # (1,)
         return float(self.accelerator.reduce(tensor, reduction="sum").item())
 
     def optimize(self, batches: list[Batch], loss_fn: LossFn) -> dict[str, float]:
@@ -314,14 +318,17 @@ class TrainLoop:
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def save_checkpoint(self) -> None:
+        """Rank 0 writes it, with every rank's RNG and trainer state (`checkpoint.rank_state`): each process
+        draws from its own streams (seeded `seed + rank`, an RL trainer's sampling generator)."""
+        ranks = gather_ranks({"rng": rng_state(), "extra": self.extra_state()}, self.world)
         if self.is_main:
             state = {
                 "step": self.step,
                 "tokens_seen": self.tokens_seen,
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(),
-                "extra": self.extra_state(),
+                **ranks[0],
+                "ranks": ranks[1:],
             }
             root = self.output_dir / "checkpoints"
             write_checkpoint(root, self.step, self.trainable_state(), state, self.cfg.keep_checkpoints)
@@ -348,8 +355,14 @@ class TrainLoop:
         ):
             group["initial_lr"] = base
             group["lr"] = base * fn(self.scheduler.last_epoch)
-        set_rng_state(state["rng"])
-        self.load_extra_state(state["extra"])
+        own = rank_state(state, self.rank)
+        if own is None:  # written by fewer processes: fresh RNG streams, rank 0's trainer state
+            console.print(
+                f"[yellow]warning[/]: {path} holds no state of process {self.rank}; not an exact resume"
+            )
+            own = {"rng": rng_state(), "extra": state["extra"]}
+        set_rng_state(own["rng"])
+        self.load_extra_state(own["extra"])
         self.step = int(state["step"])
         self.tokens_seen = int(state["tokens_seen"])
 
