@@ -33,7 +33,10 @@ def test_sft_defaults_to_the_gpu_in_bf16_with_fp32_master_weights(
     trainer = SFTTrainer(cfg, *prepare_sft(cfg))
     assert trainer.device.type == "cuda" and trainer.runtime.precision == "bf16"
     assert trainer.accelerator.mixed_precision == "bf16"
-    assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+    if hasattr(torch.backends, "fp32_precision"):  # torch 2.9+: the new settings alone (device.enable_tf32)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+    else:
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
     assert {(p.device.type, p.dtype) for p in trainer.model.parameters()} == {("cuda", torch.float32)}
 
     seen = []

@@ -121,6 +121,29 @@ def test_runtime_on_the_cpu_leaves_matmul_precision_alone():
     assert torch.get_float32_matmul_precision() == before  # TF32 ("high") is for CUDA runs only
 
 
+def test_tf32_on_cuda_through_the_new_settings_only(machine, monkeypatch: pytest.MonkeyPatch):
+    """torch 2.9+ refuses to read a TF32 state set through a mix of `fp32_precision` (which transformers and
+    TRL use) and the legacy flags: a CUDA run sets the new ones alone, where torch has them."""
+    if not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip(f"torch {torch.__version__} has only the legacy TF32 flags")
+    machine(gpus=1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+
+    def legacy(*args: object) -> None:
+        raise AssertionError("a legacy TF32 flag was set")
+
+    monkeypatch.setattr(torch._C, "_set_cublas_allow_tf32", legacy)  # torch.backends.cuda.matmul.allow_tf32
+    monkeypatch.setattr(type(torch.backends.cudnn), "allow_tf32", property(lambda m: True, legacy))
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", legacy)
+    before = torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision
+    try:
+        assert dev.resolve_runtime(TrainConfig(device="cuda")).device == torch.device("cuda", 0)
+        assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+        assert torch.backends.cudnn.conv.fp32_precision == "tf32"
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
 def test_8bit_adamw_without_bitsandbytes_names_the_package(monkeypatch: pytest.MonkeyPatch):
     import builtins
 
@@ -422,6 +445,10 @@ def test_sharded_launches_refuse_what_they_cannot_do_and_configure_deepspeed(mon
     lora.lora.enabled = True
     with pytest.raises(ConfigError, match=r"^LoRA under DeepSpeed is not supported"):
         dev.check_sharded(fake_accelerator("DEEPSPEED"), TrainConfig(save_every=0), lora, True)
+    for kind, engine in (("FSDP", "FSDP2"), ("DEEPSPEED", "DeepSpeed")):  # bitsandbytes takes whole tensors
+        with pytest.raises(ConfigError, match=rf"^train.optimizer=adamw_8bit does not run under {engine} "):
+            dev.check_sharded(fake_accelerator(kind), TrainConfig(save_every=0, optimizer="adamw_8bit"),
+                              SFTConfig(), True)  # fmt: skip
     accelerator = fake_accelerator("DEEPSPEED", processes=2)
     cfg = TrainConfig(save_every=0, batch_size=16, grad_accum=2, max_grad_norm=0.5)
     assert dev.check_sharded(accelerator, cfg, SFTConfig(), True) is True

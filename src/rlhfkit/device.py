@@ -3,7 +3,7 @@
     resolve_device(cfg)            "auto" -> cuda:LOCAL_RANK (or cuda) when CUDA is present, then "mps",
                                    else "cpu"; an explicit device that is not there is a ConfigError
     resolve_precision(cfg, device) "auto" -> "bf16" on a CUDA GPU that supports it, else "fp32"
-    resolve_runtime(cfg)           both, as a `Runtime`; on CUDA it also turns TF32 matmuls on
+    resolve_runtime(cfg)           both, as a `Runtime`; on CUDA it also turns TF32 matmuls on (`enable_tf32`)
 
 Precision "bf16" is mixed precision, not a bf16 model: every trainable weight and the optimizer state stay
 float32 (the master weights), the forward runs under `torch.autocast(bfloat16)` (the loop's Accelerator,
@@ -135,10 +135,21 @@ def resolve_runtime(cfg: Any) -> Runtime:
     runtime = Runtime(device, resolve_precision(cfg, device))
     if device.type == "cuda":
         torch.cuda.set_device(device)  # accelerate's "cuda" (one process) is the current device
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.set_float32_matmul_precision("high")
+        enable_tf32()
     return runtime
+
+
+def enable_tf32() -> None:
+    """TF32 for float32 matmuls and convolutions on CUDA, through the `fp32_precision` settings where torch
+    has them (2.9+): torch refuses to read a TF32 state set through a mix of those and the legacy flags
+    (`allow_tf32`, `set_float32_matmul_precision`), and transformers and TRL use the new ones."""
+    if hasattr(torch.backends, "fp32_precision"):
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.set_float32_matmul_precision("high")
 
 
 def place_model(model: Any, runtime: Runtime | None = None, *, frozen: bool = False) -> Any:
@@ -258,6 +269,9 @@ def check_sharded(accelerator: Any, cfg: Any, run_config: Any, supported: bool) 
     if kind not in ("FSDP", "DEEPSPEED"):
         return False
     engine = "FSDP2" if kind == "FSDP" else "DeepSpeed"
+    if cfg.optimizer == "adamw_8bit":
+        raise ConfigError(f"train.optimizer=adamw_8bit does not run under {engine} (bitsandbytes' AdamW "
+                          "cannot take sharded parameters); use train.optimizer=adamw")  # fmt: skip
     if not supported:
         raise ConfigError(f"{type(run_config).__name__} cannot run under {engine} yet (the rollout engine "
                           "and the reward-model calibration need whole weights on every rank); launch it "
