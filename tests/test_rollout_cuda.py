@@ -4,6 +4,9 @@ selection; and, marked `cuda`, CUDA-graph capture on a real GPU."""
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
+
 import pytest
 import torch
 from transformers import (
@@ -76,6 +79,17 @@ def engine(model: torch.nn.Module, backend: str, eos: int = EOS) -> RolloutEngin
     return RolloutEngine(model, eos_token_ids=[eos], pad_token_id=PAD, backend=backend)
 
 
+def eos_ending_rows(completion_ids: torch.Tensor, rows: int = 2) -> int:
+    """A token that at least `rows` rows of a greedy rollout produce, but not every row, the earliest there
+    is: as the EOS, it ends those rows while others run on, so the batch compacts into a smaller bucket."""
+    for k in range(1, completion_ids.shape[1] + 1):
+        counts = Counter(tok for row in completion_ids[:, :k].tolist() for tok in set(row))
+        for token, n in counts.most_common():
+            if rows <= n < completion_ids.shape[0] and token not in (PAD, EOS):
+                return token
+    raise AssertionError(f"no token ends {rows} rows of {completion_ids.tolist()}")
+
+
 FAMILIES = ["llama", "qwen2", "qwen3"]
 
 
@@ -105,14 +119,14 @@ def test_logprobs_match_hf_forward_bf16(kind: str) -> None:
 
 
 def test_fp32_weights_under_bf16_autocast() -> None:
-    """A policy kept in float32 and run under bf16 autocast (mixed precision): the cache stays float32, the
-    projections come out bf16, and the log-probs match the trainer's forward under the same autocast."""
+    """A policy kept in float32 and run under bf16 autocast (mixed precision): the projections and the cache
+    are bf16, and the log-probs match the trainer's forward under the same autocast."""
     model = make("qwen2")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        r = engine(model, "cuda_static").generate(
-            PROMPTS, SamplingConfig(max_new_tokens=6), torch.Generator()
-        )
+        e = engine(model, "cuda_static")
+        r = e.generate(PROMPTS, SamplingConfig(max_new_tokens=6), torch.Generator())
         diff = (r.logprobs - hf_logprobs(model, r)).abs()
+    assert e._kept.k[0].dtype == torch.bfloat16
     assert diff.mean() < 0.01 and diff.max() < 0.1, (diff.mean(), diff.max())
 
 
@@ -290,11 +304,12 @@ def test_cuda_graph_buckets_after_rows_end() -> None:
 
     full = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
     ref = eager(VOCAB - 1).generate(PROMPTS, full)
-    eos = int(ref.completion_ids[0, 1])
+    eos = eos_ending_rows(ref.completion_ids)  # two rows or more end: 2 x 4 >= 5 rows, the batch compacts
     e = engine(model, None, eos=eos)
     r = e.generate(PROMPTS, SamplingConfig(max_new_tokens=12, temperature=0.0))
     want = eager(eos).generate(PROMPTS, SamplingConfig(max_new_tokens=12, temperature=0.0))
-    assert torch.equal(r.completion_ids, want.completion_ids) and r.ended[0]
+    assert torch.equal(r.completion_ids, want.completion_ids) and int(r.ended.sum()) >= 2
+    assert min(e._kept.runs) < e._kept.b_cap, e._kept.runs  # a smaller bucket's graph ran
     assert (r.logprobs - want.logprobs).abs().max() < 1e-3
     for i in range(len(PROMPTS)):
         n = int(r.lengths[i])
@@ -308,3 +323,53 @@ def test_cuda_graph_buckets_after_rows_end() -> None:
     r = e.generate(PROMPTS, SamplingConfig(max_new_tokens=8), torch.Generator().manual_seed(0))
     assert e._kept.captures == captures
     assert (r.logprobs - hf_logprobs(model, r)).abs().mean() < 0.05
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_cuda_rollout_needs_no_math_kernel(kind: str) -> None:
+    """Prefill and decode attend with a mask: only the memory-efficient kernel takes one, and only without
+    GQA. Allowed flash and memory-efficient alone, a rollout that needed the math kernel would fail here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    model = make(kind, torch.bfloat16).cuda()
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        r = engine(model, None).generate(PROMPTS, SamplingConfig(max_new_tokens=8), torch.Generator())
+    assert (r.logprobs - hf_logprobs(model, r)).abs().mean() < 0.05
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graphs_under_bf16_autocast_with_fp32_weights() -> None:
+    """The mixed-precision policy of a bf16 run (float32 master weights) sampled under the run's autocast:
+    graphs captured over a bf16 cache, log-probs near the trainer's forward under the same autocast."""
+    model = make("qwen2").cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        e = engine(model, None)
+        r = e.generate(PROMPTS, SamplingConfig(max_new_tokens=8), torch.Generator())
+        diff = (r.logprobs - hf_logprobs(model, r)).abs()
+    assert e._kept.graphs == "cuda" and e._kept.k[0].dtype == torch.bfloat16
+    assert diff.mean() < 0.05, diff.mean()
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_decode_waits_for_the_gpu_once_a_step() -> None:
+    """torch's sync debug mode warns at every call that waits for the GPU. Eight more steps may add eight
+    waits (which rows ended) when EOS stops rows, none when it does not."""
+    e = engine(make("qwen2", torch.bfloat16).cuda(), None, eos=VOCAB + 1)  # no row ends
+    e.generate(PROMPTS, SamplingConfig(max_new_tokens=16), torch.Generator())  # capture out of the count
+
+    def waits(t: int, stop: bool) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                e.generate(PROMPTS, SamplingConfig(max_new_tokens=t, stop_at_eos=stop), torch.Generator())
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    assert waits(16, True) - waits(8, True) <= 8
+    assert waits(16, False) - waits(8, False) == 0

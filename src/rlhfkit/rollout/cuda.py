@@ -8,14 +8,23 @@ H200 on a 135M model, mostly launch overhead). Capturing the whole decode step o
 removes that; graphs need fixed shapes and fixed addresses, hence the rest of the design:
 
 * The cache is allocated once, per layer ``(B_cap, Hk, S_cap, hd)``, and kept between rollouts while the
-  batch and length fit (S_cap rounded up to a multiple of 256), so a training run captures its graphs once.
+  batch and length fit (S_cap rounded up to a multiple of 256), so a training run captures its graphs once;
+  unless it holds more than `KEEP_FRACTION` of the GPU's memory: then ``release`` frees it after each rollout,
+  so that the update that follows has that memory (a 1.5B model at B 512 x S 1024 holds 15 GB in bf16).
+* The cache is in the dtype the rollout computes in: the parameters' dtype, or the autocast dtype when the
+  rollout runs under autocast (float32 master weights, bf16 compute: half the bytes every decode step reads,
+  and the rounding the trainer's forward under the same autocast applies to its keys and values).
 * Every decode step attends over all S_cap slots with a boolean key mask (the prompt's real tokens and the
   slots written so far): one shape for every step. Masked slots hold zeros or old values, never NaN.
 * The step's inputs (tokens, positions, the next slot) live in device buffers that the graph reads; the
   slot and positions advance inside the graph, so a replay needs no host value.
 * Graphs are captured per batch bucket (1, 2, 4, ... up to B_cap): when rows end and the engine drops them
   (``select``), the live rows are compacted into the first rows of the cache and the next smaller bucket
-  that holds them runs; the rows past the live ones are stale and never read.
+  that holds them runs; the rows past the live ones are stale and never read. Compaction copies only the
+  slots written so far, not the whole S_cap.
+* Prefill expands the keys and values to the query heads (transformers' ``repeat_kv``): with a mask, SDPA's
+  flash kernel refuses the mask and its memory-efficient kernel refuses GQA (``enable_gqa``), so SDPA would
+  fall back to its math kernel and materialise (B, H, P, P) scores (6.4 GB at B 512, 12 heads, P 512).
 * Graphs hold parameter addresses: they are recaptured when a parameter is replaced (not when an optimizer
   updates it in place) or a peft adapter is switched on or off.
 
@@ -26,9 +35,10 @@ Only attention and the cache are written here. On the CPU in float32 with graphs
 plain HF forward to ~1e-6 (tests/test_rollout_cuda.py); in bf16 within bf16 rounding.
 
 ``graphs`` (or ``$RLHFKIT_CUDA_GRAPHS``): "cuda" (default on a CUDA model) captures with
-``torch.cuda.graph``; "compile" uses ``torch.compile(mode="reduce-overhead")`` instead (inductor's fusion
-on top of its own graph trees; untested and unmeasured until bench/gpu/check.sh runs it as the variant
-``cuda_static:compile``); "off" runs eagerly (the CPU, and tests).
+``torch.cuda.graph``; "off" runs eagerly (the CPU, and tests). There is no ``torch.compile`` variant: its
+"reduce-overhead" mode skips CUDA graphs for functions that mutate their inputs in place (this cache, the
+slot and positions, unless each is marked a static address), and one compiled function per bucket passes
+dynamo's recompile limit (8) at B_cap 256, after which it runs eagerly, so it would measure neither.
 
 Not supported (``static_backend_supported`` says why; the engine then uses `HFStaticBackend`): other
 architectures, sliding-window attention, rope types whose frequencies depend on the length (dynamic,
@@ -40,6 +50,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections import Counter
 from typing import Any
 
 import torch
@@ -49,6 +60,7 @@ from rlhfkit.encoding import position_ids_from_mask
 
 SLOT_ROUND = 256  # S_cap is rounded up to this, so prompts of varying length reuse one cache and graphs
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # frequencies fixed at load time
+KEEP_FRACTION = 0.25  # the cache and graphs stay between rollouts while they hold at most this much GPU
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
@@ -91,6 +103,11 @@ def _adapter_key(model: torch.nn.Module) -> tuple:
     return flags, tuple(p.data_ptr() for p in model.parameters())
 
 
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of a CUDA device in bytes; None elsewhere (the CPU keeps its cache)."""
+    return torch.cuda.get_device_properties(device).total_memory if device.type == "cuda" else None
+
+
 def _buckets(cap: int) -> list[int]:
     """Batch sizes a graph is captured for: powers of two below `cap`, and `cap`."""
     return sorted({2**i for i in range(int(math.log2(cap)) + 1) if 2**i < cap} | {cap})
@@ -120,18 +137,20 @@ class StaticCacheBackend:
         graphs = graphs or os.environ.get("RLHFKIT_CUDA_GRAPHS") or None
         if graphs is None:
             graphs = "cuda" if self.device.type == "cuda" else "off"
-        if graphs not in ("cuda", "compile", "off"):
-            raise ValueError(f"graphs must be 'cuda', 'compile' or 'off', not {graphs!r}")
+        if graphs not in ("cuda", "off"):
+            raise ValueError(f"graphs must be 'cuda' or 'off', not {graphs!r}")
         if graphs == "cuda" and self.device.type != "cuda":
             raise ValueError("graphs='cuda' needs the model on a CUDA device; use graphs='off' on the CPU")
         self.graphs = graphs
         self.pad_to_bucket = graphs != "off" if pad_to_bucket is None else pad_to_bucket
         """Run a step on the smallest bucket that holds the rows (what graphs need; eager too, for tests)."""
         self.b_cap = self.s_cap = 0
+        self.cache_dtype = self.dtype
+        self.filled = 0  # cache slots written so far in this rollout (host-side: compaction copies these)
         self._graphs: dict[int, tuple[Any, torch.Tensor]] = {}  # bucket -> (graph, its logits output)
         self._key: tuple | None = None
-        self._compiled: Any = None
         self.captures = 0  # graphs captured so far (tests, bench)
+        self.runs: Counter[int] = Counter()  # decode steps run per bucket (tests, bench)
 
     # ------------------------------------------------------------------ the math
     def _layer(
@@ -160,11 +179,13 @@ class StaticCacheBackend:
         q, k = apply_rotary_pos_emb(q.transpose(1, 2), k.transpose(1, 2), cos, sin)  # (b, H|Hk, L, hd)
         kc, vc = self.k[i][:b], self.v[i][:b]  # (b, Hk, S_cap, hd) views of the static cache
         if slot is None:
-            kc[:, :, :n] = k.to(kc.dtype)  # (under autocast k is bf16, the cache the parameters' dtype)
+            kc[:, :, :n] = k.to(kc.dtype)
             vc[:, :, :n] = v.to(vc.dtype)
-            o = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, scale=attn.scaling, enable_gqa=q.shape[1] != k.shape[1]
-            )  # (b, H, L, hd)
+            # repeat_kv (see the module docstring): flash and memory-efficient kernels, not the math one
+            g = q.shape[1] // k.shape[1]
+            if g > 1:
+                k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)  # (b, H, L, hd)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scaling)  # (b, H, L, hd)
         else:
             kc.index_copy_(2, slot, k.to(kc.dtype))
             vc.index_copy_(2, slot, v.to(vc.dtype))
@@ -204,16 +225,17 @@ class StaticCacheBackend:
         key = _adapter_key(self.model)
         if key != self._key:
             self._graphs.clear()
-            self._compiled = None
             self._key = key
-        if b <= self.b_cap and s <= self.s_cap:
+        kind = self.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else self.dtype
+        if b <= self.b_cap and s <= self.s_cap and dtype == self.cache_dtype:
             return
         self.b_cap, self.s_cap = max(b, self.b_cap), SLOT_ROUND * math.ceil(max(s, self.s_cap) / SLOT_ROUND)
         self._graphs.clear()
-        self._compiled = None
         self.k = self.v = []  # free the old cache before allocating the new one
+        self.cache_dtype = dtype
         shape = (self.b_cap, self.n_kv, self.s_cap, self.head_dim)
-        new = dict(device=self.device, dtype=self.dtype)
+        new = dict(device=self.device, dtype=dtype)
         self.k = [torch.zeros(shape, **new) for _ in self.layers]  # layers x (B_cap, Hk, S_cap, hd)
         self.v = [torch.zeros(shape, **new) for _ in self.layers]
         self.valid = torch.zeros(self.b_cap, self.s_cap, dtype=torch.bool, device=self.device)
@@ -221,7 +243,9 @@ class StaticCacheBackend:
         self.pos = torch.zeros(self.b_cap, dtype=torch.long, device=self.device)
         self.slot = torch.zeros(1, dtype=torch.long, device=self.device)
         positions = torch.arange(self.s_cap, device=self.device)[None]  # (1, S_cap)
-        cos, sin = self.inner.rotary_emb(self.k[0], positions)  # (1, S_cap, hd) each, in the cache dtype
+        # in the parameters' dtype, as the model's forward has them (its rotary module reads x's dtype only)
+        like = torch.empty(0, device=self.device, dtype=self.dtype)
+        cos, sin = self.inner.rotary_emb(like, positions)  # (1, S_cap, hd) each
         self.cos, self.sin = cos[0], sin[0]  # (S_cap, hd)
 
     def _capture_all(self) -> None:
@@ -259,12 +283,10 @@ class StaticCacheBackend:
 
     def _run_decode(self, b: int) -> torch.Tensor:
         bucket = next(x for x in _buckets(self.b_cap) if x >= b) if self.pad_to_bucket else b
+        self.runs[bucket] += 1
+        self.filled += 1
         if self.graphs == "off":
             return self._decode(bucket)[:b]
-        if self.graphs == "compile":
-            if self._compiled is None:
-                self._compiled = torch.compile(self._decode, mode="reduce-overhead", dynamic=False)
-            return self._compiled(bucket)[:b].clone()
         graph, out = self._graphs[bucket]
         graph.replay()
         return out[:b].clone()  # (b, V): the output buffer is overwritten by the next replay
@@ -283,6 +305,7 @@ class StaticCacheBackend:
         self.valid.zero_()
         self.valid[:b, :p] = mask.bool()
         self.slot.fill_(p)
+        self.filled = p
         self.pos.zero_()
         self.pos[:b] = pos[:, -1] + 1
         self.b = b
@@ -299,18 +322,21 @@ class StaticCacheBackend:
         return self._logits(x[:, -1])  # (B, V)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Decode one step for tokens (b,), best on the device already (`generate` keeps them there): tokens
+        from the host would make each step wait for a copy."""
         b = tokens.shape[0]
-        self.tokens[:b] = tokens.to(self.device)
+        self.tokens[:b].copy_(tokens)
         return self._run_decode(b)  # (b, V)
 
     def select(self, keep: torch.Tensor) -> bool:
-        """Compact the rows ``keep`` into the first rows of the cache (the smaller bucket then runs)."""
+        """Compact the rows ``keep`` (ascending) into the first rows of the cache (the smaller bucket then
+        runs). Only the slots written so far are copied: the rest are never read before they are written."""
         keep = keep.to(self.device)
-        n = keep.shape[0]
+        n, s = keep.shape[0], self.filled
         for kc, vc in zip(self.k, self.v, strict=True):
-            kc[:n] = kc[keep]
-            vc[:n] = vc[keep]
-        self.valid[:n] = self.valid[keep]
+            kc[:n, :, :s] = kc[keep, :, :s]  # (n, Hk, s, hd)
+            vc[:n, :, :s] = vc[keep, :, :s]
+        self.valid[:n, :s] = self.valid[keep, :s]
         self.pos[:n] = self.pos[keep]
         return True
 
@@ -322,12 +348,21 @@ class StaticCacheBackend:
     def trim(self) -> None:
         pass
 
+    def held_bytes(self) -> int:
+        """Device memory the cache and the graphs' logits outputs hold (their activations come on top)."""
+        tensors = [*self.k, *self.v, *(out for _, out in self._graphs.values())]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def release(self) -> None:
-        """Keep the cache and graphs for the next rollout (a training run's shapes repeat); see `free`."""
+        """After a rollout: keep the cache and graphs for the next one (a training run's shapes repeat, and a
+        capture costs seconds), unless they hold more than `KEEP_FRACTION` of the GPU's memory, which the
+        update that follows then gets back (`free`)."""
+        total = _device_memory(self.device)
+        if total is not None and self.held_bytes() > KEEP_FRACTION * total:
+            self.free()
 
     def free(self) -> None:
         """Drop the cache and graphs (GPU memory back to the allocator); the next rollout rebuilds them."""
         self._graphs.clear()
-        self._compiled = None
         self.k = self.v = []
         self.b_cap = self.s_cap = 0

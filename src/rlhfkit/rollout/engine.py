@@ -23,10 +23,13 @@ Where this departs from ``model.generate`` and why:
   HF forward over a ``StaticCache`` for other models on a GPU (``hf_static``), and the generic path, the
   HF forward with a ``DynamicCache`` (any other model on the CPU). `RolloutEngine` picks one
   (``choose_backend``); ``backend=`` or the environment variable ``RLHFKIT_ROLLOUT_BACKEND`` forces one
-  (``cuda_static`` runs on the CPU too, graphs off: that is how its math is tested). Logits may live on the
-  model's device; the sampled tokens and the bookkeeping are on the CPU (one small copy a step).
+  (``cuda_static`` runs on the CPU too, graphs off: that is how its math is tested).
   Each has ``start`` / ``step`` / ``select``, and ``extend`` / ``trim`` / ``release`` for callers that keep
   a batch running while rows come and go (``rollout.continuous``, the server); ``generate`` uses neither.
+* On a GPU a decode step waits for the GPU once at most: a rollout's uniforms are drawn in one call and
+  copied once, the tokens, log-probs and masks are written into device buffers (copied back when the rollout
+  ends), and the one read-back of a step is which rows ended (none with ``stop_at_eos=False``). Each
+  blocking copy a step (a uniform in, the tokens and log-probs out) would leave the GPU idle meanwhile.
 """
 
 from __future__ import annotations
@@ -135,36 +138,49 @@ def _accepts(model: torch.nn.Module, name: str) -> bool:
         return False
 
 
-def _draw(weights: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_uniforms(
+    steps: int, rows: int, generator: torch.Generator | None, device: torch.device
+) -> torch.Tensor:
+    """(steps, rows) float32 uniforms in [0, 1) on `device`, in one draw and one copy.
+
+    Drawn where the generator lives (a CPU generator keeps a resume exact on any device). Row-major (step,
+    row): the numbers a draw of `rows` per step would give, while no row has left the batch."""
+    where = generator.device if generator is not None else device
+    u = torch.rand(steps, rows, generator=generator, device=where)  # (T, B)
+    if u.device != device:
+        u = (u.pin_memory() if device.type == "cuda" else u).to(device, non_blocking=True)
+    return u
+
+
+def _draw(
+    weights: torch.Tensor, generator: torch.Generator | None, uniform: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Inverse-CDF draw from unnormalised (b, n) weights; returns indices (b,) and row totals (b,).
 
     One uniform per row: ~20x cheaper than ``torch.multinomial`` (an exponential per vocab entry) here.
+    `uniform` (b,), on the weights' device, is used when given; else one is drawn from `generator`.
     """
     cdf = weights.cumsum(-1)  # (b, n)
     total = cdf[:, -1:]  # (b, 1)
-    # drawn where the generator lives (a CPU generator keeps a resume exact on any device), used on cdf's
-    u = (
-        torch.rand(
-            cdf.shape[0],
-            1,
-            generator=generator,
-            dtype=cdf.dtype,
-            device=generator.device if generator is not None else cdf.device,
-        ).to(cdf.device)
-        * total
-    )  # (b, 1)
+    if uniform is None:
+        uniform = draw_uniforms(1, cdf.shape[0], generator, cdf.device)[0]  # (b,)
+    u = uniform.to(cdf.dtype)[:, None] * total  # (b, 1)
     u = torch.minimum(u, torch.nextafter(total, torch.zeros_like(total)))  # < total even after rounding
     idx = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)  # (b, 1)
     return idx.squeeze(1), total.squeeze(1)
 
 
 def sample_tokens(
-    logits: torch.Tensor, config: SamplingConfig, generator: torch.Generator | None
+    logits: torch.Tensor,
+    config: SamplingConfig,
+    generator: torch.Generator | None,
+    uniform: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from (b, V) float logits; returns tokens (b,) and their log-probs (b,).
 
     Temperature, then top-k, then top-p (the smallest set with mass >= top_p, always the top token);
-    the log-prob is that of ``log_softmax(logits / temperature)`` before the truncation.
+    the log-prob is that of ``log_softmax(logits / temperature)`` before the truncation. `uniform` (b,): the
+    rows' uniforms, drawn beforehand on the logits' device (`draw_uniforms`); None: drawn from `generator`.
     """
     if config.temperature <= 0:
         tokens = logits.argmax(-1)  # (b,)
@@ -182,11 +198,11 @@ def sample_tokens(
             drop = (probs.cumsum(-1) - probs) >= config.top_p  # (b, k)
             drop[:, 0] = False
             probs = probs.masked_fill(drop, 0.0)
-        pick, _ = _draw(probs, generator)  # (b,)
+        pick, _ = _draw(probs, generator, uniform)  # (b,)
         tokens = cand_idx.gather(1, pick[:, None]).squeeze(1)  # (b,)
     else:
         peak = scaled.amax(-1, keepdim=True)  # (b, 1)
-        tokens, total = _draw(torch.exp(scaled - peak), generator)  # (b,), (b,)
+        tokens, total = _draw(torch.exp(scaled - peak), generator, uniform)  # (b,), (b,)
         logz = peak.squeeze(1) + total.log()  # (b,)
     return tokens, scaled.gather(1, tokens[:, None]).squeeze(1) - logz
 
@@ -425,44 +441,55 @@ class RolloutEngine:
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate needs at least one prompt and every prompt needs a token")
         ids, mask = left_pad(prompt_ids, self.pad_token_id)  # (B, P)
-        b, t = ids.shape[0], config.max_new_tokens
-        out_ids = torch.full((b, t), self.pad_token_id, dtype=torch.long)  # (B, T)
-        out_mask = torch.zeros((b, t), dtype=torch.long)  # (B, T)
-        out_lp = torch.zeros((b, t), dtype=torch.float32)  # (B, T)
-        ended = torch.zeros(b, dtype=torch.bool)  # (B,)
+        b, t, pad = ids.shape[0], config.max_new_tokens, self.pad_token_id
         if t == 0:
-            return Rollout(ids, mask, out_ids, out_mask, out_lp, ended)
-        eos = torch.tensor(self.eos_token_ids)
+            empty = torch.zeros((b, 0), dtype=torch.long)  # (B, 0)
+            return Rollout(ids, mask, empty, empty, empty.float(), torch.zeros(b, dtype=torch.bool))
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.inference_mode():
                 backend = self._generate_backend()
                 logits = backend.start(prompt_ids, ids, mask, t)  # (B, V)
-                rows = torch.arange(b)  # (b,) original row of each running row
-                done = torch.zeros(b, dtype=torch.bool)  # (b,) running rows that have ended
+                dev = logits.device  # every buffer of the loop lives there: no copy a step but one
+                greedy, compacts = config.temperature <= 0, True  # compacts: until a backend cannot
+                uniforms = None if greedy else draw_uniforms(t, b, generator, dev)  # (T, B)
+                eos = torch.tensor(self.eos_token_ids, device=dev)
+                out_ids = torch.full((b, t), pad, dtype=torch.long, device=dev)  # (B, T)
+                out_mask = torch.zeros((b, t), dtype=torch.long, device=dev)  # (B, T)
+                out_lp = torch.zeros((b, t), dtype=torch.float32, device=dev)  # (B, T)
+                ended = torch.zeros(b, dtype=torch.bool, device=dev)  # (B,)
+                rows = torch.arange(b, device=dev)  # (b,) original row of each running row
+                done = torch.zeros(b, dtype=torch.bool, device=dev)  # (b,) running rows that have ended
                 step = 0
                 for step in range(t):
-                    tokens, lp = sample_tokens(logits, config, generator)  # (b,), (b,)
-                    tokens, lp = tokens.cpu(), lp.cpu()  # bookkeeping on the CPU (no-op there)
-                    live = ~done
-                    out_ids[rows[live], step] = tokens[live]
-                    out_mask[rows[live], step] = 1
-                    out_lp[rows[live], step] = lp[live]
-                    hit_eos = torch.isin(tokens, eos) & live
-                    ended[rows[hit_eos]] = True
-                    if config.stop_at_eos:
-                        done |= hit_eos
-                    if step == t - 1 or bool(done.all()):
+                    u = None if uniforms is None else uniforms[step]  # (b,)
+                    tokens, lp = sample_tokens(logits, config, generator, u)  # (b,), (b,)
+                    live = ~done  # (b,)
+                    # equivalent to: out_ids[rows[live], step] = tokens[live] (and the same for mask, lp)
+                    out_ids[rows, step] = tokens.masked_fill(done, pad)
+                    out_mask[rows, step] = live.long()
+                    out_lp[rows, step] = lp.masked_fill(done, 0.0)
+                    hit_eos = torch.isin(tokens, eos) & live  # (b,)
+                    ended[rows] |= hit_eos
+                    if step == t - 1:
                         break
-                    if int(done.sum()) * 4 >= done.numel():  # drop ended rows once a quarter ended
-                        keep = (~done).nonzero().squeeze(1)  # (b',)
-                        if backend.select(keep):
-                            rows, done, tokens = rows[keep], done[keep], tokens[keep]
-                    logits = backend.step(tokens.masked_fill(done, self.pad_token_id))  # (b, V)
+                    if config.stop_at_eos:
+                        done = done | hit_eos
+                        flags = done.cpu()  # the step's one read-back: which rows ended
+                        if bool(flags.all()):
+                            break
+                        if compacts and int(flags.sum()) * 4 >= flags.numel():  # once a quarter ended
+                            keep = (~flags).nonzero().squeeze(1).to(dev)  # (b',) the rows that go on
+                            if compacts := backend.select(keep):
+                                rows, done, tokens = rows[keep], done[keep], tokens[keep]
+                                uniforms = None if uniforms is None else uniforms[:, keep]  # (T, b')
+                    logits = backend.step(tokens.masked_fill(done, pad))  # (b, V)
+                n = step + 1  # steps run: trim the columns no row reached
+                out = [x[:, :n].cpu() for x in (out_ids, out_mask, out_lp)]  # (B, n) each
+                ended = ended.cpu()
         finally:
             self.model.train(was_training)
             if self._kept is not None:
                 self._kept.release()
-        n = step + 1  # steps run: trim the columns no row reached
-        return Rollout(ids, mask, out_ids[:, :n], out_mask[:, :n], out_lp[:, :n], ended)
+        return Rollout(ids, mask, *out, ended)

@@ -53,12 +53,13 @@ class HFStaticBackend:
         self.mask = torch.cat([mask, mask.new_zeros(b, n_new)], dim=1)  # (B, P + T): slots written so far
         self.pos = position_ids_from_mask(mask)[:, -1:]  # (B, 1)
         self.cur = p
-        return self._forward(ids, position_ids_from_mask(mask), torch.arange(p, device=self.device))
+        self.slots = torch.arange(p + n_new, device=self.device)  # (P + T,) cache positions, sliced per step
+        return self._forward(ids, position_ids_from_mask(mask), self.slots[:p])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
         self.mask[:, self.cur] = 1
         self.pos = self.pos + 1
-        slot = torch.tensor([self.cur], device=self.device)
+        slot = self.slots[self.cur : self.cur + 1]  # (1,) a view: no host-to-device copy a step
         self.cur += 1
         return self._forward(tokens.to(self.device)[:, None], self.pos, slot)  # (B, V)
 
