@@ -11,7 +11,9 @@
 #   2. `pytest -m cuda` over tests/ (the CUDA tests; modules that cannot be imported there are reported,
 #      not fatal), into OUTDIR/pytest.log;
 #   3. bench/gpu/gpu_bench.py: rollout tokens/s and SFT / RM / DPO / GRPO step times against TRL for two
-#      random-weight model shapes, into OUTDIR/results.json and OUTDIR/results.md (see its docstring).
+#      random-weight model shapes, into OUTDIR/results.json and OUTDIR/results.md (see its docstring); with
+#      the peak GPU memory of every rollout variant and trainer (each stage's also in check.log), and the
+#      sampler/trainer log-prob mismatch the rlhfkit trainers log (bench/gpu/gpu_report.py).
 # GPU_CHECK_BUDGET (seconds, default 450) bounds the whole script; the bench skips the stages that would
 # pass it, saying so. Output files: results.json, results.md, pytest.log, check.log. GPU_BENCH_ARGS adds
 # options to the bench (`--dry-run`: the CPU rehearsal of the whole script, tiny model, ~1 min).

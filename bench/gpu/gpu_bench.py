@@ -15,11 +15,13 @@ only writes its error and the next one runs; a stage that would pass the deadlin
    the static CUDA-graph backend (`cuda_static`), the same without graphs, the HF StaticCache path
    (`hf_static`), the DynamicCache path (`generic`), and plain `model.generate` (what TRL's GRPO calls
    without vLLM). Plus the mismatch of the cuda_static rollout's log-probs against a bf16 HF forward of
-   the same tokens (`losses.logprob_mismatch`).
+   the same tokens (`losses.logprob_mismatch`). The peak GPU memory of each variant (reset before each).
 2. train/<shape>/<side>: SFT, RM, DPO, GRPO through the CPU bench's workers (bench/gpu/gpu_worker.py),
-   `--warmup` + `--steps` steps, medians; rlhfkit with train.device=cuda, train.precision=auto.
+   `--warmup` + `--steps` steps, medians; rlhfkit with train.device=cuda, train.precision=auto. The peak
+   GPU memory of each trainer, and the sampler/trainer mismatch the rlhfkit trainers log in metrics.jsonl.
 
-Writes OUTDIR/results.json (every stage's record or error, as it goes) and OUTDIR/results.md.
+Writes OUTDIR/results.json (every stage's record or error, as it goes) and OUTDIR/results.md
+(bench/gpu/gpu_report.py); check.log gets each stage's peak GPU memory as it ends.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
+sys.path.insert(0, str(HERE))
+from gpu_report import markdown, stage_peaks  # noqa: E402  (bench/gpu is not a package)
+
 SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(
         model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -145,7 +150,7 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         if name == "hf_generate":
             variants[name] = lambda: hf_generate(model, ids, mask, pad, t)
             continue
-        backend, _, graphs = name.partition(":")  # cuda_static:off / cuda_static:compile
+        backend, _, graphs = name.partition(":")  # cuda_static:off
         if graphs:
             os.environ["RLHFKIT_CUDA_GRAPHS"] = graphs
         engine = RolloutEngine(model, tok, backend=backend)
@@ -153,15 +158,23 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         gen = torch.Generator().manual_seed(0)
         variants[name] = lambda engine=engine, gen=gen: engine.generate(prompts, config, gen)
     results: dict[str, Any] = {}
+    cuda = args.device == "cuda"
     for name, fn in variants.items():
+        if cuda:  # each variant's own peak: the model's weights plus its cache, graphs and logits
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         try:
             seconds = timed(fn, args.repeats, sync)
             med = statistics.median(seconds)
             results[name] = {"seconds": seconds, "median_s": med, "tokens_per_s": b * t / med}
         except Exception as exc:  # one variant failing leaves the others' numbers
             results[name] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+        if cuda:
+            results[name]["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
         print(f"  {name}: {results[name]}", flush=True)
     record["variants"] = results
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     try:  # do the fast path's log-probs agree with the trainer's forward, on this GPU, in bf16?
         engine = RolloutEngine(model, tok)
         r = engine.generate(prompts, config, torch.Generator().manual_seed(1))
@@ -183,8 +196,8 @@ def run_generate(args: argparse.Namespace) -> dict[str, Any]:
         record["mismatch_vs_hf_forward"] = {k: float(v) for k, v in m.items()}
     except Exception as exc:
         record["mismatch_vs_hf_forward"] = {"error": f"{type(exc).__name__}: {exc}"[:500]}
-    if args.device == "cuda":
-        record["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
+    if cuda:
+        record["mismatch_gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
     return record
 
 
@@ -240,7 +253,8 @@ class Driver:
             record.setdefault("error", [f"exit {code}", *tail])
         record["stage_seconds"] = time.time() - t0
         stages[name] = record
-        print(f"{name}: {'FAILED ' if 'error' in record else ''}{time.time() - t0:.0f} s", flush=True)
+        print(f"{name}: {'FAILED ' if 'error' in record else ''}{time.time() - t0:.0f} s; peak GPU memory: "
+              f"{stage_peaks(record)}", flush=True)  # fmt: skip
         self.save()
 
     def run(self) -> None:
@@ -331,100 +345,6 @@ def pytest_summary(log: Path, rc: int | None) -> dict[str, Any]:
     }
 
 
-def last_line(error: Any) -> str:
-    """The line of an error (a traceback tail) that says what went wrong, short enough for a table cell."""
-    text = error[-1] if isinstance(error, list) and error else str(error)
-    return text.strip().replace("|", "/")[:150]
-
-
-def fmt(x: float | None, spec: str = ".3f") -> str:
-    return "" if x is None else format(x, spec)
-
-
-def markdown(res: dict[str, Any], a: argparse.Namespace) -> str:
-    env = res["environment"]
-    notes = [st.get("tokenizer") for n, st in res["stages"].items() if n.startswith("generate/")]
-    tokenizer = next((x for x in notes if x), "unknown")
-    lines = [
-        f"# rlhfkit on the GPU, side by side ({res['started']})",
-        "",
-        "```",
-        res.get("command") or " ".join(sys.argv),
-        "```",
-        f"{env.get('gpu', 'no GPU')}, torch {env['torch']} (CUDA {env.get('cuda')}), transformers "
-        f"{env.get('transformers')}, TRL {env.get('trl')}; random-weight models, tokenizer: {tokenizer}; "
-        f"inputs bench/gpu/data.",
-        "",
-    ]
-    if "pytest_cuda" in res:
-        p = res["pytest_cuda"]
-        lines += [
-            f"`pytest -m cuda`: exit {p['exit']}, {p['summary']}",
-            *(f"- {x}" for x in p["failures"]),
-            "",
-        ]
-    lines += [
-        f"## Rollout: {a.batch} prompts x {a.new_tokens} new tokens, T 1.0, no EOS stop, bf16 on a GPU "
-        f"(fp32 on the CPU), median of {a.repeats} warm runs",
-        "",
-        "| model | backend | s/rollout | tok/s | vs model.generate | abs Δ log p vs HF forward, mean / max |",
-        "|---|---|---|---|---|---|",
-    ]
-    for name, st in res["stages"].items():
-        if not name.startswith("generate/"):
-            continue
-        shape = name.split("/", 1)[1]
-        if "variants" not in st:
-            lines.append(f"| {shape} | failed: {last_line(st.get('error'))} | | | | |")
-            continue
-        base = st["variants"].get("hf_generate", {}).get("median_s")
-        mm = st.get("mismatch_vs_hf_forward", {})
-        for v, r in st["variants"].items():
-            if "median_s" not in r:
-                lines.append(f"| {shape} | {v} | failed: {last_line(r.get('error'))} | | | |")
-                continue
-            ratio = f"{base / r['median_s']:.2f}x" if base else ""
-            drift = ""
-            if v == st.get("auto_backend", "cuda_static") and "abs_diff_mean" in mm:
-                drift = f"{mm['abs_diff_mean']:.2e} / {mm['abs_diff_max']:.2e}"
-            lines.append(
-                f"| {shape} | {v} | {r['median_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratio} | {drift} |"
-            )
-    lines += [
-        "",
-        f"## Training steps: medians of {a.steps} steps after {a.warmup} warm-up (s/step); rlhfkit "
-        f"train.device={a.device}, train.precision={a.precision}; TRL 1.16 bf16 autocast over fp32 weights, "
-        "no vLLM",
-        "",
-        "| model | trainer | rlhfkit s/step | TRL s/step | TRL / rlhfkit | peak GPU GiB rlhfkit / TRL |",
-        "|---|---|---|---|---|---|",
-    ]
-    shapes = {n.split("/")[1] for n in res["stages"] if n.startswith("train/")}
-    for shape in sorted(shapes, key=a.shapes.split(",").index):
-        sides = {s: res["stages"].get(f"train/{shape}/{s}", {}) for s in ("rlhfkit", "trl")}
-        for trainer in a.trainers.split(","):
-            cells = []
-            for s in ("rlhfkit", "trl"):
-                r = sides[s].get(trainer) or {
-                    "error": sides[s].get(
-                        "error", res["stages"].get(f"train/{shape}", {}).get("error", "not run")
-                    )
-                }
-                cells.append(r)
-            med = [c.get("median_s") for c in cells]
-            text = [
-                fmt(m) if m is not None else "failed: " + last_line(c.get("error"))
-                for m, c in zip(med, cells, strict=True)
-            ]
-            ratio = f"{med[1] / med[0]:.2f}x" if None not in med and med[0] else ""
-            mem = " / ".join(
-                fmt(c.get("gpu_peak_bytes", 0) / 2**30, ".1f") if "gpu_peak_bytes" in c else "-"
-                for c in cells
-            )
-            lines.append(f"| {shape} | {trainer} | {text[0]} | {text[1]} | {ratio} | {mem} |")
-    return "\n".join(lines) + "\n"
-
-
 def parse() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="OUTDIR for results.json and results.md")
@@ -444,7 +364,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument(
         "--variants",
         default="cuda_static,cuda_static:off,hf_static,generic,hf_generate",
-        help="rollout variants: a backend name, ':off' / ':compile' for the graphs setting, or hf_generate",
+        help="rollout variants: a backend name, ':off' for the graphs off, or hf_generate",
     )
     ap.add_argument("--big-variants", default="cuda_static,hf_static,hf_generate", help="for the 1.5B shape")
     ap.add_argument("--data-dir", default=str(HERE / "data"))

@@ -13,9 +13,12 @@ and `bench/workers/trl_worker.py` (see their docstrings); this wrapper only move
 
 One process per side runs every trainer in turn (a python + torch + TRL start is ~10 s, a quarter of the
 check's budget); a trainer that fails writes its error and the next one runs. Each trainer's JSON gets the
-peak GPU memory of its run. Timing note: a step's seconds are the CPU's wall time between the loop's (or
-TRL's callback's) step boundaries; both sides read a loss or metric back every step, which waits for the
-GPU, so over consecutive steps the medians are GPU time too.
+peak GPU memory of its run (reset before it) and, on the rlhfkit side, the sampler/trainer mismatch its run
+logged in metrics.jsonl (`gpu_report.SAMPLER_KEYS`, one value per step, as "sampler_trainer").
+
+Timing note: a step's seconds are the CPU's wall time between the loop's (or TRL's callback's) step
+boundaries; both sides read a loss or metric back every step, which waits for the GPU, so over consecutive
+steps the medians are GPU time too.
 """
 
 from __future__ import annotations
@@ -28,11 +31,23 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import torch
 
 BENCH = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(BENCH), str(BENCH / "workers")]
+sys.path[:0] = [str(BENCH), str(BENCH / "workers"), str(BENCH / "gpu")]
+from gpu_report import SAMPLER_KEYS  # noqa: E402
+
+LOGGED: dict[str, list[float]] = {}
+"""`SAMPLER_KEYS` of the running rlhfkit trainer's metrics.jsonl, per step (read after every step: the run's
+directory is a temporary one, gone when the worker returns)."""
+
+
+def read_logged(metrics: Path) -> dict[str, list[float]]:
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+    rows = [r for r in rows if r.get("split") == "train"]
+    return {k: [r[k] for r in rows if k in r] for k in SAMPLER_KEYS if any(k in r for r in rows)}
 
 
 def patch_rlhfkit(device: str, precision: str) -> None:
@@ -50,6 +65,16 @@ def patch_rlhfkit(device: str, precision: str) -> None:
         return {**original(*args), **extra}
 
     rlhfkit_worker.train_base = train_base
+    for name, build in list(rlhfkit_worker.BUILDERS.items()):
+
+        def logged_build(args: Any, out: str, total: int, rec: Any, build: Any = build) -> Any:
+            trainer = build(args, out, total, rec)
+            trainer.callbacks.append(
+                lambda loop, metrics: LOGGED.update(read_logged(Path(out) / "metrics.jsonl"))
+            )
+            return trainer
+
+        rlhfkit_worker.BUILDERS[name] = logged_build
 
 
 def patch_trl(device: str, precision: str) -> None:
@@ -99,6 +124,7 @@ def main() -> None:
         ]
         if cuda:
             torch.cuda.reset_peak_memory_stats()
+        LOGGED.clear()
         t0 = time.perf_counter()
         print(f"== {args.side} {trainer}", flush=True)
         try:
@@ -111,6 +137,8 @@ def main() -> None:
             print("\n".join(tail), flush=True)
             record = {"error": tail}
         record["wall_seconds"] = time.perf_counter() - t0
+        if LOGGED:
+            record["sampler_trainer"] = dict(LOGGED)
         if cuda:
             torch.cuda.synchronize()
             record["gpu_peak_bytes"] = torch.cuda.max_memory_allocated()
