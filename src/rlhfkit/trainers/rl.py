@@ -237,7 +237,10 @@ class RLTrainer(TrainLoop):
         (episode returns) or the reward mixture; answers that never reach EOS may get `no_eos_score`."""
         rows = [i for i in indices for _ in range(self.group)]
         t0 = time.perf_counter()
-        gen = self.sampler(rows, self.generator)
+        # on a GPU the sampler runs in the run's precision (bf16 KV cache and graphs: half the bytes a token);
+        # the CPU samples in float32, where bf16 matmuls are far slower; `old_logprobs` corrects either
+        with self.autocast() if self.device.type == "cuda" else contextlib.nullcontext():
+            gen = self.sampler(rows, self.generator)
         rollout, mask = self.to_device(gen.rollout), self.to_device(gen.completion_mask)  # (B, T) each
         t1 = time.perf_counter()
         parts: dict[str, torch.Tensor] = {}
