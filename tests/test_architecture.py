@@ -88,3 +88,48 @@ def test_every_source_file_is_under_the_line_limit():
         if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES
     }
     assert not long, f"files over {MAX_LINES} lines: {long}"
+
+
+# ---- one loop: every optimizer step goes through guard.checked_update ---------------------------------
+OPTIMIZER_HOMES = {
+    "construct": {"rlhfkit.device"},  # make_optimizer: AdamW (fused) or bitsandbytes' 8-bit AdamW
+    "clip": {"rlhfkit.guard"},  # checked_update clips; the loop hands it accelerate's clip
+    "step": {"rlhfkit.training"},  # step_optimizer: step + version counters, called by checked_update
+}
+
+
+def optimizer_uses(source: str) -> set[str]:
+    """Which of "construct" (an optimizer class from some `optim` namespace called), "clip"
+    (`clip_grad_norm_` called) and "step" (`.step()` of something named opt... called) a source does."""
+    found = set()
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        func, owner = node.func, ast.unparse(node.func.value)
+        if owner.split(".")[-1] == "optim" and func.attr[:1].isupper():
+            found.add("construct")
+        if func.attr == "clip_grad_norm_":
+            found.add("clip")
+        if func.attr == "step" and owner.split(".")[-1].lower().startswith("opt"):
+            found.add("step")
+    return found
+
+
+def test_optimizers_are_made_clipped_and_stepped_in_one_place_each():
+    for path in PACKAGE.rglob("*.py"):
+        me = module_name(path)
+        for use in optimizer_uses(path.read_text(encoding="utf-8")):
+            assert me in OPTIMIZER_HOMES[use], (
+                f"{me} does '{use}' on an optimizer outside the loop's machinery"
+            )
+
+
+def test_the_optimizer_check_catches_a_planted_second_loop():
+    planted = "opt = torch.optim.SGD(params, lr=0.1)\nloss.backward()\nopt.step()\n"
+    assert optimizer_uses(planted) == {"construct", "step"}
+    second = "self.optimizer = AdamW(p)\ntorch.nn.utils.clip_grad_norm_(p, 1.0)\nself.optimizer.step()\n"
+    assert optimizer_uses(second) == {"clip", "step"}  # an imported AdamW is caught by its clip and step
+    assert (
+        optimizer_uses("make_optimizer(cfg, params, device)\nchecked_update(opt, params, 1.0, 1.0, 'x')")
+        == set()
+    )

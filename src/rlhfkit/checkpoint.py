@@ -136,3 +136,12 @@ def clean_partial(root: Path) -> None:
         for child in root.iterdir():
             if child.name.startswith(".tmp-step-"):
                 shutil.rmtree(child, ignore_errors=True)
+
+
+def set_aside(root: Path, first_bad: int) -> Path | None:
+    """Rename the checkpoints of step >= `first_bad` to `diverged-step-...` (kept for inspection, never
+    resumed from); returns the newest remaining one."""
+    for step, path in list_checkpoints(root):
+        if step >= first_bad:
+            path.rename(path.with_name(f"diverged-{path.name}"))
+    return latest_checkpoint(root)

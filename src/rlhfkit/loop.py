@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
-import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -35,18 +33,19 @@ from rlhfkit.checkpoint import (
     clean_partial,
     gather_ranks,
     latest_checkpoint,
-    list_checkpoints,
     rank_state,
     read_checkpoint,
+    set_aside,
     write_checkpoint,
 )
 from rlhfkit.config import claim_run_dir, validate
 from rlhfkit.console import console, progress
 from rlhfkit.device import check_sharded, make_accelerator, make_optimizer, resolve_runtime, to_device
-from rlhfkit.errors import ConfigError, DivergenceError, NonFiniteLossError, SaveError
-from rlhfkit.fileio import io_error_message
+from rlhfkit.errors import ConfigError, DivergenceError, SaveError
+from rlhfkit.fileio import io_error_message, write_atomic
+from rlhfkit.guard import DivergenceGuard, checked_update
 from rlhfkit.runtime import keep_freed_memory
-from rlhfkit.training import TrainConfig, lr_lambda, rng_state, set_rng_state, set_seed, step_optimizer
+from rlhfkit.training import TrainConfig, lr_lambda, rng_state, set_rng_state, set_seed
 
 Batch = Any
 """A micro-batch: a dict of tensors from `collate` (supervised trainers) or a typed batch such as RL's
@@ -115,8 +114,7 @@ class TrainLoop:
         self._scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
         self._scheduler_step: Callable[[], None] = lambda: None
         self._full_state: dict[str, torch.Tensor] | None = None
-        self._recent_losses: list[float] = []  # the guard's running window
-        self._zero_grad_since: int | None = None  # first step of the current run of zero gradient norms
+        self._guard: DivergenceGuard | None = None
 
     # ---- hooks for trainers ------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -238,62 +236,43 @@ class TrainLoop:
                 sums[key] += float(value)
             self.tokens_seen += int(batch_field(batch, "num_tokens"))
         loss_value = self._reduce(loss_total) / max(n_global, 1.0)
-        # accelerate's clip also gathers the norm of FSDP-sharded gradients; max_norm=inf only measures it
-        clip = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else math.inf
-        norm = self.accelerator.clip_grad_norm_(self.params, clip)  # DeepSpeed: its own (clipped, stepped)
-        grad_norm = math.nan if norm is None else float(norm)
-        if not (math.isfinite(loss_value) and (math.isfinite(grad_norm) or norm is None)):
-            self.optimizer.zero_grad(set_to_none=True)
-            kept = latest_checkpoint(self.output_dir / "checkpoints")
-            where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint was written yet"
-            raise NonFiniteLossError(
-                f"non-finite {'loss' if not math.isfinite(loss_value) else 'gradient norm'} at step "
-                f"{self.step + 1} (loss={loss_value}, grad_norm={grad_norm}); the update was not applied "
-                f"and {where}; lower train.lr or check the data"
-            )
-        self.check_divergence(loss_value, grad_norm)
         lr = self.optimizer.param_groups[0]["lr"]
-        # (sharded parameters are DTensors or DeepSpeed partitions: no rollout engine caches them)
-        step_optimizer(self.optimizer, [] if self.sharded else self.params)
+        # accelerate's clip also gathers the norm of FSDP-sharded gradients; DeepSpeed clips (and steps) in
+        # its engine and returns no norm. Sharded parameters (DTensors, partitions) feed no rollout cache.
+        grad_norm = checked_update(
+            self.optimizer, self.params, loss_value, self.cfg.max_grad_norm, f"at step {self.step + 1}",
+            clip=self.accelerator.clip_grad_norm_, before_step=self.check_divergence,
+            bump=[] if self.sharded else self.params, then=self._kept_note,
+        )  # fmt: skip
         self._scheduler_step()
-        self.optimizer.zero_grad(set_to_none=True)
         metrics = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr}
         for key, value in sums.items():
             metrics[key] = self._reduce(value) / max(n_global, 1.0)
         return metrics
 
-    def check_divergence(self, loss: float, grad_norm: float) -> None:
-        """The divergence guard (`train.guard`), before the update of step `self.step + 1` is applied.
+    def _kept_note(self) -> str:
+        kept = latest_checkpoint(self.output_dir / "checkpoints")
+        where = f"the last good checkpoint {kept} is kept" if kept else "no checkpoint was written yet"
+        return f" and {where}; lower train.lr or check the data"
 
-        Its loss comes from the weights after step `self.step`: when it spikes, those weights (and any
-        checkpoint of them) are the diverged ones. A run of zero gradient norms that started at step s
-        condemns the weights after step s - 1."""
-        guard = self.cfg.guard
-        if not guard.enabled:
-            return
-        step = self.step + 1
-        problem, first_bad = None, None
-        if self.positive_loss and self._recent_losses:
-            median = statistics.median(self._recent_losses)
-            if loss > guard.spike_factor * max(median, 1.0):
-                problem = (f"loss {loss:.4g} at step {step} is {loss / max(median, 1e-12):.3g}x the median "
-                           f"{median:.4g} of the steps before it")  # fmt: skip
-                first_bad = step - 1
-        if problem is None and self.watch_zero_gradients:
-            self._zero_grad_since = (self._zero_grad_since or step) if grad_norm == 0.0 else None
-            since = self._zero_grad_since
-            uniform = (
-                self.uniform_loss is not None and abs(loss - self.uniform_loss) < 1e-3 * self.uniform_loss
+    @property
+    def guard(self) -> DivergenceGuard:
+        """The divergence guard, made on first use (a trainer may set `uniform_loss` after `__init__`)."""
+        if self._guard is None:
+            self._guard = DivergenceGuard(
+                self.cfg.guard, self.positive_loss, self.watch_zero_gradients, self.uniform_loss
             )
-            if since is not None and (step - since + 1 >= guard.zero_grad_steps or uniform):
-                what = "the model predicts the uniform distribution and " if uniform else ""
-                problem = f"{what}the gradient norm has been 0 since step {since} (loss {loss:.4g})"
-                first_bad = since - 1
-        if problem is None:
-            self._recent_losses = [*self._recent_losses, loss][-guard.window :]
+        return self._guard
+
+    def check_divergence(self, loss: float, grad_norm: float) -> None:
+        """The divergence guard (`train.guard`, `guard.DivergenceGuard`) on step `self.step + 1`, before its
+        update is applied: on a spike or dead gradients, the checkpoints that hold the bad weights are set
+        aside and the run stops naming the last good one."""
+        found = self.guard.check(loss, grad_norm, self.step + 1)
+        if found is None:
             return
-        self.optimizer.zero_grad(set_to_none=True)
-        kept = self.set_aside_checkpoints(first_bad) if self.is_main else None
+        problem, first_bad = found
+        kept = set_aside(self.output_dir / "checkpoints", first_bad) if self.is_main else None
         if kept is not None:
             where = (f"the last good checkpoint is {kept}; resume from it with a lower learning rate: the "
                      "same command with --resume-with-changes --set train.lr=...")  # fmt: skip
@@ -303,15 +282,6 @@ class TrainLoop:
             f"training diverged: {problem}; the update was not applied and {where} "
             "(train.guard.enabled=false turns this check off)"
         )
-
-    def set_aside_checkpoints(self, first_bad: int) -> Path | None:
-        """Rename checkpoints of step >= first_bad to `diverged-step-...` (kept for inspection, never resumed
-        from); returns the newest remaining one."""
-        root = self.output_dir / "checkpoints"
-        for step, path in list_checkpoints(root):
-            if step >= first_bad:
-                path.rename(path.with_name(f"diverged-{path.name}"))
-        return latest_checkpoint(root)
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
@@ -386,9 +356,7 @@ class TrainLoop:
         kept = [
             ln for ln in path.read_text(encoding="utf-8").splitlines() if json.loads(ln)["step"] <= self.step
         ]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, "".join(ln + "\n" for ln in kept))
 
     # ---- run ---------------------------------------------------------------------------------------
     def prepare_output(self) -> bool:

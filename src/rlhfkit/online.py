@@ -15,9 +15,10 @@ Here, every iteration of GRPO / RLOO:
  2. a labeler ranks each group: a panel of simulated annotators over `labeler`, a `module:function`
     (prompt, answer) -> float (the pipeline's gold, an LLM judge, ...), each annotator swapping adjacent
     answers of its ranking with `flip_prob` (`rlhfkit.judge`, as in the pipeline's feedback stage);
- 3. before the policy's update the reward model takes one AdamW step (its own optimizer, `lr`, gradient
-    norm clipped to 1) on the Bradley-Terry loss of those rankings, every group weighted 1 (all its
-    comparable pairs, each 1 / n_pairs, as `rlhfkit rm` weighs a prompt).
+ 3. before the policy's update the reward model takes one AdamW step on the Bradley-Terry loss of those
+    rankings, every group weighted 1 (all its comparable pairs, each 1 / n_pairs, as `rlhfkit rm` weighs a
+    prompt): its own optimizer (`device.make_optimizer`, at `lr`), stepped through `guard.checked_update`
+    as every step of the project (gradient norm clipped to 1, non-finite losses refused).
 So iteration t's rewards come from the reward model that learned from iterations < t; the policy still
 sees nothing but the reward model. People cannot rank within a 20-second iteration: with people, collect
 feedback on the policy's answers between runs (`rlhfkit feedback`) and train the reward model again.
@@ -44,13 +45,14 @@ from typing import Any
 import torch
 
 from rlhfkit.config import setting
-from rlhfkit.device import Runtime
-from rlhfkit.errors import NonFiniteLossError
+from rlhfkit.device import Runtime, make_optimizer
+from rlhfkit.guard import checked_update
 from rlhfkit.judge import Annotator, gold_ranks, load_gold
 from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
 from rlhfkit.models import build_reward_model, check_reward_model, normalization, save_model
 from rlhfkit.prefix import SharedPromptBatch
 from rlhfkit.rewards import RewardComponent, shared_sequence_rewards
+from rlhfkit.training import TrainConfig
 
 MAX_GRAD_NORM = 1.0
 
@@ -94,8 +96,8 @@ class OnlineRewardModel:
         )
         self.shift, self.scale = normalization(self.model.config)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        fused = self.params[0].device.type in ("cpu", "cuda")  # one kernel for all parameters (device.py)
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=0.0, fused=fused)
+        # the project's AdamW (device.make_optimizer), with this update's own learning rate, no decay
+        self.optimizer = make_optimizer(TrainConfig(lr=cfg.lr), self.params, self.params[0].device)
         self._kept: tuple[list[list[int]], torch.Tensor] | None = None  # see score_batch
 
     # -- scoring, as `rewards.rollout_scorer` does for a frozen reward model
@@ -198,14 +200,11 @@ class OnlineRewardModel:
                 part = loss * float(w.sum()) / n_groups  # this pass's share of the mean over groups
                 part.backward()
                 loss_total += float(part.detach())
-        norm = torch.nn.utils.clip_grad_norm_(self.params, MAX_GRAD_NORM)
-        if not (math.isfinite(loss_total) and math.isfinite(float(norm))):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise NonFiniteLossError(
-                f"online reward model: non-finite loss or gradient at iteration {step + 1}; not applied"
-            )
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # the loop's clip / non-finite guard / step (guard.checked_update), on this model's optimizer
+        norm = checked_update(
+            self.optimizer, self.params, loss_total, MAX_GRAD_NORM,
+            f"in the online reward model's update at iteration {step + 1}",
+        )  # fmt: skip
         self.model.eval()
 
         def accuracy(p: Any) -> float:
@@ -216,7 +215,7 @@ class OnlineRewardModel:
             rm_online_loss=loss_total,
             rm_online_accuracy=accuracy(pairs),
             rm_online_label_accuracy=accuracy(true_pairs),
-            rm_online_grad_norm=float(norm),
+            rm_online_grad_norm=norm,
         )
         return stats
 

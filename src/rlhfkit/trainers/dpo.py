@@ -44,7 +44,6 @@ import gc
 import hashlib
 import json
 import math
-import os
 import time
 from array import array
 from collections.abc import Iterator
@@ -59,6 +58,7 @@ from rlhfkit.console import console, progress
 from rlhfkit.data import DATA_RENAMED, DataSettings
 from rlhfkit.device import resolve_runtime
 from rlhfkit.encoding import PreferenceExample, SequenceExample, load_preference_examples
+from rlhfkit.fileio import write_atomic
 from rlhfkit.losses import dpo_loss
 from rlhfkit.models import (
     DEFAULT_MODEL,
@@ -194,14 +194,10 @@ def read_cache(path: Path, key: str) -> dict[str, torch.Tensor] | None:
 
 
 def write_cache(path: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
-    """Write atomically (temp file, fsync, rename): a crash never leaves a half-written cache."""
-    from safetensors.torch import save_file
+    """Write atomically (`fileio.write_atomic`): a crash never leaves a half-written cache."""
+    from safetensors.torch import save
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key})
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata={"key": key}))
 
 
 # ------------------------------------------------------------------------------------------ trainer
