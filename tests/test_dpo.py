@@ -65,12 +65,12 @@ def test_pair_loss_is_the_hand_computed_value(tiny_model: Path, tmp_path: Path):
     assert float(sums["reward_rejected"]) == pytest.approx(-0.1, abs=1e-6)  # 0.1 * (-3 + 2) + 0
 
     # cDPO, eps = 0.1: 0.9 log(1 + e^-0.3) + 0.1 log(1 + e^0.3) + log 2 = 0.49891972 + 0.08543552 + 0.69314718
-    trainer.dpo.label_smoothing = 0.1
+    trainer.stage.label_smoothing = 0.1
     assert float(trainer.pair_loss(logprobs, batch)[0]) == pytest.approx(1.27750242, abs=1e-6)
 
     # IPO on mean log-probs: policy [-1, -2, -3, -2], reference [-2, -2, -2, -2] -> h1 = 1 + 1 = 2, h2 = 0;
     # (2 - 1 / (2 * 0.1))^2 + (0 - 5)^2 = 9 + 25 = 34 (summed log-probs would give h1 = 3: 4 + 25 = 29)
-    trainer.dpo.label_smoothing, trainer.dpo.loss_type = 0.0, "ipo"
+    trainer.stage.label_smoothing, trainer.stage.loss_type = 0.0, "ipo"
     assert float(trainer.pair_loss(logprobs, batch)[0]) == pytest.approx(34.0, abs=1e-5)
 
 

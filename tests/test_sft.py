@@ -68,7 +68,7 @@ def test_completion_only_loss_ignores_prompt_tokens(tiny_model: Path, memory_dat
     expected = sum(len(ex) - ex.answer_start for ex in train[:2])
     assert batch["num_items"] == expected
     full = sft_config(tiny_model, memory_data, tmp_path / "b", "completion_only_loss=false")
-    trainer.sft = full
+    trainer.stage = full
     assert trainer.collate(train[:2])["num_items"] == sum(len(ex) - 1 for ex in train[:2])
 
 

@@ -66,7 +66,10 @@ class _Forward(torch.nn.Module):
 
 
 class TrainLoop:
-    """Base class of every trainer; see the module docstring."""
+    """Base class of every trainer; see the module docstring. `self.stage` is the stage's whole config (an
+    SFTConfig, a GRPOConfig, ...; a trainer narrows its type), `self.cfg` its `train` section."""
+
+    stage: Any
 
     name = "train"
     positive_loss = True
@@ -85,7 +88,7 @@ class TrainLoop:
         self.cfg = cfg
         self.model = model
         self.output_dir = Path(output_dir)
-        self.run_config = run_config
+        self.stage = run_config
         self.runtime = resolve_runtime(cfg)  # the trainer placed its models with the same (device.py)
         self.accelerator = make_accelerator(self.runtime)
         self.device = self.accelerator.device
@@ -361,7 +364,7 @@ class TrainLoop:
     # ---- run ---------------------------------------------------------------------------------------
     def prepare_output(self) -> bool:
         """Create the output directory (or check it belongs to this run). False when already finished."""
-        claim_run_dir(self.run_config, self.output_dir, write=self.is_main)
+        claim_run_dir(self.stage, self.output_dir, write=self.is_main)
         self.accelerator.wait_for_everyone()
         state = self.output_dir / "trainer_state.json"
         return not (state.is_file() and json.loads(state.read_text(encoding="utf-8")).get("finished"))

@@ -203,6 +203,7 @@ def write_cache(path: Path, key: str, tensors: dict[str, torch.Tensor]) -> None:
 # ------------------------------------------------------------------------------------------ trainer
 class DPOTrainer(SupervisedTrainer[DPOExample]):
     name = "dpo"
+    stage: DPOConfig
 
     def __init__(self, cfg: DPOConfig, train: list[DPOExample], evals: list[DPOExample]) -> None:
         set_seed(cfg.train.seed)
@@ -212,7 +213,6 @@ class DPOTrainer(SupervisedTrainer[DPOExample]):
             gradient_checkpointing=cfg.train.gradient_checkpointing,
         )  # fmt: skip
         super().__init__(cfg, model, tokenizer, train, evals)
-        self.dpo = cfg
         self._tb = None  # `run` opens it after `prepare_output`, which already logs the reference pass
 
     def example_length(self, example: DPOExample) -> int:
@@ -231,7 +231,7 @@ class DPOTrainer(SupervisedTrainer[DPOExample]):
         """Fill in `ref_chosen` / `ref_rejected` of every train and eval pair (cached, or one pass)."""
         t0 = time.perf_counter()
         splits = {"train": self.train_examples, "eval": self.eval_examples}
-        reference = model_fingerprint(self.dpo.reference or self.dpo.policy)
+        reference = model_fingerprint(self.stage.reference or self.stage.policy)
         key = cache_key(reference, splits, self.reference_dtype())
         path = self.output_dir / CACHE_FILE
         cached = read_cache(path, key)
@@ -263,13 +263,13 @@ class DPOTrainer(SupervisedTrainer[DPOExample]):
     def reference_model(self) -> Iterator[Any]:
         """The frozen reference: the policy with LoRA adapters disabled, or a model loaded for the pass
         (freed when the pass ends)."""
-        own = self.dpo.reference in (None, self.dpo.policy)
-        if self.dpo.lora.enabled and own:
+        own = self.stage.reference in (None, self.stage.policy)
+        if self.stage.lora.enabled and own:
             with self.model.disable_adapter():
                 yield self.model
             return
         reference, _ = load_causal_lm(
-            self.dpo.reference or self.dpo.policy, trust_remote_code=self.dpo.trust_remote_code,
+            self.stage.reference or self.stage.policy, trust_remote_code=self.stage.trust_remote_code,
             runtime=self.runtime, frozen=True,
         )  # fmt: skip
         try:
@@ -320,14 +320,14 @@ class DPOTrainer(SupervisedTrainer[DPOExample]):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """(sum over pairs of the DPO/IPO loss, metric sums) from the policy's summed log-probs (S,)."""
         ref_logprobs = batch["ref_logprobs"]  # (S,)
-        if self.dpo.loss_type == "ipo":  # mean log-prob per answer token, for the policy and the reference
+        if self.stage.loss_type == "ipo":  # mean log-prob per answer token, for the policy and the reference
             logprobs = logprobs / batch["answer_tokens"]  # (S,)
             ref_logprobs = ref_logprobs / batch["answer_tokens"]  # (S,)
         chosen, rejected = logprobs.chunk(2)  # (B,), (B,)
         ref_chosen, ref_rejected = ref_logprobs.chunk(2)  # (B,), (B,)
         mean, metrics = dpo_loss(
-            chosen, rejected, ref_chosen, ref_rejected, beta=self.dpo.beta,
-            loss_type=self.dpo.loss_type, label_smoothing=self.dpo.label_smoothing,
+            chosen, rejected, ref_chosen, ref_rejected, beta=self.stage.beta,
+            loss_type=self.stage.loss_type, label_smoothing=self.stage.label_smoothing,
         )  # fmt: skip
         n = batch["num_items"]
         sums = {

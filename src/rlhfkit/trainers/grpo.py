@@ -123,6 +123,7 @@ class RLOOConfig(GRPOConfig):
 
 class GRPOTrainer(RLTrainer):
     name = "grpo"
+    stage: GRPOConfig
 
     def __init__(
         self, cfg: GRPOConfig, records: list[PromptRecord], reward: RewardMix | Scorer | None
@@ -139,7 +140,7 @@ class GRPOTrainer(RLTrainer):
             )
         if reward is None and not cfg.env and not cfg.online_feedback.labeler:
             raise ConfigError("RL needs a reward: --reward DIR, --reward-fn module:function or --env ENV")
-        self.grpo = cfg
+        self.stage = cfg
         self.group = cfg.num_generations
         self.name = cfg.advantage
         self.online = None
@@ -174,14 +175,14 @@ class GRPOTrainer(RLTrainer):
         self.kl_in_reward = cfg.advantage == "rloo"  # RLOO: the KL penalty is part of each answer's reward
 
     def prompts_per_step(self) -> int:
-        return self.grpo.prompts_per_step
+        return self.stage.prompts_per_step
 
     def total_updates(self) -> int:
-        return self.cfg.max_steps * self.grpo.num_iterations
+        return self.cfg.max_steps * self.stage.num_iterations
 
     def make_sampler(self) -> Sampler:
         """Answers to the prompts, or with `env` episodes of the environment's tasks."""
-        cfg = self.grpo
+        cfg = self.stage
         if not cfg.env:
             return super().make_sampler()
         make_env = partial(load_environment, cfg.env, **cfg.env_settings)
@@ -190,7 +191,7 @@ class GRPOTrainer(RLTrainer):
     @torch.no_grad()
     def make_experience(self, samples: Samples) -> tuple[Experience | None, dict[str, float]]:
         """Reference log-probs, the KL, group advantages; None when every group was dropped."""
-        cfg = self.grpo
+        cfg = self.stage
         t1 = time.perf_counter()
         rollout, cmask, scores = samples.rollout, samples.completion_mask, samples.scores  # (B, T) x2, (B,)
         old_logprobs, is_weights, mismatch = self.old_logprobs(samples, self.micro_batch)  # (B, T) each
@@ -221,7 +222,7 @@ class GRPOTrainer(RLTrainer):
         if self.online is not None:  # the rewards above are the reward model's before it learns from these
             t2 = time.perf_counter()
             # the pipeline's labeler is its watched gold: reuse those scores (an LLM judge is not cheap)
-            known = samples.gold if cfg.online_feedback.labeler == self.rl.gold else None
+            known = samples.gold if cfg.online_feedback.labeler == self.stage.gold else None
             update = self.online.update(
                 self.step, samples.shared, samples.prompts, samples.completions, self.group, known
             )
@@ -240,7 +241,7 @@ class GRPOTrainer(RLTrainer):
     def grpo_loss(self, model: Any, mb: Experience) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Clipped policy loss (+ beta x k3 KL) of one micro-batch, scaled to a sum over the items the
         aggregation averages over (tokens for "dapo", sequences otherwise), as the loop expects."""
-        cfg = self.grpo
+        cfg = self.stage
         lmask = mb.completion_mask  # (B, T)
         logprobs, entropy = completion_logprobs(model, mb.batch, cfg.sampling.temperature)  # (B, T)
         assert entropy is not None
@@ -272,15 +273,15 @@ class GRPOTrainer(RLTrainer):
             out["skipped"] = 1.0
         else:
             self.policy.train()
-            per_token = AGGREGATION[self.grpo.loss_type] == "token"
+            per_token = AGGREGATION[self.stage.loss_type] == "token"
             batches = experience.minibatches(self.micro_batch or experience.rows, per_token)
             totals: dict[str, float] = {}
-            for it in range(self.grpo.num_iterations):
+            for it in range(self.stage.num_iterations):
                 metrics = self.optimize(batches, self.grpo_loss)
                 if it == 0:
                     out["ratio_first_minibatch"] = metrics["ratio_mean"]
                 for key, value in metrics.items():
-                    totals[key] = totals.get(key, 0.0) + value / self.grpo.num_iterations
+                    totals[key] = totals.get(key, 0.0) + value / self.stage.num_iterations
             out.update(totals)
         out.update(stats)
         out["seconds_training"] = time.perf_counter() - t0

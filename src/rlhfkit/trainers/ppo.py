@@ -110,14 +110,15 @@ def token_values(value_model: Any, batch: SharedPromptBatch) -> torch.Tensor:
 
 class PPOTrainer(RLTrainer):
     name = "ppo"
+    stage: PPOConfig
 
     def __init__(self, cfg: PPOConfig, records: list[PromptRecord], reward: RewardMix | Scorer) -> None:
-        self.ppo = cfg
+        self.stage = cfg
         super().__init__(cfg, records, reward, need_reference=True)
         self.kl_ctl = losses.make_kl_controller(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
 
     def build_model(self, policy: torch.nn.Module) -> PolicyAndValue:
-        cfg = self.ppo
+        cfg = self.stage
         value_source = cfg.value_model or (cfg.reward[0] if cfg.reward else cfg.policy)
         # a sequence classifier (head kept from a reward model, new head from a causal LM); with LoRA its
         # head is trained in full, and the reference is the policy with its adapters disabled
@@ -129,10 +130,10 @@ class PPOTrainer(RLTrainer):
         return PolicyAndValue(policy, value)
 
     def prompts_per_step(self) -> int:
-        return self.ppo.rollout_batch
+        return self.stage.rollout_batch
 
     def total_updates(self) -> int:
-        return self.cfg.max_steps * self.ppo.ppo_epochs * self.ppo.minibatches
+        return self.cfg.max_steps * self.stage.ppo_epochs * self.stage.minibatches
 
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "kl_ctl": self.kl_ctl.state_dict()}
@@ -152,11 +153,11 @@ class PPOTrainer(RLTrainer):
         logprobs, is_weights, mismatch = self.old_logprobs(samples)  # (B, T) each
         scores = samples.scores  # (B,)
         rewards, kl = losses.kl_penalized_rewards(
-            scores, logprobs, ref_logprobs, cmask, self.kl_ctl.value, self.ppo.kl_estimator
+            scores, logprobs, ref_logprobs, cmask, self.kl_ctl.value, self.stage.kl_estimator
         )  # (B, T) each
-        if self.ppo.whiten_rewards:
+        if self.stage.whiten_rewards:
             rewards = losses.masked_whiten(rewards, cmask, shift_mean=False)  # (B, T)
-        advantages, returns = losses.compute_gae(rewards, values, cmask, self.ppo.gamma, self.ppo.lam)
+        advantages, returns = losses.compute_gae(rewards, values, cmask, self.stage.gamma, self.stage.lam)
         advantages = losses.masked_whiten(advantages, cmask)  # (B, T)
         seq_kl = (kl * cmask).sum(-1)  # (B,)
         experience = Experience(
@@ -178,7 +179,7 @@ class PPOTrainer(RLTrainer):
         assert mb.old_values is not None and mb.returns is not None
         cmask = mb.completion_mask  # (B, T)
         logprobs, entropy = completion_logprobs(
-            model.policy, mb.batch, self.ppo.sampling.temperature
+            model.policy, mb.batch, self.stage.sampling.temperature
         )  # (B, T)
         values = token_values(model.value, mb.batch)  # (B, T)
         assert entropy is not None
@@ -187,14 +188,14 @@ class PPOTrainer(RLTrainer):
             mb.old_logprobs,
             mb.advantages,
             cmask,
-            clip_low=self.ppo.cliprange,
+            clip_low=self.stage.cliprange,
             is_weights=mb.is_weights,
         )
         vf_loss, vf_metrics = losses.value_loss(
-            values, mb.old_values, mb.returns, cmask, clip_range=self.ppo.cliprange_value
+            values, mb.old_values, mb.returns, cmask, clip_range=self.stage.cliprange_value
         )
         n = cmask.sum()
-        loss_sum = (pg_loss + self.ppo.vf_coef * vf_loss) * n  # token means -> token sums for the loop
+        loss_sum = (pg_loss + self.stage.vf_coef * vf_loss) * n  # token means -> token sums for the loop
         sums = {
             "policy_loss": pg_loss.detach() * n,
             "value_loss": vf_loss.detach() * n,
@@ -212,18 +213,18 @@ class PPOTrainer(RLTrainer):
         experience, stats = self.make_experience(samples)
         t0 = time.perf_counter()
         self.policy.train()
-        size = max(1, experience.rows // self.ppo.minibatches)
+        size = max(1, experience.rows // self.stage.minibatches)
         totals: dict[str, float] = {}
         first: dict[str, float] = {}
-        for epoch in range(self.ppo.ppo_epochs):
-            order = torch.randperm(experience.rows, generator=self.generator)[: size * self.ppo.minibatches]
+        for epoch in range(self.stage.ppo_epochs):
+            order = torch.randperm(experience.rows, generator=self.generator)[: size * self.stage.minibatches]
             for k, mb in enumerate(experience.minibatches(size, per_token=True, order=order)):
                 metrics = self.optimize([mb], self.ppo_loss)
                 if epoch == 0 and k == 0:
                     first = metrics
                 for key, value in metrics.items():
                     totals[key] = totals.get(key, 0.0) + value
-        updates = self.ppo.ppo_epochs * self.ppo.minibatches
+        updates = self.stage.ppo_epochs * self.stage.minibatches
         out = {key: value / updates for key, value in totals.items()}
         out["ratio_first_minibatch"] = first["ratio_mean"]
         with torch.no_grad():

@@ -112,6 +112,8 @@ def reward_mix(cfg: RLConfig) -> RewardMix:
 class RLTrainer(TrainLoop):
     """The shared half of PPO, GRPO and RLOO; subclasses build the trainable module and the update."""
 
+    stage: RLConfig
+
     group = 1  # answers sampled per prompt
     supports_sharding = False  # the rollout engine samples from whole weights
     positive_loss = False  # surrogate losses: their size says nothing about divergence
@@ -126,7 +128,7 @@ class RLTrainer(TrainLoop):
     ) -> None:
         """`reward` None: the trainer scores its samples itself (multi-turn episodes: their returns)."""
         set_seed(cfg.train.seed)
-        self.rl = cfg
+        self.stage = cfg
         self.runtime = resolve_runtime(cfg.train)
         policy, tokenizer = load_causal_lm(
             cfg.policy, lora=cfg.lora, trust_remote_code=cfg.trust_remote_code, runtime=self.runtime,
@@ -229,7 +231,7 @@ class RLTrainer(TrainLoop):
 
     def make_sampler(self) -> Sampler:
         """What samples an iteration's rows: one answer each (episodes: `GRPOTrainer` with `env`)."""
-        return AnswerSampler(self.rollout_engine, self.prompt_ids, self.records, self.rl.sampling)
+        return AnswerSampler(self.rollout_engine, self.prompt_ids, self.records, self.stage.sampling)
 
     @torch.no_grad()
     def sample(self, indices: list[int]) -> Samples:
@@ -250,8 +252,10 @@ class RLTrainer(TrainLoop):
             assert self.reward is not None, "a trainer without a reward mix needs a sampler that scores"
             raw, parts = self.score(gen.prompts, gen.completions, rollout, gen.records)  # (B,), {name: (B,)}
         scores = raw.float().to(self.device)  # (B,)
-        if self.rl.no_eos_score is not None:
-            scores = torch.where(rollout.ended, scores, torch.full_like(scores, self.rl.no_eos_score))  # (B,)
+        if self.stage.no_eos_score is not None:
+            scores = torch.where(
+                rollout.ended, scores, torch.full_like(scores, self.stage.no_eos_score)
+            )  # (B,)
         n_tokens = float(mask.sum())
         h = self.cfg.health
         stats = {
@@ -271,7 +275,7 @@ class RLTrainer(TrainLoop):
             stats["gold"] = sum(gold) / len(gold)
         stats["seconds_scoring"] = time.perf_counter() - t1
         self.tokens_seen += int(n_tokens)
-        if self.rl.sample_every and self.step % self.rl.sample_every == 0 and self.is_main:
+        if self.stage.sample_every and self.step % self.stage.sample_every == 0 and self.is_main:
             self.log_samples(gen.prompts, gen.completions, scores)
         shared = self.to_device(SharedPromptBatch.from_rollout(rollout, self.rollout_engine.pad_token_id))
         return Samples(rollout, shared, mask, gen.records, gen.prompts, gen.completions, scores, stats, gold)
@@ -316,7 +320,7 @@ class RLTrainer(TrainLoop):
             ]
             return torch.cat(parts)  # (B, T)
         with self.autocast() if autocast else contextlib.nullcontext():
-            lp, _ = completion_logprobs(model, batch, self.rl.sampling.temperature, entropy=False)
+            lp, _ = completion_logprobs(model, batch, self.stage.sampling.temperature, entropy=False)
         return lp.float()  # (B, T)
 
     @torch.no_grad()
@@ -340,8 +344,8 @@ class RLTrainer(TrainLoop):
             "mismatch_kl": float(m["kl"]),
         }
         weights = None
-        if self.rl.tis_cap > 0:
-            weights, w = losses.truncated_is_weights(trainer, sampler, mask, self.rl.tis_cap)  # (B, T)
+        if self.stage.tis_cap > 0:
+            weights, w = losses.truncated_is_weights(trainer, sampler, mask, self.stage.tis_cap)  # (B, T)
             stats.update({key: float(value) for key, value in w.items()})
         return trainer, weights, stats
 

@@ -148,6 +148,7 @@ def expected_calibration_error(rows: list[dict[str, Any]]) -> float:
 # ------------------------------------------------------------------------------------------ trainer
 class RMTrainer(SupervisedTrainer[PreferenceExample]):
     name = "rm"
+    stage: RMConfig
     supports_sharding = False  # the calibration pass after training runs on rank 0 alone
 
     def __init__(
@@ -163,7 +164,6 @@ class RMTrainer(SupervisedTrainer[PreferenceExample]):
             runtime=resolve_runtime(cfg.train), gradient_checkpointing=cfg.train.gradient_checkpointing,
         )  # fmt: skip
         super().__init__(cfg, model, tokenizer, train, evals)
-        self.rm = cfg
         self.calibration = calibration
         self._calibration_rows: list[dict[str, Any]] = []
 
@@ -205,7 +205,7 @@ class RMTrainer(SupervisedTrainer[PreferenceExample]):
             rejected,
             margin=batch["margin"],
             weights=batch["weights"],
-            centering_coef=self.rm.centering_coef,
+            centering_coef=self.stage.centering_coef,
         )  # mean over prompts
         n = batch["num_items"]
         sums = {
@@ -214,7 +214,7 @@ class RMTrainer(SupervisedTrainer[PreferenceExample]):
             "reward_chosen": metrics["rewards/chosen"] * n,
             "reward_rejected": metrics["rewards/rejected"] * n,
         }
-        if self.rm.centering_coef:
+        if self.stage.centering_coef:
             sums["centering"] = metrics["loss/centering"] * n
         return mean * n, sums
 
@@ -240,7 +240,7 @@ class RMTrainer(SupervisedTrainer[PreferenceExample]):
     @torch.no_grad()
     def normalize(self) -> dict[str, float]:
         """Set shift/scale in the model config from the raw scores of the calibration answers."""
-        if self.rm.normalize == "none" or not self.calibration:
+        if self.stage.normalize == "none" or not self.calibration:
             shift, scale, raw = 0.0, 1.0, torch.zeros(0)
         else:
             sequences = [ex.input_ids for ex in self.calibration]
@@ -250,8 +250,8 @@ class RMTrainer(SupervisedTrainer[PreferenceExample]):
                 ).double()  # (M,)
             shift = float(raw.mean())
             std = float(raw.std(unbiased=False))
-            scale = std if self.rm.normalize == "shift_scale" and std > 0 else 1.0
-        set_normalization(self.model, shift, scale, self.rm.normalize)
+            scale = std if self.stage.normalize == "shift_scale" and std > 0 else 1.0
+        set_normalization(self.model, shift, scale, self.stage.normalize)
         stats = {"shift": shift, "scale": scale, "answers": len(raw)}
         if len(raw):
             stats["raw_std"] = float(raw.std(unbiased=False))

@@ -69,6 +69,7 @@ def encode_sft(records: list[SFTRecord], tokenizer: Any, data: DataSettings) -> 
 
 class SFTTrainer(SupervisedTrainer[SequenceExample]):
     name = "sft"
+    stage: SFTConfig
 
     def __init__(self, cfg: SFTConfig, train: list[SequenceExample], evals: list[SequenceExample]) -> None:
         set_seed(cfg.train.seed)
@@ -78,7 +79,6 @@ class SFTTrainer(SupervisedTrainer[SequenceExample]):
         )  # fmt: skip
         super().__init__(cfg, model, tokenizer, train, evals)
         self.uniform_loss = math.log(decoder_and_head(model)[1].weight.shape[0])  # ln V
-        self.sft = cfg
 
     def example_length(self, example: SequenceExample) -> int:
         return len(example)
@@ -88,7 +88,7 @@ class SFTTrainer(SupervisedTrainer[SequenceExample]):
             [ex.input_ids for ex in examples], self.tokenizer.pad_token_id
         )
         label_mask = attention_mask.bool().clone()  # (B, T)
-        if self.sft.completion_only_loss:
+        if self.stage.completion_only_loss:
             for i, ex in enumerate(examples):
                 label_mask[i, : ex.answer_start] = False
         else:
