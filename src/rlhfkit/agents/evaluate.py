@@ -9,7 +9,9 @@ the token-level episode runner (`agents.episode`, batched, greedy by default), a
 
 Per environment and model: the success rate with a 95% normal interval (`evaluate.win_rate` over 0/1
 outcomes: a success is the last step's `info["success"]` when the environment gives it, else a return of at
-least `success_threshold`), the mean return, turns and tokens, and the count of each end reason.
+least `success_threshold`), the mean return, turns and tokens, the count of each end reason, and the
+environment's value metrics: each number of the last step's `info["metrics"]` averaged over the episodes,
+with its 95% interval (`value_metrics`).
 
 The overall score is AgentBench's: each environment's weight is the inverse of the mean success of the
 models compared in this run, and a model's score is the mean over environments of success x weight (1.0: an
@@ -28,7 +30,7 @@ from __future__ import annotations
 import json
 import statistics
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -155,8 +157,28 @@ def succeeded(episode: Episode, threshold: float) -> bool:
     return bool(verdict) if isinstance(verdict, bool) else episode.reward >= threshold
 
 
+def value_metrics(
+    infos: Sequence[Mapping[str, Any]], confidence: float = 0.95
+) -> dict[str, dict[str, float]]:
+    """The environment's own metrics in episodes' last infos (`info["metrics"]`, {name: number}, e.g.
+    `commons`' survival and over-use): for each name, its mean over the infos that report it, with the
+    normal interval mean +- z s / sqrt(n), and n."""
+    values: dict[str, list[float]] = {}
+    for info in infos:
+        for name, value in (info.get("metrics") or {}).items():
+            if isinstance(value, (int, float)):
+                values.setdefault(name, []).append(float(value))
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
+    out = {}
+    for name, xs in values.items():
+        mean, se = mean_and_stderr(xs)
+        out[name] = {"mean": mean, "low": mean - z * se, "high": mean + z * se, "stderr": se, "n": len(xs)}
+    return out
+
+
 def summarize(episodes: Sequence[Episode], threshold: float) -> dict[str, Any]:
-    """Success rate with its 95% interval, mean return / turns / tokens, end reasons, of one model x env."""
+    """Success rate with its 95% interval, mean return / turns / tokens, end reasons, and the environment's
+    value metrics (`value_metrics`, {} when it reports none) of one model x env."""
     outcomes = [1.0 if succeeded(e, threshold) else 0.0 for e in episodes]
     rate = win_rate(outcomes)
     n = len(episodes)
@@ -165,6 +187,7 @@ def summarize(episodes: Sequence[Episode], threshold: float) -> dict[str, Any]:
         "stderr": rate.stderr, "mean_reward": sum(e.reward for e in episodes) / n,
         "mean_turns": sum(e.turns for e in episodes) / n, "mean_tokens": sum(e.tokens for e in episodes) / n,
         "reasons": dict(Counter(e.reason for e in episodes).most_common()),
+        "metrics": value_metrics([e.info for e in episodes]),
     }  # fmt: skip
 
 
