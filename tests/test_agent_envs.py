@@ -548,8 +548,9 @@ def test_load_environment_by_name_or_spec():
     assert isinstance(load_environment("calc"), CalcEnvironment)
     assert load_environment("db", query_timeout=1.5).query_timeout == 1.5
     assert isinstance(load_environment("rlhfkit.agents.calc:CalcEnvironment"), CalcEnvironment)
+    known = "calc, db, os, commons, support"
     with pytest.raises(
-        ConfigError, match=r"^environment 'chess' is unknown: use one of calc, db, os, or module:Class"
+        ConfigError, match=rf"^environment 'chess' is unknown: use one of {known}, or module:Class"
     ):
         load_environment("chess")
     with pytest.raises(ConfigError, match=r"is not a subclass of rlhfkit\.agents\.env\.Environment$"):

@@ -17,6 +17,8 @@ ENVIRONMENTS: dict[str, str] = {
     "calc": "rlhfkit.agents.calc:CalcEnvironment",
     "db": "rlhfkit.agents.db:DBEnvironment",
     "os": "rlhfkit.agents.os_env:OSEnvironment",
+    "commons": "rlhfkit.agents.commons:CommonsEnvironment",
+    "support": "rlhfkit.agents.support:SupportEnvironment",
 }
 """Bundled environments: name -> "module:Class"."""
 
