@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 SYSPY ?= python3
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup pipeline test lint format bench clean
+.PHONY: setup pipeline test test-fast lint format bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(SYSPY) -m venv $(VENV)
@@ -19,17 +19,24 @@ setup: $(VENV)/.installed
 pipeline: setup
 	$(VENV)/bin/rlhfkit pipeline --output runs/pipeline
 
-test: setup
+lint: setup
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy src/rlhfkit
+
+test: lint
 	$(PY) -m pytest -q
+
+# the suite without the slow and browser tests (under a minute)
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not browser"
 
 format: setup
 	$(VENV)/bin/ruff check --fix src tests bench
 	$(VENV)/bin/ruff format src tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
 bench: setup
 	$(PY) bench/side_by_side.py

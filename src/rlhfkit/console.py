@@ -104,7 +104,7 @@ def _tqdm_off(module_name: str) -> Iterator[None]:
     import importlib
 
     try:
-        module = importlib.import_module(module_name)
+        module: Any = importlib.import_module(module_name)  # sets the attribute `tqdm` below
     except ImportError:
         yield
         return

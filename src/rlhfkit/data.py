@@ -35,6 +35,7 @@ import dataclasses
 import math
 import os
 import random
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -46,7 +47,10 @@ from rlhfkit.datafiles import Row, read_rows, type_name
 from rlhfkit.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from importlib.resources.abc import Traversable
+    if sys.version_info >= (3, 11):
+        from importlib.resources.abc import Traversable
+    else:
+        from importlib.abc import Traversable
 
 Prompt: TypeAlias = str | list[dict[str, str]]
 Answer: TypeAlias = str | list[dict[str, str]]

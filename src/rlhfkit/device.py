@@ -125,7 +125,7 @@ def resolve_precision(cfg: Any, device: torch.device) -> Literal["fp32", "bf16"]
             f"train.precision=bf16 but {gpu} ({device}) does not support bfloat16 (it needs compute "
             "capability 8.0+, e.g. A100, H100); use train.precision=fp32"
         )
-    return name  # type: ignore[return-value]
+    return "bf16" if name == "bf16" else "fp32"
 
 
 def resolve_runtime(cfg: Any) -> Runtime:
@@ -145,7 +145,7 @@ def enable_tf32() -> None:
     (`allow_tf32`, `set_float32_matmul_precision`), and transformers and TRL use the new ones."""
     if hasattr(torch.backends, "fp32_precision"):
         torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"  # type: ignore[attr-defined]  # not in torch's stubs
         return
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True

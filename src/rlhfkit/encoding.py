@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
-from rlhfkit.data import DataSettings, PreferenceRecord, RankingRecord, load_preferences
+from rlhfkit.data import Answer, DataSettings, PreferenceRecord, RankingRecord, load_preferences
 from rlhfkit.errors import ConfigError, DataError
 
 
@@ -203,6 +203,8 @@ def encode_preferences(
     file:line:field). Returns the examples and how many records truncation left with nothing to compare
     (dropped)."""
     examples, dropped = [], 0
+    answers: tuple[Answer, ...]
+    ranks: tuple[int, ...]
     for rec in records:
         if isinstance(rec, PreferenceRecord):
             answers, ranks, margin = (rec.chosen, rec.rejected), (0, 1), rec.margin
@@ -222,7 +224,8 @@ def encode_preferences(
                 raise DataError(rec.source.path, rec.source.line, fields[j], message)
             dropped += 1  # truncation left nothing to compare: no prompt fits, or the answers became equal
             continue
-        examples.append(PreferenceExample(tuple(encoded), tuple(ranks), margin))  # type: ignore[arg-type]
+        present = cast("list[SequenceExample]", encoded)  # none is None: checked above
+        examples.append(PreferenceExample(tuple(present), tuple(ranks), margin))
     return examples, dropped
 
 

@@ -337,7 +337,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     result["seconds"] = {"generation": t_generated - t_start, "total": t_end - t_start}
     result["config"] = asdict(cfg)
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i, rec in enumerate(records):  # one line of answers.jsonl per prompt
         rm = rm_groups[i] if rm_groups is not None else [None] * (2 + k)
         samples = [

@@ -31,7 +31,7 @@ import zipfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -488,7 +488,7 @@ def build_reward_model(
         ) from None
     _, head = reward_parts(model)
     if any(key.split(".")[0] == "score" for key in info["missing_keys"]):
-        init_head(head)
+        init_head(cast(torch.nn.Linear, head))  # a transformers sequence classifier's `score`
     set_pad_token(tokenizer, model)
     disable_dropout(model)
     place_model(model, runtime)

@@ -221,7 +221,7 @@ def collect_feedback(
         if len(unique) < 2 or len(set(levels)) < 2:  # nothing to rank
             skipped += 1
             continue
-        labels = []
+        labels: list[list[int]] = []
         for n in range(cfg.labels_per_item):
             annotator = panel[(p * cfg.labels_per_item + n) % len(panel)]
             ranks = annotator.rank(scores)
@@ -283,9 +283,9 @@ class Pipeline:
         section = self.cfg.rl
         cfg = section.ppo if section.algorithm == "ppo" else section.grpo
         sampling = dataclasses.replace(cfg.sampling, max_new_tokens=self.cfg.max_new_tokens)
-        wiring = {"policy": str(self.dirs["sft"]), "reward": [str(self.dirs["rm"])], "reward_fn": [],
-                  "gold": self.cfg.gold, "output": str(self.dirs["rl"]), "sampling": sampling,
-                  "train": self._train(cfg.train)}  # fmt: skip
+        wiring: dict[str, Any] = {"policy": str(self.dirs["sft"]), "reward": [str(self.dirs["rm"])],
+                                  "reward_fn": [], "gold": self.cfg.gold, "output": str(self.dirs["rl"]),
+                                  "sampling": sampling, "train": self._train(cfg.train)}  # fmt: skip
         if section.algorithm == "ppo":
             return dataclasses.replace(section.ppo, **wiring)
         online = self.online_feedback()

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -33,6 +33,8 @@ from rlhfkit.losses import token_logprobs_entropy
 from rlhfkit.models import decoder_and_head
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
     from rlhfkit.rollout import Rollout
 
 __all__ = [
@@ -148,7 +150,8 @@ def shared_prompt_forward(
     lookup, so training builds one dense (vocabulary x C) embedding gradient per call, not three."""
     from transformers import DynamicCache
 
-    device = decoder.get_input_embeddings().weight.device
+    embed = cast("PreTrainedModel", decoder).get_input_embeddings()  # nn.Module does not declare it
+    device = cast(torch.Tensor, embed.weight).device
     batch = to_device(batch, device)  # rollouts and collated batches are built on the CPU
     if getattr(decoder, "gradient_checkpointing", False) and decoder.training and torch.is_grad_enabled():
         return _unshared_forward(decoder, batch)
@@ -158,7 +161,7 @@ def shared_prompt_forward(
     c = batch.prefix_ids.shape[1]
     u = batch.prompt_ids.shape[0]
     levels = (batch.prefix_ids, batch.prompt_ids, batch.answer_ids)
-    flat = decoder.get_input_embeddings()(torch.cat([ids.flatten() for ids in levels]))  # (n, C)
+    flat = embed(torch.cat([ids.flatten() for ids in levels]))  # (n, C)
     parts = flat.split([ids.numel() for ids in levels])
     prefix_emb, prompt_emb, answer_emb = (
         part.view(*ids.shape, flat.shape[-1]) for part, ids in zip(parts, levels, strict=True)
@@ -171,7 +174,8 @@ def shared_prompt_forward(
             **{key: cache},
             use_cache=True,
         )
-        cache.reorder_cache(torch.zeros(u, dtype=torch.long, device=device))  # (1, ...) -> (U, ...)
+        first = torch.zeros(u, dtype=torch.long, device=device)  # (U,) every row reads row 0
+        cache.reorder_cache(cast(torch.LongTensor, first))  # (1, ...) -> (U, ...)
     prompt_mask = torch.cat([batch.prompt_mask.new_ones(u, c), batch.prompt_mask], dim=1)  # (U, c + P)
     hidden = decoder(
         inputs_embeds=prompt_emb,
@@ -185,7 +189,7 @@ def shared_prompt_forward(
     last_prompt = hidden[:, -1][batch.inverse]  # (B, C): left padding puts the last real token last
     if batch.answer_ids.shape[1] == 0:
         return last_prompt, hidden.new_zeros(batch.rows, 0, hidden.shape[-1])
-    cache.reorder_cache(batch.inverse)  # (U, ...) -> (B, ...)
+    cache.reorder_cache(cast(torch.LongTensor, batch.inverse))  # (U, ...) -> (B, ...)
     mask = torch.cat([prompt_mask[batch.inverse], batch.answer_mask], dim=1)  # (B, c + P + T)
     steps = torch.arange(batch.answer_ids.shape[1], device=device)  # (T,)
     answer_pos = batch.prompt_lengths[:, None] + steps  # (B, T)
@@ -243,7 +247,7 @@ def completion_logprobs(
     and zero on padding: one shared-prompt forward, the output layer only on the real answer positions.
     Differentiable in the log-probs (the trainers' policy pass); the entropy never carries a gradient."""
     decoder, head = decoder_and_head(model)
-    batch = to_device(batch, head.weight.device)
+    batch = to_device(batch, cast(torch.Tensor, head.weight).device)
     last_prompt, answers = shared_prompt_forward(decoder, batch)  # (B, C), (B, T, C)
     select = batch.answer_mask.bool()  # (B, T)
     logits = head(answer_predictors(last_prompt, answers)[select])  # (N, V)

@@ -32,7 +32,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from rlhfkit.encoding import chat_prompt_text
 from rlhfkit.errors import RlhfkitError
@@ -90,7 +90,7 @@ def series(rows: Sequence[dict[str, Any]], key: str, split: str = "train") -> tu
     return steps, values
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: Any) -> TypeGuard[int | float]:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
@@ -265,7 +265,9 @@ def headline_html(ev: dict[str, Any]) -> str:
 
 
 def timings_html(pipeline: dict[str, Any]) -> str:
-    stages = pipeline.get("stages") if isinstance(pipeline.get("stages"), dict) else {}
+    stages = pipeline.get("stages")
+    if not isinstance(stages, dict):
+        stages = {}
     order = [s for s in STAGES if s in stages] + [s for s in stages if s not in STAGES]
     rows, total = [], 0.0
     for name in order:
@@ -289,7 +291,7 @@ def answers_html(rows: Sequence[dict[str, Any]]) -> str:
     """Reference and policy answers side by side for the first prompts; all model text escaped."""
     parts = []
     for row in rows[:SAMPLE_ANSWERS]:
-        outcome = row.get("outcome")
+        outcome: Any = row.get("outcome")  # 1.0 a win, 0.0 a loss, anything else a tie
         label, css = {1.0: ("policy wins", "win"), 0.0: ("policy loses", "loss")}.get(outcome, ("tie", "tie"))
         prompt = row.get("prompt", "")
         prompt_text = chat_prompt_text(prompt) if isinstance(prompt, list | str) and prompt else ""

@@ -236,7 +236,7 @@ class RewardMix:
                 f"reward_weights has {len(weights)} entries for {len(specs)} reward components "
                 "(reward models first, then reward functions)"
             )
-        components = []
+        components: list[RewardComponent] = []
         for i, (kind, spec) in enumerate(specs):
             if kind == "rm":
                 scorer = rollout_scorer(spec, runtime=runtime)
@@ -305,11 +305,12 @@ def score_file(
     scorer = RewardModelScorer(reward, batch_size)
     limit = max_length or context_length(scorer.model)
     answers = [_answers(rec) for rec in records]
-    sequences = [
-        encode_answer(scorer.tokenizer, rec, answer, name, limit, truncation=False).input_ids  # type: ignore[union-attr]
-        for rec, group in zip(records, answers, strict=True)
-        for answer, name in group
-    ]
+    sequences = []
+    for rec, group in zip(records, answers, strict=True):
+        for answer, name in group:
+            example = encode_answer(scorer.tokenizer, rec, answer, name, limit, truncation=False)
+            assert example is not None  # without truncation an answer that does not fit is a DataError
+            sequences.append(example.input_ids)
     flat = scorer.score_token_ids(sequences).tolist()  # (sum of K,)
     lines, start = [], 0
     for row, rec, group in zip(rows, records, answers, strict=True):

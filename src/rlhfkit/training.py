@@ -11,7 +11,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -124,7 +124,8 @@ def set_seed(seed: int) -> None:
 
 def rng_state() -> dict[str, Any]:
     """Every global RNG state, in a checkpointable form ("cuda": one state per visible GPU, [] without)."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state())  # legacy=True
+    kind, keys, pos, has_gauss, cached = legacy_state
     return {
         "python": random.getstate(),
         "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],

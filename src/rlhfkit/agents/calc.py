@@ -26,7 +26,7 @@ import random
 import re
 from collections.abc import Callable
 from fractions import Fraction
-from typing import Any
+from typing import Any, cast
 
 from rlhfkit.agents.answers import last_number, numbers_match
 from rlhfkit.agents.env import Split, Task, generated_split
@@ -63,7 +63,7 @@ def bounded(value: Number) -> Number:
 
 
 def power(base: Number, exponent: Number) -> Number:
-    if abs(exponent) > MAX_EXPONENT:
+    if abs(exponent) > MAX_EXPONENT:  # type: ignore[operator]  # typeshed: abs() of Fraction | float is object
         raise CalcError(f"the exponent {render(exponent)} is too large (at most {MAX_EXPONENT})")
     if isinstance(base, Fraction) and isinstance(exponent, Fraction) and exponent.denominator == 1:
         size = max(base.numerator.bit_length(), base.denominator.bit_length()) * abs(int(exponent))
@@ -85,7 +85,8 @@ def evaluate(node: ast.AST) -> Number:
     if isinstance(node, ast.Expression):
         return evaluate(node.body)
     if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return bounded(Fraction(repr(node.value)) if math.isfinite(node.value) else float(node.value))
+        number = cast(float, node.value)  # an int or a float, as just checked
+        return bounded(Fraction(repr(number)) if math.isfinite(number) else float(number))
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
         value = evaluate(node.operand)
         return -value if isinstance(node.op, ast.USub) else value
@@ -377,13 +378,15 @@ def problem(rng: random.Random) -> tuple[str, str, Fraction]:
         template = rng.choice(TEMPLATES)
         text, expression = template(rng)
         value = compute(expression)
-        places = decimal_places(value) if isinstance(value, Fraction) else None
+        if not isinstance(value, Fraction):
+            continue
+        places = decimal_places(value)
         if places is not None and places <= (2 if "dollars" in text else 4):
             return text, expression, value
 
 
 @functools.cache
-def make_tasks(split: str) -> tuple[Task, ...]:
+def make_tasks(split: Split) -> tuple[Task, ...]:
     """The tasks of a split, the same on every call and machine (see the module docstring)."""
 
     def draw(rng: random.Random) -> tuple[str, dict[str, Any]]:

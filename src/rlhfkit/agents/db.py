@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 import sqlite3
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from rlhfkit.agents.answers import last_number, named_values, normalize, numbers
 from rlhfkit.agents.db_tasks import make_tasks, write_database
 from rlhfkit.agents.env import Message, Split, Task
 from rlhfkit.agents.tools import ToolEnvironment
+from rlhfkit.errors import RlhfkitError
 
 # pragmas that only read the schema; any other pragma (and any pragma with "=") is refused
 READ_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "foreign_key_list"}
@@ -66,6 +68,9 @@ class ReadOnlyDatabase:
         self.conn.execute("PRAGMA query_only=ON")
         if hasattr(self.conn, "enable_load_extension"):
             self.conn.enable_load_extension(False)
+        if sys.version_info < (3, 11):  # Connection.setlimit and its SQLITE_LIMIT_* constants are 3.11+
+            self.conn.close()
+            raise RlhfkitError("the `db` environment needs Python 3.11 or later (sqlite3 size limits)")
         self.conn.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 1_000_000)  # no giant strings or blobs
         self.conn.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
         self.conn.set_authorizer(authorize)

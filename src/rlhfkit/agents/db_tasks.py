@@ -16,7 +16,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from rlhfkit.agents.env import Task, generated_split
+from rlhfkit.agents.env import Split, Task, generated_split
 
 SIZES = {"train": 1000, "test": 150}
 PEOPLE = [
@@ -401,7 +401,7 @@ def draw(rng: random.Random) -> tuple[str, dict[str, Any]]:
 
 
 @functools.cache
-def make_tasks(split: str) -> tuple[Task, ...]:
+def make_tasks(split: Split) -> tuple[Task, ...]:
     """The tasks of a split, the same on every call and machine (see the module docstring)."""
     return generated_split(
         "db", split, SIZES, draw, lambda prompt, data: json.dumps([prompt, data["tables"]])

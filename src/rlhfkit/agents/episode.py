@@ -143,7 +143,8 @@ class EpisodeState:
         self.ids: list[int] = []  # after the prompt
         self.mask: list[int] = []
         self.logprobs: list[float] = []
-        self.reward, self.turns, self.info, self.tokens = 0.0, 0, {}, 0
+        self.reward, self.turns, self.tokens = 0.0, 0, 0
+        self.info: dict[str, Any] = {}
         self.reason: str | None = None
         self.error: str | None = None
 

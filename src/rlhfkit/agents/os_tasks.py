@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from rlhfkit.agents.db_tasks import CITIES, PEOPLE
-from rlhfkit.agents.env import Task, generated_split
+from rlhfkit.agents.env import Split, Task, generated_split
 
 SIZES = {"train": 300, "test": 60}
 WORDS = [
@@ -182,7 +182,7 @@ def find_string(rng: random.Random) -> Draw:
 
 def count_dirs(rng: random.Random) -> Draw:
     root, files = rng.choice(["projects", "photos", "backups"]), {}
-    dirs = set()
+    dirs: set[str] = set()
     for _ in range(rng.randint(2, 9)):
         path = "/".join(rng.sample(["a", "b", "c", "2023", "2024", "old", "new", "misc"], rng.randint(1, 3)))
         parts = path.split("/")
@@ -248,7 +248,7 @@ def draw(rng: random.Random) -> tuple[str, dict[str, Any]]:
 
 
 @functools.cache
-def make_tasks(split: str) -> tuple[Task, ...]:
+def make_tasks(split: Split) -> tuple[Task, ...]:
     """The tasks of a split, the same on every call and machine (see the module docstring)."""
     return generated_split(
         "os", split, SIZES, draw, lambda prompt, data: json.dumps([prompt, data["files"]], sort_keys=True)

@@ -266,10 +266,10 @@ def process_cap() -> ProcessCap:
         release = os.uname().release
         why = f"Linux {release} counts RLIMIT_NPROC over all of a user's processes (5.14+: per namespace)"
     else:
-        why = _bwrap_fails(own_user_namespace=True)
-        if why is None:
+        failure = _bwrap_fails(own_user_namespace=True)
+        if failure is None:
             return ProcessCap("rlimit")
-        why = f"bubblewrap cannot give a command a user namespace of its own for RLIMIT_NPROC ({why})"
+        why = f"bubblewrap cannot give a command a user namespace of its own for RLIMIT_NPROC ({failure})"
     raise ConfigError(
         "the os environment cannot cap the processes of a sandboxed command here: no pids cgroup can be "
         f"made (cgroup v1 `pids`, or v2 with the pids controller, writable) and {why}; run rlhfkit as an "

@@ -153,6 +153,9 @@ def demonstration(env: Any, task: Task) -> dict[str, Any]:
 if __name__ == "__main__":
     from rlhfkit.agents.demos import demos_path, write_demos
     from rlhfkit.agents.registry import load_environment
+    from rlhfkit.agents.tools import ToolEnvironment
 
+    env = load_environment("support")
+    assert isinstance(env, ToolEnvironment)
     path = demos_path("support")
-    print(f"{path}: {write_demos(load_environment('support'), path)} demonstrations")  # type: ignore[arg-type]
+    print(f"{path}: {write_demos(env, path)} demonstrations")

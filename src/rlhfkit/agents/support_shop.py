@@ -31,7 +31,7 @@ import json
 import random
 from typing import Any
 
-from rlhfkit.agents.env import Task, generated_split
+from rlhfkit.agents.env import Split, Task, generated_split
 
 SIZES = {"train": 1000, "test": 200}
 REFUND_LIMIT = 10_000
@@ -275,7 +275,7 @@ def draw(rng: random.Random) -> tuple[str, dict[str, Any]]:
 
 
 @functools.cache
-def make_tasks(split: str) -> tuple[Task, ...]:
+def make_tasks(split: Split) -> tuple[Task, ...]:
     """The tasks of a split, the same on every call and machine (see the module docstring)."""
     return generated_split(
         "support", split, SIZES, draw, lambda prompt, data: json.dumps([prompt, data], sort_keys=True)

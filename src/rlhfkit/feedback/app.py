@@ -131,7 +131,7 @@ def parse_label(form: FormData, order: list[int]) -> tuple[str, list[int] | None
     return "rank", by_position
 
 
-def create_app(
+def create_app(  # noqa: C901, PLR0915 - the routes are closures over the app's state
     db: str | Path,
     lease: float = store.DEFAULT_LEASE_SECONDS,
     secure_cookies: bool = False,
@@ -276,7 +276,9 @@ def create_app(
             throttle.failed(key, address)
             log.warning("failed login for user %r from %s", key, address)  # %r: a name cannot forge log lines
             token = new_token()
-            response = render("login.html", request, 401, login_csrf=token, error="Wrong name or password.")
+            response: Response = render(
+                "login.html", request, 401, login_csrf=token, error="Wrong name or password."
+            )
             set_cookie(response, request, LOGIN_COOKIE, token, path="/login")
             return response
         throttle.succeeded(key)
@@ -403,7 +405,7 @@ def create_app(
         if fmt not in FORMATS:
             return PlainTextResponse(f"format must be one of {', '.join(FORMATS)}", status_code=400)
         with db_conn() as conn:
-            body = to_jsonl(export_rows(conn, fmt))  # type: ignore[arg-type]
+            body = to_jsonl(export_rows(conn, fmt))
         disposition = f'attachment; filename="feedback-{fmt}.jsonl"'
         return Response(body, media_type="application/x-ndjson", headers={"Content-Disposition": disposition})
 

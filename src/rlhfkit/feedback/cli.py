@@ -166,7 +166,7 @@ def export(
             raise RlhfkitError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
         conn = open_db(db)
         try:
-            n = run_export(conn, out, fmt)  # type: ignore[arg-type]
+            n = run_export(conn, out, fmt)
         finally:
             conn.close()
         err.print(

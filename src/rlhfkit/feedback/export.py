@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +34,7 @@ Format = Literal["pairs", "rankings"]
 FORMATS: tuple[Format, ...] = ("pairs", "rankings")
 
 
-def ranking_json(levels: tuple[int, ...]) -> list[Any]:
+def ranking_json(levels: Sequence[int]) -> list[Any]:
     """Levels per answer -> the data format's best-to-worst list, ties nested: (1, 0, 1) -> [1, [0, 2]]."""
     out: list[Any] = []
     for level in sorted(set(levels)):

@@ -42,6 +42,7 @@ def episodes(task: Task, settings: Any, entries: list[dict[str, Any]], steps: in
         meta = task.meta_prompt(shown, random.Random(seed * 7919 + step))  # as the loop built it
         best = best_score(task, before)
         for entry in (e for e in entries if e["step"] == step):
+            assert best is not None  # the starting solutions (step 0) were scored before any proposal
             records.append({
                 "prompt": [{"role": "user", "content": meta}], "task": task.name,
                 "settings": dataclasses.asdict(settings), "best_shown": best,

@@ -153,7 +153,8 @@ def random_search(task: Task, evaluations: int, seed: int, start: float | None =
     """Best score so far after each of `evaluations` distinct uniformly random solutions (the baseline at
     the LLM's number of scored solutions), starting from `start`: the best of the same starting solutions
     the LLM was shown, so both sides begin equal."""
-    rng, seen, best, curve = random.Random(seed + 104729), set(), start, []
+    rng, seen, best = random.Random(seed + 104729), set(), start
+    curve: list[float] = []
     attempts = 0
     while len(curve) < evaluations and attempts < 100 * evaluations:
         attempts += 1
@@ -162,8 +163,8 @@ def random_search(task: Task, evaluations: int, seed: int, start: float | None =
             continue
         seen.add(task.key(solution))
         score = task.score(solution)
-        better = best is None or (score > best if task.higher_is_better else score < best)
-        best = score if better else best
+        if best is None or (score > best if task.higher_is_better else score < best):
+            best = score
         curve.append(best)
     return curve
 

@@ -118,7 +118,8 @@ def navigate(rng: random.Random) -> tuple[str, str]:
 
 def dyck(rng: random.Random) -> tuple[str, str]:
     pairs = {"(": ")", "[": "]", "{": "}", "<": ">"}
-    stack, seq = [], []
+    stack: list[str] = []
+    seq: list[str] = []
     for _ in range(rng.randint(4, 8)):
         if stack and rng.random() < 0.35:
             seq.append(pairs[stack.pop()])
@@ -161,7 +162,8 @@ TASKS = {
 
 def make_split(task: ReasoningTask, train: int, test: int, seed: int) -> tuple[list[tuple[str, str]], ...]:
     """Distinct (question, answer) pairs: `train` for the optimisation, `test` held out."""
-    rng, seen, rows = random.Random(seed), set(), []
+    rng, seen = random.Random(seed), set()
+    rows: list[tuple[str, str]] = []
     while len(rows) < train + test:
         question, answer = task.generate(rng)
         if question not in seen:

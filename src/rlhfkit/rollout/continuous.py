@@ -63,6 +63,7 @@ class DecodeBatch:
             logits = self.backend.extend(list(prompts), ids, mask, n_new)  # (b_new, V)
             if logits is None:
                 return False
+            assert self.logits is not None  # running rows have their next-token logits
             self.logits = torch.cat([self.logits, logits])  # (b + b_new, V)
         else:
             self.logits = self.backend.start(list(prompts), ids, mask, n_new)  # (b_new, V)

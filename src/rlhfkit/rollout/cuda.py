@@ -51,7 +51,7 @@ import contextlib
 import math
 import os
 from collections import Counter
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -64,13 +64,16 @@ KEEP_FRACTION = 0.25  # the cache and graphs stay between rollouts while they ho
 
 
 def _base(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> transformers
+    if hasattr(model, "get_base_model"):  # peft -> transformers
+        base = model.get_base_model()  # type: ignore[operator]  # peft's method; nn.Module.__getattr__ is loose
+        return cast(torch.nn.Module, base)
+    return model
 
 
 def static_backend_supported(model: torch.nn.Module) -> str | None:
     """None when `StaticCacheBackend` can run this model; otherwise the reason it cannot."""
     base = _base(model)
-    cfg = getattr(base, "config", None)
+    cfg: Any = getattr(base, "config", None)
     kind = getattr(cfg, "model_type", None)
     if kind not in ("llama", "qwen2", "qwen3"):
         return f"model type {kind!r} (supported: llama, qwen2, qwen3)"
@@ -126,12 +129,14 @@ class StaticCacheBackend:
         reason = static_backend_supported(model)
         if reason is not None:
             raise ValueError(f"the static-cache rollout backend does not support this model: {reason}")
-        self.model, self.base = model, _base(model)
+        self.model = model
+        # a transformers Llama / Qwen2 / Qwen3 model: its submodules and config fields are duck-typed here
+        self.base = cast(Any, _base(model))
         self.inner = self.base.model
         self.layers = list(self.inner.layers)
         cfg = self.base.config
-        self.n_kv = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.n_kv: int = cfg.num_key_value_heads
+        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         graphs = graphs or os.environ.get("RLHFKIT_CUDA_GRAPHS") or None
@@ -155,7 +160,7 @@ class StaticCacheBackend:
     # ------------------------------------------------------------------ the math
     def _layer(
         self,
-        layer: torch.nn.Module,
+        layer: Any,  # a decoder layer of one of the supported architectures
         i: int,
         x: torch.Tensor,
         cos: torch.Tensor,
@@ -235,7 +240,7 @@ class StaticCacheBackend:
         self.k = self.v = []  # free the old cache before allocating the new one
         self.cache_dtype = dtype
         shape = (self.b_cap, self.n_kv, self.s_cap, self.head_dim)
-        new = dict(device=self.device, dtype=dtype)
+        new: dict[str, Any] = dict(device=self.device, dtype=dtype)
         self.k = [torch.zeros(shape, **new) for _ in self.layers]  # layers x (B_cap, Hk, S_cap, hd)
         self.v = [torch.zeros(shape, **new) for _ in self.layers]
         self.valid = torch.zeros(self.b_cap, self.s_cap, dtype=torch.bool, device=self.device)

@@ -226,7 +226,8 @@ class _GenericBackend:
         self.mask = torch.cat([mask, mask.new_ones(b, n_new)], dim=1)  # (B, P + T), sliced per step
         self.pos = position_ids_from_mask(mask)[:, -1:]  # (B, 1) position of the last prompt token
         self.cur = p
-        self.cache: Any = DynamicCache(config=self.model.config)
+        config: Any = self.model.config  # the transformers model's PretrainedConfig
+        self.cache: Any = DynamicCache(config=config)
         kw = {"logits_to_keep": 1} if self.keep_arg else {}
         out = self.model(
             input_ids=ids,
@@ -492,4 +493,4 @@ class RolloutEngine:
             self.model.train(was_training)
             if self._kept is not None:
                 self._kept.release()
-        return Rollout(ids, mask, *out, ended)
+        return Rollout(ids, mask, out[0], out[1], out[2], ended)  # completion ids, mask, log-probs

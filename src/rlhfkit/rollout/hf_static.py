@@ -48,7 +48,7 @@ class HFStaticBackend:
 
         b, p = ids.shape
         ids, mask = ids.to(self.device), mask.to(self.device)
-        config = getattr(self.model, "config", None)
+        config: Any = getattr(self.model, "config", None)  # the transformers model's PretrainedConfig
         self.cache: Any = StaticCache(config=config, max_cache_len=p + n_new)
         self.mask = torch.cat([mask, mask.new_zeros(b, n_new)], dim=1)  # (B, P + T): slots written so far
         self.pos = position_ids_from_mask(mask)[:, -1:]  # (B, 1)

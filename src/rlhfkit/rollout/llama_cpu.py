@@ -19,10 +19,15 @@ Shape letters as in `rlhfkit.rollout.engine`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 import torch.nn.functional as F
 
 from rlhfkit.encoding import common_prefix_len, left_pad, position_ids_from_mask
+
+if TYPE_CHECKING:
+    from transformers import LlamaForCausalLM
 
 
 def _onednn_pack(w: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -50,7 +55,10 @@ def place_slots(
 
 
 def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model  # peft -> transformers
+    if hasattr(model, "get_base_model"):  # peft -> transformers
+        base = model.get_base_model()  # type: ignore[operator]  # peft's method; nn.Module.__getattr__ is loose
+        return cast(torch.nn.Module, base)
+    return model
 
 
 def _lora_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -75,7 +83,14 @@ def _linear_weight(mod: torch.nn.Module) -> torch.Tensor | None:
     return w
 
 
-_PROJ = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+def _supported_weight(mod: torch.nn.Module) -> torch.Tensor:
+    """``_linear_weight`` of a module that ``llama_fast_path_supported`` has accepted."""
+    w = _linear_weight(mod)
+    assert w is not None, "llama_fast_path_supported accepts only bias-free Linear weights"
+    return w
+
+
+_PROJ: tuple[str, ...] = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 _PROJ += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
@@ -113,9 +128,11 @@ class LlamaCPUBackend:
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model, self.base = model, _base_model(model)
+        self.model = model
+        self.base = cast("LlamaForCausalLM", _base_model(model))  # llama_fast_path_supported checked it
         cfg = self.base.config
         self.n_heads = cfg.num_attention_heads
+        assert cfg.num_key_value_heads is not None  # LlamaConfig sets it (to num_attention_heads if unset)
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.eps = cfg.rms_norm_eps
@@ -134,7 +151,7 @@ class LlamaCPUBackend:
         head_key = (flags, None if head_w is None else (head_w.data_ptr(), head_w._version))
         if head_key != self._head_key:  # frozen under LoRA: packed once
             with torch.no_grad():
-                self.head = _linear_weight(self.base.lm_head).detach()  # (V, D)
+                self.head = _supported_weight(self.base.lm_head).detach()  # (V, D)
                 self.head_packed = _onednn_pack(self.head, 32)
             self._head_key = head_key
         key = (flags, *((p.data_ptr(), p._version) for p in self.model.parameters()))
@@ -145,10 +162,13 @@ class LlamaCPUBackend:
         pair = torch.stack([half, half + hd // 2], -1).flatten()  # (hd,) interleaved rotary pairs
         perm_q = (torch.arange(h)[:, None] * hd + pair).flatten()  # (H hd,)
         perm_k = (torch.arange(hk)[:, None] * hd + pair).flatten()  # (Hk hd,)
-        self.wqkv, self.wo, self.wgu, self.wd = [], [], [], []
+        self.wqkv: list[torch.Tensor] = []
+        self.wo: list[torch.Tensor] = []
+        self.wgu: list[torch.Tensor] = []
+        self.wd: list[torch.Tensor] = []
         with torch.no_grad():
             for layer in self.layers:
-                wq, wk, wv, wo, wg, wu, wd = (_linear_weight(layer.get_submodule(n)) for n in _PROJ)
+                wq, wk, wv, wo, wg, wu, wd = (_supported_weight(layer.get_submodule(n)) for n in _PROJ)
                 w = torch.cat([wq[perm_q] * hd**-0.5, wk[perm_k], wv])  # ((H + 2 Hk) hd, D)
                 self.wqkv.append(w * layer.input_layernorm.weight)
                 self.wgu.append(torch.cat([wg, wu]) * layer.post_attention_layernorm.weight)  # (2 I, D)

@@ -35,7 +35,7 @@ from rlhfkit.encoding import char_limit, prompt_ids, text_chars
 from rlhfkit.feedback.security import same_secret
 from rlhfkit.models import context_length
 from rlhfkit.rollout.engine import RolloutEngine, SamplingConfig
-from rlhfkit.serve.protocol import APIError, ChatRequest, CompletionRequest, Sampling, parse
+from rlhfkit.serve.protocol import APIError, ChatRequest, CompletionRequest, NamedChoice, Sampling, parse
 from rlhfkit.serve.responses import Exchange, sse
 from rlhfkit.serve.scheduler import Delta, Done, Event, Failed, Job, Overloaded, Scheduler
 from rlhfkit.serve.scheduler import Request as GenRequest
@@ -44,7 +44,7 @@ from rlhfkit.serve.tools import render_chat
 log = logging.getLogger("rlhfkit.serve")
 
 
-def create_app(
+def create_app(  # noqa: C901, PLR0915 - the routes are closures over the app's state
     engine: RolloutEngine,
     model_id: str,
     api_key: str | None = None,
@@ -173,7 +173,7 @@ def create_app(
             raise APIError(400, f"the messages are far longer than this model's context of {context} tokens",
                            param="messages", code="context_length_exceeded")  # fmt: skip
         tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None
-        choice = req.tool_choice.model_dump() if hasattr(req.tool_choice, "model_dump") else req.tool_choice
+        choice = req.tool_choice.model_dump() if isinstance(req.tool_choice, NamedChoice) else req.tool_choice
 
         def render() -> Any:
             with scheduler.tokenizer_lock:

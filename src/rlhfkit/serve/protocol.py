@@ -14,7 +14,7 @@ misspelt setting never passes silently.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -238,8 +238,8 @@ class CompletionRequest(Sampling):
         if isinstance(p, str):
             return [p]
         if all(isinstance(x, int) for x in p):
-            return [list(p)]  # type: ignore[arg-type]
-        return list(p)  # type: ignore[arg-type]
+            return [list(cast("list[int]", p))]
+        return list(cast("list[str] | list[list[int]]", p))  # not all ints: strings or lists of ids
 
 
 def parse(raw: bytes, model: type[Strict]) -> Any:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -213,12 +213,14 @@ class Scheduler:
         if not len(self.batch):
             return
         logits = self.batch.logits
+        assert logits is not None  # the batch has running rows
+        running = cast("list[tuple[int, int]]", self.batch.keys)  # as `_join` gives: (job number, choice)
         tokens, _ = self.batch.sample()  # (b,)
-        wanted = [i for i, key in enumerate(self.batch.keys) if self.jobs[key].request.logprobs is not None]
+        wanted = [i for i, key in enumerate(running) if self.jobs[key].request.logprobs is not None]
         logprobs = logits[wanted].log_softmax(-1) if wanted else None  # (w, V)
         deltas: dict[Job, list[Delta]] = {}
         keep = []
-        for i, (key, token) in enumerate(zip(self.batch.keys, tokens.tolist(), strict=True)):
+        for i, (key, token) in enumerate(zip(running, tokens.tolist(), strict=True)):
             job, index = self.jobs[key], key[1]
             stream = job.streams[index]
             with self.tokenizer_lock:
@@ -232,7 +234,9 @@ class Scheduler:
                     text += stream.finish()
             delta = Delta(index, text, finish_reason=finish)
             if logprobs is not None and i in wanted:
-                delta.logprobs.append(self._logprob(logprobs[wanted.index(i)], token, job.request.logprobs))
+                k = job.request.logprobs
+                assert k is not None  # `wanted` holds the rows whose request asks for log-probs
+                delta.logprobs.append(self._logprob(logprobs[wanted.index(i)], token, k))
             deltas.setdefault(job, []).append(delta)
             job.tokens += 1
             keep.append(finish is None)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import gc
 import hashlib
 import json
@@ -161,7 +162,7 @@ def model_fingerprint(name_or_path: str) -> str:
     for file in [path / "config.json", *sorted(path.glob("*.safetensors"))]:
         digest.update(file.name.encode())
         with open(file, "rb") as fh:
-            for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+            for block in iter(functools.partial(fh.read, 1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()
 

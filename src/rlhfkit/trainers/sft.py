@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -78,7 +78,8 @@ class SFTTrainer(SupervisedTrainer[SequenceExample]):
             runtime=resolve_runtime(cfg.train), gradient_checkpointing=cfg.train.gradient_checkpointing,
         )  # fmt: skip
         super().__init__(cfg, model, tokenizer, train, evals)
-        self.uniform_loss = math.log(decoder_and_head(model)[1].weight.shape[0])  # ln V
+        head_weight = cast(torch.Tensor, decoder_and_head(model)[1].weight)  # (V, D)
+        self.uniform_loss = math.log(head_weight.shape[0])  # ln V
 
     def example_length(self, example: SequenceExample) -> int:
         return len(example)
