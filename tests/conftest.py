@@ -15,7 +15,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`@pytest.mark.cuda` tests run only where CUDA is: skipped elsewhere, with the reason."""
+    """Tests that use the `chromium` fixture are marked `browser` (`make test-fast` leaves them out).
+    `@pytest.mark.cuda` tests run only where CUDA is: skipped elsewhere, with the reason."""
+    for item in items:
+        if "chromium" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
     import torch
 
     if torch.cuda.is_available():

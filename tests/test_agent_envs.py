@@ -509,6 +509,7 @@ def test_sandbox_python_has_no_network(os_env):
     assert "connected" not in content.replace("not connected", "")
 
 
+@pytest.mark.slow
 def test_sandbox_limits_time_output_and_file_size():
     env = load_environment("os", command_timeout=1, max_output_chars=500)
     env.reset(os_tasks.make_tasks("test")[0])

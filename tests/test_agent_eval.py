@@ -277,7 +277,7 @@ def tool_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, one_t
 def test_a_local_policy_and_the_same_model_served_act_alike(tool_model: Path, tmp_path: Path):
     """The episode runner (tokens) and an endpoint (`rlhfkit serve`, chat API with tools=) render tools and
     tool results the same way: the same greedy model takes the same turns and both solve the task."""
-    from tests.test_serve import running_server
+    from tests.helpers import running_server
 
     with running_server(tool_model) as url:
         out = tmp_path / "both"
@@ -298,6 +298,7 @@ def test_a_local_policy_and_the_same_model_served_act_alike(tool_model: Path, tm
     assert local["messages"][-1] == {"role": "assistant", "content": "5"}
 
 
+@pytest.mark.slow
 def test_local_llm_chat_with_tools_returns_the_calls(tool_model: Path):
     from rlhfkit.chat_tools import tool_schemas
     from rlhfkit.llm import LocalLLM

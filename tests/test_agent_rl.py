@@ -186,7 +186,7 @@ def test_resume_equals_uninterrupted(tiny_model: Path, tmp_path: Path):
 
 def test_env_settings_and_bad_env_configs(tiny_model: Path, tmp_path: Path):
     with pytest.raises(ConfigError, match="gives the rewards"):
-        run_grpo(config(GRPOConfig, tiny_model, tmp_path / "x", "reward_fn=tests.test_grpo:constant"))
+        run_grpo(config(GRPOConfig, tiny_model, tmp_path / "x", "reward_fn=tests.helpers:constant"))
     with pytest.raises(ConfigError, match="no train tasks"):
         run_grpo(config(GRPOConfig, tiny_model, tmp_path / "y", "env_settings.n=0"))
     with pytest.raises(ConfigError, match="exceeds the model's context"):

@@ -8,11 +8,13 @@ import os
 import subprocess
 import sys
 
+import pytest
 from rich.table import Table
 
 from rlhfkit.console import MessageConsole
 
 
+@pytest.mark.slow
 def test_a_long_deprecation_note_and_an_error_are_one_line_each_in_a_log(tmp_path):
     missing = tmp_path / ("a-folder-long-enough-to-push-the-error-past-eighty-columns" * 2) / "demos.jsonl"
     env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}

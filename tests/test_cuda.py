@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import read_metrics
-from tests.test_loop import Stop, max_diff
-from tests.test_sft import sft_config
+from tests.helpers import Stop, max_diff, sft_config
 
 from rlhfkit.checkpoint import list_checkpoints, read_checkpoint
 from rlhfkit.device import resolve_runtime
@@ -107,14 +106,15 @@ def test_resume_on_the_gpu_equals_uninterrupted(tiny_model: Path, memory_data: P
 
 def test_grpo_steps_on_the_gpu(tiny_model: Path, tmp_path: Path):
     """RL on the GPU: rollouts (the CUDA backend or the generic one), a bf16 reference, the update."""
-    from tests.test_grpo import config, count_target, prompts_file
+    from tests.helpers import count_target, grpo_config, grpo_prompts_file
 
     from rlhfkit.data import load_prompts
     from rlhfkit.rewards import function_scorer
     from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer
 
     out = tmp_path / "grpo"
-    cfg = config(GRPOConfig, tiny_model, prompts_file(tmp_path), out, "train.max_steps=3", "train.lr=1e-2")
+    prompts = grpo_prompts_file(tmp_path)
+    cfg = grpo_config(GRPOConfig, tiny_model, prompts, out, "train.max_steps=3", "train.lr=1e-2")
     trainer = GRPOTrainer(cfg, load_prompts(cfg.prompts), function_scorer(count_target))
     assert {(p.device.type, p.dtype) for p in trainer.reference.parameters()} == {("cuda", torch.bfloat16)}
     trainer.run()

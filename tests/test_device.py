@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import read_metrics, write_jsonl
-from tests.test_sft import sft_config
+from tests.helpers import sft_config
 
 from rlhfkit import device as dev
 from rlhfkit.device import Runtime, resolve_device, resolve_precision
@@ -250,7 +250,7 @@ def test_precision_changes_between_runs_in_one_process(tiny_model: Path, memory_
 
 
 def test_reward_model_in_bf16_learns(tiny_model: Path, tmp_path: Path):
-    from tests.test_rm import good_word_pairs, rm_config
+    from tests.helpers import good_word_pairs, rm_config
 
     from rlhfkit.trainers.rm import run_rm
 
@@ -263,8 +263,7 @@ def test_reward_model_in_bf16_learns(tiny_model: Path, tmp_path: Path):
 
 
 def test_dpo_in_bf16_learns(tiny_model: Path, tmp_path: Path):
-    from tests.test_dpo import dpo_config
-    from tests.test_rm import good_word_pairs
+    from tests.helpers import dpo_config, good_word_pairs
 
     from rlhfkit.trainers.dpo import run_dpo
 
@@ -278,16 +277,17 @@ def test_dpo_in_bf16_learns(tiny_model: Path, tmp_path: Path):
     assert min(losses[-3:]) < 0.5, losses
 
 
+@pytest.mark.slow
 def test_grpo_in_bf16_learns_with_a_bf16_reference(tiny_model: Path, tmp_path: Path):
-    from tests.test_grpo import config, count_target, prompts_file
+    from tests.helpers import count_target, grpo_config, grpo_prompts_file
 
     from rlhfkit.data import load_prompts
     from rlhfkit.rewards import function_scorer
     from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer
 
     out = tmp_path / "grpo"
-    cfg = config(GRPOConfig, tiny_model, prompts_file(tmp_path), out, "train.max_steps=16", "train.lr=1e-2",
-                 "train.precision=bf16")  # fmt: skip
+    cfg = grpo_config(GRPOConfig, tiny_model, grpo_prompts_file(tmp_path), out, "train.max_steps=16",
+                      "train.lr=1e-2", "train.precision=bf16")  # fmt: skip
     trainer = GRPOTrainer(cfg, load_prompts(cfg.prompts), function_scorer(count_target))
     assert {p.dtype for p in trainer.reference.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in trainer.policy.parameters()} == {torch.float32}
@@ -298,17 +298,18 @@ def test_grpo_in_bf16_learns_with_a_bf16_reference(tiny_model: Path, tmp_path: P
     assert last > first + 0.8, (first, last)  # see tests/test_grpo.py: ~0.2 per answer by chance
 
 
+@pytest.mark.slow
 def test_ppo_in_bf16_learns(tiny_model: Path, tmp_path: Path):
-    from tests.test_ppo import count_target, ppo_config, prompts_file
+    from tests.helpers import ppo_config, ppo_count_target, ppo_prompts_file
 
     from rlhfkit.data import load_prompts
     from rlhfkit.rewards import function_scorer
     from rlhfkit.trainers.ppo import PPOTrainer
 
     out = tmp_path / "ppo"
-    cfg = ppo_config(tiny_model, prompts_file(tmp_path), out, "train.max_steps=16", "train.lr=1e-3",
+    cfg = ppo_config(tiny_model, ppo_prompts_file(tmp_path), out, "train.max_steps=16", "train.lr=1e-3",
                      "kl_coef=0.1", "train.precision=bf16")  # fmt: skip
-    trainer = PPOTrainer(cfg, load_prompts(cfg.prompts), function_scorer(count_target))
+    trainer = PPOTrainer(cfg, load_prompts(cfg.prompts), function_scorer(ppo_count_target))
     assert {p.dtype for p in trainer.reference.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in trainer.value.parameters()} == {torch.float32}
     trainer.run()
@@ -340,7 +341,7 @@ def test_rng_state_on_the_cpu_and_a_checkpoint_from_a_gpu_run(tmp_path: Path):
 
 
 def test_gradient_checkpointing_gives_the_same_training(tiny_model: Path, memory_data: Path, tmp_path: Path):
-    from tests.test_loop import max_diff
+    from tests.helpers import max_diff
 
     from rlhfkit.trainers.sft import run_sft
 
@@ -375,6 +376,7 @@ def test_shared_prompt_forward_under_gradient_checkpointing(tiny_model: Path):
 
 
 # ------------------------------------------------------------------------------------------ the cuda marker
+@pytest.mark.slow
 def test_a_skipped_cuda_test_fails_where_cuda_is_available(tmp_path: Path):
     """conftest's hook, run in a pytest of its own on a pretend CUDA machine: a cuda-marked test that skips
     is reported as a failure; one that passes passes; an unmarked skip stays a skip."""

@@ -10,22 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import read_metrics, write_jsonl
-from tests.test_loop import max_diff
-from tests.test_rm import good_word_pairs, good_word_rankings
+from tests.helpers import dpo_config, good_word_pairs, good_word_rankings, max_diff
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app
-from rlhfkit.config import load_config
 from rlhfkit.prefix import SharedPromptBatch
 from rlhfkit.trainers import dpo
-from rlhfkit.trainers.dpo import CACHE_FILE, DPOConfig, DPOTrainer, prepare_dpo, run_dpo
-
-
-def dpo_config(model: Path, data: Path, out: Path, *sets: str) -> DPOConfig:
-    # one thread: a tiny model gains nothing from two, and it keeps the tests fast on a busy machine
-    base = [f"policy={model}", f"data.path={data}", f"output={out}", "train.save_every=0", "train.threads=1"]
-    return load_config(DPOConfig, None, base + list(sets))
-
+from rlhfkit.trainers.dpo import CACHE_FILE, DPOTrainer, prepare_dpo, run_dpo
 
 metrics = read_metrics
 

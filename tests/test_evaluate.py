@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import write_jsonl
+from tests.helpers import eval_prompts, perturbed_model, reward_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhfkit.encoding import prompt_answer_ids, prompt_ids
@@ -26,7 +26,7 @@ from rlhfkit.evaluate import (
     sequence_kl,
     win_rate,
 )
-from rlhfkit.models import build_reward_model, eos_token_ids, load_causal_lm
+from rlhfkit.models import eos_token_ids, load_causal_lm
 from rlhfkit.rollout import RolloutEngine, SamplingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -84,36 +84,6 @@ def test_ranking_accuracy_by_hand():
 
 
 # ------------------------------------------------------------------------------------------ tiny models
-def perturbed_model(base: Path, out: Path, seed: int, scale: float = 0.2) -> Path:
-    """A copy of the tiny model with Gaussian noise on its matrices: the untouched random model answers
-    every prompt with newlines, a perturbed one with varied characters (so gold scores differ)."""
-    if (out / "config.json").is_file():
-        return out
-    model, tokenizer = load_causal_lm(str(base))
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.add_(torch.randn(p.shape, generator=gen) * scale)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def reward_model(base: Path, out: Path) -> Path:
-    """A reward model with a random (seeded) head on the tiny model."""
-    if (out / "config.json").is_file():
-        return out
-    torch.manual_seed(0)
-    model, tokenizer = build_reward_model(str(base))
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-def eval_prompts(path: Path, n: int = 6) -> Path:
-    rows = [{"prompt": [{"role": "user", "content": f"Tell me about item {i}?"}]} for i in range(n)]
-    return write_jsonl(path, rows)
 
 
 @pytest.fixture(scope="module")

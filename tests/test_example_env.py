@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from rlhfkit.agents import load_environment
 from rlhfkit.agents.tools import tool_schema
 from rlhfkit.toolcalls import ToolCall
@@ -37,6 +39,7 @@ def test_inventory_environment_plays_an_episode():
     assert right.done and right.reward == 1.0 and right.info["reason"] == "answer"
 
 
+@pytest.mark.slow
 def test_agent_eval_runs_the_example(tiny_model: Path, tmp_path: Path):
     out = tmp_path / "eval"
     env = "examples.inventory_env:Inventory"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import write_jsonl
-from tests.test_feedback_server import make_project
+from tests.helpers import make_project
 
 from rlhfkit.data import PreferenceRecord, RankingRecord, load_preferences
 from rlhfkit.errors import RlhfkitError
@@ -178,6 +178,7 @@ def test_write_atomic_keeps_the_old_file_on_failure(tmp_path: Path, monkeypatch:
 
 
 # ------------------------------------------------------------------------------------------ prepare
+@pytest.mark.slow
 def test_prepare_on_the_tiny_model(tiny_model: Path, tmp_path: Path):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [
         {"prompt": "Name a colour."},
@@ -209,6 +210,7 @@ def test_prepare_on_the_tiny_model(tiny_model: Path, tmp_path: Path):
         run_prepare(dataclasses.replace(cfg, model="never-loaded"))  # refused before any model is loaded
 
 
+@pytest.mark.slow
 def test_cli_user_errors_are_one_line(tmp_path: Path):
     bad = tmp_path / "prompts.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": ""}\n')
@@ -235,6 +237,7 @@ def test_cli_user_errors_are_one_line(tmp_path: Path):
 FILLERS = ["blue", "cold", "warm", "soft", "dark", "tall", "slow", "fast", "gold", "grey", "goat", "thin"]
 
 
+@pytest.mark.slow
 def test_exported_pairs_train_a_reward_model(tiny_model: Path, tmp_path: Path):
     """People prefer answers with more "good" in them; two annotators label 48 items through the store, one
     with a tie and an occasional slip. A reward model trained on the exported pairs of 36 items orders the

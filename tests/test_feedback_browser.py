@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from tests.test_feedback_server import PASSWORD, XSS, live_server, make_project
+from tests.helpers import PASSWORD, XSS, live_server, make_project
 
 from rlhfkit.data import RankingRecord, load_preferences
 

@@ -11,7 +11,6 @@ import json
 import logging
 import random
 import re
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,58 +19,21 @@ import time
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from fastapi.routing import APIRoute
 from tests.conftest import free_port, wait_until_up
+from tests.helpers import PASSWORD, XSS, live_server, make_project
 
 from rlhfkit.feedback import store
 from rlhfkit.feedback.app import create_app, display_order
 from rlhfkit.feedback.export import export_rows, to_jsonl
 from rlhfkit.feedback.security import LoginThrottle
 
-PASSWORD = "correct horse battery"
-XSS = '<script>window.__xss = 1</script><img src=x onerror="window.__xss = 2"><b>bold</b>'
-
-
 # ------------------------------------------------------------------------------------------ helpers
-def make_project(
-    db: Path, items: Sequence[tuple[Any, Sequence[str]]], overlap: int, users: dict[str, str]
-) -> sqlite3.Connection:
-    """A project of ``(prompt, answer texts)`` items and ``{name: role}`` accounts (all with PASSWORD)."""
-    conn = store.open_db(db, create=True)
-    store.create_project(
-        conn, [(p, [(a, f"model-{i % 2}") for i, a in enumerate(ans)]) for p, ans in items], overlap
-    )
-    for name, role in users.items():
-        store.add_user(conn, name, role, PASSWORD)
-    return conn
-
-
-@contextmanager
-def live_server(db: Path, **options: Any) -> Iterator[str]:
-    """Serve the app (``create_app(db, **options)``) with uvicorn in a thread on a free loopback port; yields
-    the base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(create_app(db, **options), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:  # readiness poll: `started` flips once the socket accepts connections
-        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
-        sock.close()
 
 
 def hidden(html: str, name: str) -> str:
@@ -331,6 +293,7 @@ def test_feedback_serve_trusts_forwarded_headers_only_from_its_proxies(tmp_path:
         server.wait(timeout=30)
 
 
+@pytest.mark.slow
 def test_labelling_flow_and_admin_page(project):
     db, base = project
     ann = login(base, "ann")
@@ -388,6 +351,7 @@ def clocked(tmp_path: Path) -> Iterator[tuple[str, list[float]]]:
         yield base, now
 
 
+@pytest.mark.slow
 def test_failed_logins_lock_the_account_until_the_window_passes(clocked):
     base, now = clocked
     for i in range(10):  # one failure from each of 10 addresses: only the account's count can lock
@@ -405,6 +369,7 @@ def test_failed_logins_lock_the_account_until_the_window_passes(clocked):
     assert attempt_login(base, "ann", PASSWORD, "127.0.2.1").status_code == 303
 
 
+@pytest.mark.slow
 def test_failed_logins_lock_the_address(project):
     _, base = project
     for name in [*(f"nobody{i}" for i in range(8)), "bob", "root"]:  # unknown and real names alike
@@ -414,6 +379,7 @@ def test_failed_logins_lock_the_address(project):
     assert attempt_login(base, "ann", PASSWORD, "127.0.3.2").status_code == 303  # another address may
 
 
+@pytest.mark.slow
 def test_a_login_clears_the_accounts_failures_not_the_addresses(project):
     _, base = project
     for _ in range(9):
@@ -460,6 +426,7 @@ def test_the_throttle_keeps_its_memory_bounded():
 
 
 # ------------------------------------------------------------------------------------------ concurrency
+@pytest.mark.slow
 def test_parallel_annotators_lose_and_double_nothing(tmp_path: Path):
     """20 annotators label 260 items x overlap 2 = 520 labels at once; about 1 in 6 submissions is sent twice
     in a row (a retry) and 1 in 10 twice at the same moment (a double click), and some annotators try a

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from tests.conftest import write_jsonl
 
 CLI = [sys.executable, "-m", "rlhfkit.cli", "generate"]
@@ -19,6 +20,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, env=ENV)
 
 
+@pytest.mark.slow
 def test_generate_writes_n_seeded_answers_per_prompt(tmp_path: Path, tiny_model: Path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [
         {"prompt": "Item 1?", "id": "a"}, {"prompt": [{"role": "user", "content": "Item 2?"}], "id": "b"},
@@ -47,6 +49,7 @@ def test_generate_writes_n_seeded_answers_per_prompt(tmp_path: Path, tiny_model:
     )
 
 
+@pytest.mark.slow
 def test_a_bad_prompts_file_is_one_line_and_exit_2(tmp_path: Path, tiny_model: Path):
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "fine"}, {"prompt": ""}])
     done = run("--model", str(tiny_model), "--prompts", str(prompts), "--output", str(tmp_path / "o.jsonl"))

@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 import torch
-from tests.test_rollout_cuda import PAD, PROMPTS, VOCAB, engine, eos_ending_rows, hf_logprobs, make
+from tests.helpers import PAD, PROMPTS, VOCAB, eos_ending_rows, family_model, hf_logprobs, rollout_engine
 from torch.overrides import TorchFunctionMode
 
 from rlhfkit.rollout import SamplingConfig, left_pad
@@ -33,7 +33,7 @@ def test_prefill_gives_sdpa_as_many_key_heads_as_query_heads(monkeypatch: pytest
         return plain(q, k, v, **kwargs)
 
     monkeypatch.setattr(cuda_module.F, "scaled_dot_product_attention", spy)
-    model = make("qwen2")
+    model = family_model("qwen2")
     ids, mask = left_pad(PROMPTS, PAD)
     with torch.no_grad():
         StaticCacheBackend(model).start(PROMPTS, ids, mask, 4)
@@ -73,7 +73,8 @@ def test_a_decode_step_makes_at_most_one_transfer(stop_at_eos: bool) -> None:
     """The calls of a rollout of 16 steps minus those of a rollout of 8: the cost of 8 decode steps. Each
     step may read back which rows ended (when EOS stops a row), nothing else: the uniforms are drawn once a
     rollout, and the tokens stay on the device until the rollout ends."""
-    e = engine(make("qwen2"), "cuda_static", eos=VOCAB + 1)  # an EOS no row samples: T steps a rollout
+    # an EOS no row samples: T steps a rollout
+    e = rollout_engine(family_model("qwen2"), "cuda_static", eos=VOCAB + 1)
 
     def count(t: int) -> int:
         cfg = SamplingConfig(max_new_tokens=t, stop_at_eos=stop_at_eos)
@@ -91,8 +92,8 @@ def test_uniforms_drawn_at_once_give_the_rollout_of_per_step_draws() -> None:
     after another sampled alone with the same generator (`rollout.continuous` draws per step)."""
     from rlhfkit.rollout.engine import sample_tokens
 
-    model = make("qwen2")
-    e = engine(model, "cuda_static", eos=VOCAB + 1)
+    model = family_model("qwen2")
+    e = rollout_engine(model, "cuda_static", eos=VOCAB + 1)
     cfg = SamplingConfig(max_new_tokens=6)
     r = e.generate(PROMPTS[:1], cfg, torch.Generator().manual_seed(3))
     gen = torch.Generator().manual_seed(3)
@@ -106,7 +107,7 @@ def test_uniforms_drawn_at_once_give_the_rollout_of_per_step_draws() -> None:
 
 
 def test_compaction_copies_only_the_written_slots() -> None:
-    model = make("llama")
+    model = family_model("llama")
     backend = StaticCacheBackend(model)
     ids, mask = left_pad(PROMPTS, PAD)
     with torch.no_grad():
@@ -129,8 +130,8 @@ def test_compaction_copies_only_the_written_slots() -> None:
 def test_release_frees_a_cache_that_holds_too_much_of_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
     """Kept between rollouts (a training run's shapes repeat) unless it holds more than KEEP_FRACTION of the
     device's memory: then the update that follows gets it back, and the next rollout rebuilds it."""
-    model = make("qwen2")
-    e = engine(model, "cuda_static")
+    model = family_model("qwen2")
+    e = rollout_engine(model, "cuda_static")
     cfg = SamplingConfig(max_new_tokens=6)
     e.generate(PROMPTS, cfg, torch.Generator())
     held = e._kept.held_bytes()
@@ -150,8 +151,8 @@ def test_release_frees_a_cache_that_holds_too_much_of_the_gpu(monkeypatch: pytes
 def test_cache_follows_the_rollouts_precision() -> None:
     """Float32 weights: a float32 cache, or bf16 under bf16 autocast (half the bytes a decode step reads); a
     rollout in the other precision reallocates it."""
-    model = make("qwen2")
-    e = engine(model, "cuda_static")
+    model = family_model("qwen2")
+    e = rollout_engine(model, "cuda_static")
     cfg = SamplingConfig(max_new_tokens=4)
     e.generate(PROMPTS, cfg, torch.Generator())
     assert e._kept.k[0].dtype == torch.float32
@@ -165,19 +166,21 @@ def test_cache_follows_the_rollouts_precision() -> None:
 
 def test_no_compile_variant() -> None:
     with pytest.raises(ValueError, match="graphs must be 'cuda' or 'off', not 'compile'"):
-        StaticCacheBackend(make("llama"), graphs="compile")
+        StaticCacheBackend(family_model("llama"), graphs="compile")
 
 
 def test_rows_ending_run_a_smaller_bucket() -> None:
     """Eager, on the buckets graphs would use: with two of five rows ended the batch is compacted and the
     bucket of 4 runs (with one row ended it would not: 1 x 4 < 5), with the tokens of the plain path."""
-    model = make("qwen2")
+    model = family_model("qwen2")
     full = SamplingConfig(max_new_tokens=12, temperature=0.0, stop_at_eos=False)
-    eos = eos_ending_rows(engine(model, "generic", eos=VOCAB - 1).generate(PROMPTS, full).completion_ids)
-    e = engine(model, "cuda_static", eos=eos)
+    eos = eos_ending_rows(
+        rollout_engine(model, "generic", eos=VOCAB - 1).generate(PROMPTS, full).completion_ids
+    )
+    e = rollout_engine(model, "cuda_static", eos=eos)
     e._kept = StaticCacheBackend(model, graphs="off", pad_to_bucket=True)
     r = e.generate(PROMPTS, SamplingConfig(max_new_tokens=12, temperature=0.0))
     greedy = SamplingConfig(max_new_tokens=12, temperature=0.0)
-    want = engine(model, "generic", eos=eos).generate(PROMPTS, greedy)
+    want = rollout_engine(model, "generic", eos=eos).generate(PROMPTS, greedy)
     assert int(r.ended.sum()) >= 2 and torch.equal(r.completion_ids, want.completion_ids)
     assert min(e._kept.runs) < e._kept.b_cap, e._kept.runs

@@ -8,40 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import write_jsonl
+from tests.helpers import constant, count_target, grpo_config, grpo_prompts_file
 
-from rlhfkit.config import load_config
 from rlhfkit.experience import Experience
 from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.rewards import RewardComponent, RewardMix, function_scorer
 from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, run_grpo
-
-
-def count_target(prompts: list[str], completions: list[str], target: list[str], **fields) -> list[float]:
-    """Verifiable reward: how many answer characters equal the prompt's own `target` field."""
-    return [float(c.count(t)) for c, t in zip(completions, target, strict=True)]
-
-
-def constant(prompts: list[str], completions: list[str], **fields) -> list[float]:
-    return [1.0] * len(completions)
-
-
-def prompts_file(tmp_path: Path, n: int = 16) -> Path:
-    rows = [
-        {"prompt": [{"role": "user", "content": f"Write {i}."}], "target": "a" if i % 2 else "e"}
-        for i in range(n)
-    ]
-    return write_jsonl(tmp_path / "prompts.jsonl", rows)
-
-
-def config(cls: type[GRPOConfig], model: Path, prompts: Path, out: Path, *sets: str) -> GRPOConfig:
-    base = [
-        f"policy={model}", f"prompts={prompts}", f"output={out}", "sampling.max_new_tokens=16",
-        "sampling.temperature=1.0",
-        "prompts_per_step=8", "num_generations=4", "sample_every=0", "train.save_every=0",
-        "reward_fn=tests.test_grpo:count_target", "train.scheduler=cosine",
-    ]  # fmt: skip
-    return load_config(cls, None, base + list(sets))
 
 
 def train_rows(out: Path) -> list[dict]:
@@ -52,7 +24,9 @@ def train_rows(out: Path) -> list[dict]:
 @pytest.mark.parametrize("cls", [GRPOConfig, RLOOConfig])
 def test_critic_free_rl_raises_a_verifiable_reward(cls: type[GRPOConfig], tiny_model: Path, tmp_path: Path):
     out = tmp_path / "run"
-    cfg = config(cls, tiny_model, prompts_file(tmp_path), out, "train.max_steps=20", "train.lr=1e-2")
+    cfg = grpo_config(
+        cls, tiny_model, grpo_prompts_file(tmp_path), out, "train.max_steps=20", "train.lr=1e-2"
+    )
     run_grpo(cfg)
     rows = train_rows(out)
     assert len(rows) == 20
@@ -76,8 +50,8 @@ def test_critic_free_rl_raises_a_verifiable_reward(cls: type[GRPOConfig], tiny_m
 def test_beta_zero_loads_no_reference(tiny_model: Path, tmp_path: Path):
     from rlhfkit.data import load_prompts
 
-    prompts = prompts_file(tmp_path)
-    cfg = config(GRPOConfig, tiny_model, prompts, tmp_path / "b0", "beta=0", "train.max_steps=1")
+    prompts = grpo_prompts_file(tmp_path)
+    cfg = grpo_config(GRPOConfig, tiny_model, prompts, tmp_path / "b0", "beta=0", "train.max_steps=1")
     trainer = GRPOTrainer(cfg, load_prompts(prompts), function_scorer(constant))
     assert trainer.reference is None and not trainer.need_reference
 
@@ -94,12 +68,12 @@ def test_equal_rewards_give_no_update_with_dynamic_sampling(tiny_model: Path, tm
 
     out = tmp_path / "flat"
     sets = [
-        "reward_fn=tests.test_grpo:constant",
+        "reward_fn=tests.helpers:constant",
         "dynamic_sampling=true",
         "train.max_steps=2",
         "train.lr=1e-2",
     ]
-    run_grpo(config(GRPOConfig, tiny_model, prompts_file(tmp_path), out, *sets))
+    run_grpo(grpo_config(GRPOConfig, tiny_model, grpo_prompts_file(tmp_path), out, *sets))
     rows = train_rows(out)
     assert [r["skipped"] for r in rows] == [1.0, 1.0]
     assert all(r["zero_variance_groups"] == 1.0 for r in rows)
@@ -114,9 +88,9 @@ def test_masked_truncated_answers_carry_no_gradient(tiny_model: Path, tmp_path: 
     """With 4-token answers few rows reach EOS: mask_truncated zeroes exactly the others."""
     from rlhfkit.data import load_prompts
 
-    prompts = prompts_file(tmp_path)
+    prompts = grpo_prompts_file(tmp_path)
     sets = ["sampling.max_new_tokens=4", "mask_truncated=true", "train.max_steps=1"]
-    cfg = config(GRPOConfig, tiny_model, prompts, tmp_path / "trunc", *sets)
+    cfg = grpo_config(GRPOConfig, tiny_model, prompts, tmp_path / "trunc", *sets)
     trainer = GRPOTrainer(cfg, load_prompts(prompts), function_scorer(count_target))
     experience, stats = trainer.make_experience(trainer.sample(trainer.batch_indices(0)))
     assert experience is not None
@@ -137,8 +111,10 @@ def test_loss_is_summed_over_the_items_its_aggregation_averages(
     """The loop divides by `num_items`: tokens for "dapo", sequences for "grpo" and "dr_grpo"."""
     from rlhfkit.data import load_prompts
 
-    prompts = prompts_file(tmp_path)
-    cfg = config(GRPOConfig, tiny_model, prompts, tmp_path / loss_type, f"loss_type={loss_type}", "beta=0")
+    prompts = grpo_prompts_file(tmp_path)
+    cfg = grpo_config(
+        GRPOConfig, tiny_model, prompts, tmp_path / loss_type, f"loss_type={loss_type}", "beta=0"
+    )
     trainer = GRPOTrainer(cfg, load_prompts(prompts), function_scorer(count_target))
     batch = SharedPromptBatch.build([[5, 6]] * 2, [[7, 8, 9, 10]] * 2, 0)  # 2-token prompts, 4-token answers
     lmask = torch.tensor([[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0]])  # 4 + 3 answer tokens
@@ -160,7 +136,7 @@ def test_reward_mix_weights_and_logs_each_component(tiny_model: Path, tmp_path: 
             RewardComponent("flat", -0.5, function_scorer(constant)),
         ]
     )
-    cfg = config(GRPOConfig, tiny_model, prompts_file(tmp_path), out, "train.max_steps=1")
+    cfg = grpo_config(GRPOConfig, tiny_model, grpo_prompts_file(tmp_path), out, "train.max_steps=1")
     run_grpo(cfg, mix)
     (row,) = train_rows(out)
     assert row["score"] == pytest.approx(2.0 * row["reward_letters"] - 0.5 * row["reward_flat"], abs=1e-4)
@@ -171,7 +147,7 @@ def test_reward_weights_must_match_components(tmp_path: Path):
     from rlhfkit.errors import ConfigError
 
     with pytest.raises(ConfigError, match="reward_weights has 2 entries for 1 reward components"):
-        RewardMix.from_specs([], ["tests.test_grpo:constant"], [1.0, 2.0])
+        RewardMix.from_specs([], ["tests.helpers:constant"], [1.0, 2.0])
     with pytest.raises(ConfigError, match="RL needs a reward"):
         RewardMix.from_specs([], [])
 
@@ -187,7 +163,7 @@ def test_cli_grpo_bad_prompt_names_the_line(tiny_model: Path, tmp_path: Path):
     result = CliRunner().invoke(
         app,
         ["grpo", "--policy", str(tiny_model), "--prompts", str(bad), "--output", str(out),
-         "--reward-fn", "tests.test_grpo:constant"],
+         "--reward-fn", "tests.helpers:constant"],
     )  # fmt: skip
     assert result.exit_code == 2
     assert "bad.jsonl:2" in result.output and "prompt" in result.output
@@ -207,9 +183,11 @@ def test_a_registered_advantage_estimator_is_one_function_and_a_line(tiny_model:
         centred = grouped - grouped.mean(dim=1, keepdim=True)
         return centred.reshape(-1), (centred == 0).all(dim=1)
 
-    prompts = prompts_file(tmp_path)
+    prompts = grpo_prompts_file(tmp_path)
     try:
-        cfg = config(GRPOConfig, tiny_model, prompts, tmp_path / "mb", "advantage=mean_baseline", "beta=0")
+        cfg = grpo_config(
+            GRPOConfig, tiny_model, prompts, tmp_path / "mb", "advantage=mean_baseline", "beta=0"
+        )
         trainer = GRPOTrainer(cfg, load_prompts(prompts), function_scorer(count_target))
         samples = trainer.sample(trainer.batch_indices(0))
         experience, _ = trainer.make_experience(samples)
@@ -220,6 +198,6 @@ def test_a_registered_advantage_estimator_is_one_function_and_a_line(tiny_model:
         )
     finally:
         del losses.ADVANTAGE_ESTIMATORS["mean_baseline"]
-    bad = config(GRPOConfig, tiny_model, prompts, tmp_path / "bad", "advantage=nope")
+    bad = grpo_config(GRPOConfig, tiny_model, prompts, tmp_path / "bad", "advantage=nope")
     with pytest.raises(ConfigError, match=r"advantage='nope' is not a known estimator \(grpo, rloo\)"):
         GRPOTrainer(bad, load_prompts(prompts), function_scorer(count_target))

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from tests.test_sft import sft_config
+from tests.helpers import Stop, max_diff, sft_config
 
 from rlhfkit.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from rlhfkit.errors import ConfigError, NonFiniteLossError, SaveError
@@ -22,18 +21,8 @@ from rlhfkit.trainers.sft import SFTTrainer, prepare_sft, run_sft
 STEPS = ["train.max_steps=8", "train.lr=3e-3", "train.warmup_steps=2", "train.batch_size=4"]
 
 
-def max_diff(a: Path, b: Path) -> float:
-    wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    return max(float((wa[k] - wb[k]).abs().max()) for k in wa)
-
-
 def train_steps(out: Path) -> list[int]:
     return [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-class Stop(Exception):
-    pass
 
 
 def test_resume_after_crash_equals_uninterrupted(tiny_model: Path, memory_data: Path, tmp_path: Path):
@@ -58,6 +47,7 @@ def test_resume_after_crash_equals_uninterrupted(tiny_model: Path, memory_data: 
     assert train_steps(out) == list(range(1, 9))  # no duplicated metric lines for the redone steps
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_then_resume_equals_uninterrupted(
     tiny_model: Path, memory_data: Path, tmp_path: Path
 ):
@@ -91,6 +81,7 @@ def test_gradient_accumulation_equivalence(tiny_model: Path, memory_data: Path, 
     assert max_diff(tmp_path / "a", tiny_model) > 1e-3  # and the weights did move
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_gloo_equals_one_process(tiny_model: Path, memory_data: Path, tmp_path: Path):
     sets = ["train.max_steps=4", "train.lr=3e-3", "train.batch_size=8", "data.eval_fraction=0"]
     base = ["sft", "--model", str(tiny_model), "--data", str(memory_data)]
@@ -194,7 +185,7 @@ def test_rollout_engine_samples_from_the_weights_of_each_step(
 ):
     """The fused AdamW kernel writes parameters in place without bumping their version counters; the loop
     bumps them, or the engine's derived weights (built before training) would go stale."""
-    from tests.test_rollout import sequence_logprobs
+    from tests.helpers import sequence_logprobs
 
     from rlhfkit.rollout import RolloutEngine, SamplingConfig
 
@@ -246,14 +237,15 @@ def test_two_process_rl_resume_restores_each_ranks_streams(tiny_model: Path, tmp
     run killed after a checkpoint and resumed equals the uninterrupted 2-process run only if the checkpoint
     holds every rank's state and each rank gets its own back (not rank 0's)."""
     import psutil
-    from tests.test_grpo import prompts_file
+    from tests.helpers import grpo_prompts_file
 
     sets = ["sampling.max_new_tokens=8", "sampling.temperature=1.0", "prompts_per_step=4", "sample_every=0",
             "num_generations=4", "train.max_steps=8", "train.lr=1e-2", "train.save_every=2"]  # fmt: skip
     flags = [a for s in sets for a in ("--set", s)]
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-              "rlhfkit.cli", "grpo", "--policy", str(tiny_model), "--prompts", str(prompts_file(tmp_path)),
-              "--reward-fn", "tests.test_grpo:count_target", *flags]  # fmt: skip
+              "rlhfkit.cli", "grpo", "--policy", str(tiny_model),
+              "--prompts", str(grpo_prompts_file(tmp_path)), "--reward-fn", "tests.helpers:count_target",
+              *flags]  # fmt: skip
 
     def run(out: Path) -> None:
         proc = subprocess.run([*launch, "--output", str(out)], capture_output=True, text=True)

@@ -90,6 +90,7 @@ def test_not_a_model_directory(tmp_path: Path):
         models.resolve_model(str(tmp_path))
 
 
+@pytest.mark.slow
 def test_unknown_model_is_a_one_line_error(tmp_path: Path):
     argv = ["sft", "--model", "no-such-org/no-such-model", "--output", "x"]
     code = f"from rlhfkit.cli import app; app({argv!r})"

@@ -7,41 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import write_jsonl
+from tests.helpers import ppo_config, ppo_count_target, ppo_prompts_file
 
-from rlhfkit.config import load_config
 from rlhfkit.rewards import function_scorer
-from rlhfkit.trainers.ppo import PPOConfig, run_ppo
-
-TARGET = "a"
+from rlhfkit.trainers.ppo import run_ppo
 
 
-def count_target(prompts: list[str], completions: list[str], **fields) -> list[float]:
-    """Programmatic reward: how many answer characters equal TARGET (at most max_new_tokens = 16)."""
-    return [float(sum(ch == TARGET for ch in c)) for c in completions]
-
-
-def ppo_config(model: Path, prompts: Path, out: Path, *sets: str) -> PPOConfig:
-    base = [
-        f"policy={model}", f"prompts={prompts}", f"output={out}", "sampling.max_new_tokens=16",
-        "rollout_batch=32",
-        "sampling.temperature=1.0", "no_eos_score=null", "sample_every=0", "train.save_every=0",
-        "train.scheduler=cosine",  # the schedule these tests were tuned with
-    ]  # fmt: skip
-    return load_config(PPOConfig, None, base + list(sets))
-
-
-def prompts_file(tmp_path: Path) -> Path:
-    rows = [{"prompt": [{"role": "user", "content": f"Say something {i}."}]} for i in range(32)]
-    return write_jsonl(tmp_path / "prompts.jsonl", rows)
-
-
+@pytest.mark.slow
 def test_ppo_raises_programmatic_reward_with_bounded_kl(tiny_model: Path, tmp_path: Path):
     out = tmp_path / "ppo"
     cfg = ppo_config(
-        tiny_model, prompts_file(tmp_path), out, "train.max_steps=25", "train.lr=1e-3", "kl_coef=0.1"
+        tiny_model, ppo_prompts_file(tmp_path), out, "train.max_steps=25", "train.lr=1e-3", "kl_coef=0.1"
     )
-    run_ppo(cfg, function_scorer(count_target))
+    run_ppo(cfg, function_scorer(ppo_count_target))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in x]
     assert len(rows) == 25
     # the first minibatch of every iteration sees the rollout's own log-probs: ratio exactly 1
@@ -75,16 +53,17 @@ def test_rollout_logprobs_equal_training_forward(tiny_model: Path):
         torch.testing.assert_close(lp[mask], rollout.logprobs[mask], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_ppo_resume_equals_uninterrupted(tiny_model: Path, tmp_path: Path):
     from safetensors.torch import load_file
 
     from rlhfkit.data import load_prompts
     from rlhfkit.trainers.ppo import PPOTrainer
 
-    prompts = prompts_file(tmp_path)
+    prompts = ppo_prompts_file(tmp_path)
     sets = ["train.max_steps=4", "train.lr=1e-3", "rollout_batch=8", "sampling.max_new_tokens=8",
             "ppo_epochs=2", "minibatches=2", "kl_target=1.0", "kl_horizon=100"]  # fmt: skip
-    scorer = function_scorer(count_target)
+    scorer = function_scorer(ppo_count_target)
     run_ppo(ppo_config(tiny_model, prompts, tmp_path / "a", *sets), scorer)
 
     class Stop(Exception):
@@ -120,7 +99,7 @@ def test_ppo_with_lora_uses_the_adapter_free_policy_as_reference(tiny_model: Pat
         "sampling.max_new_tokens=8",
         "lora.enabled=true",
     ]
-    run_ppo(ppo_config(tiny_model, prompts_file(tmp_path), out, *sets), function_scorer(count_target))
+    run_ppo(ppo_config(tiny_model, ppo_prompts_file(tmp_path), out, *sets), function_scorer(ppo_count_target))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     # iteration 1: the policy is still the reference (LoRA B starts at 0), up to float summation order
     assert abs(rows[0]["kl"]) < 1e-4

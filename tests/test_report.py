@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import write_jsonl
-from tests.test_evaluate import eval_prompts, perturbed_model, reward_model
+from tests.helpers import eval_prompts, perturbed_model, reward_model
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app
@@ -159,6 +159,7 @@ def test_report_in_a_real_browser(report: Path, chromium):
     assert INJECTED in text  # shown to the reader, verbatim
 
 
+@pytest.mark.slow
 def test_cli_eval_and_report(run: Path, tmp_path: Path):
     """`rlhfkit eval` then `rlhfkit report` as a user runs them (YAML, --set and options combined); a bad run
     directory is a one-line error."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from tests.conftest import read_metrics, write_jsonl
-from tests.test_loop import max_diff
+from tests.helpers import good_word_pairs, good_word_rankings, max_diff, rm_config
 
-from rlhfkit.config import load_config
 from rlhfkit.encoding import pad, prompt_answer_ids
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.losses import ranking_loss
@@ -23,49 +21,7 @@ from rlhfkit.models import build_reward_model, init_head, reward_parts
 from rlhfkit.rewards import RewardModelScorer, score_file, sequence_rewards
 from rlhfkit.tiny import make_tiny_model
 from rlhfkit.trainers import rm
-from rlhfkit.trainers.rm import RMConfig, RMTrainer, prepare_rm, run_rm
-
-# 4-letter fillers; three start with "g", so a single character cannot give away the word "good"
-FILLERS = ["blue", "cold", "warm", "soft", "dark", "tall", "slow", "fast", "gold", "grey", "goat", "thin"]
-
-
-def good_word_pairs(n: int, seed: int) -> list[dict]:
-    """Random prompts; chosen = four random words with "good" in one slot, rejected = the same words with a
-    filler in that slot: same length, same other words, so only the presence of "good" separates them."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        words = rng.sample(FILLERS, 4)
-        chosen = list(words)
-        chosen[rng.randrange(4)] = "good"
-        rows.append({"prompt": f"Item {rng.randrange(1000)}:", "chosen": " " + " ".join(chosen),
-                     "rejected": " " + " ".join(words)})  # fmt: skip
-    return rows
-
-
-def good_word_rankings(n: int, seed: int) -> list[dict]:
-    """K = 4 answers ranked by how many "good" they hold (2 > 1 = 1 > 0, a tie in the middle)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(n):
-        answers = []
-        for goods in (2, 1, 1, 0):
-            words = rng.sample(FILLERS, 4)
-            for slot in rng.sample(range(4), goods):
-                words[slot] = "good"
-            answers.append(" " + " ".join(words))
-        order = rng.sample(range(4), 4)  # shuffle the completions; the ranking points back to them
-        completions = [answers[i] for i in order]
-        best, mid, worst = order.index(0), [order.index(1), order.index(2)], order.index(3)
-        rows.append({"prompt": f"Item {rng.randrange(1000)}:", "completions": completions,
-                     "ranking": [best, mid, worst]})  # fmt: skip
-    return rows
-
-
-def rm_config(model: Path, data: Path, out: Path, *sets: str) -> RMConfig:
-    # one thread: a tiny model gains nothing from two, and it keeps the tests fast on a busy machine
-    base = [f"model={model}", f"data.path={data}", f"output={out}", "train.save_every=0", "train.threads=1"]
-    return load_config(RMConfig, None, base + list(sets))
+from rlhfkit.trainers.rm import RMTrainer, prepare_rm, run_rm
 
 
 def ids_of(tokenizer, prompt, answer) -> list[int]:
@@ -219,6 +175,7 @@ def test_gradient_accumulation_equivalence(tiny_model: Path, tmp_path: Path):
 
 
 # ------------------------------------------------------------------------------------------ the saved model
+@pytest.mark.slow
 def test_saved_dir_is_plain_transformers_and_matches_cli_score(trained: tuple[Path, Path], tmp_path: Path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -293,6 +250,7 @@ BAD_RECORDS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_bad_preference_data_exits_2_names_the_field_and_writes_nothing(tiny_model: Path, tmp_path: Path):
     procs = {}
     for name, (bad, _) in BAD_RECORDS.items():  # the four commands run side by side

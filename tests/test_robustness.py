@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from tests.conftest import write_jsonl
-from tests.test_sft import sft_config
+from tests.helpers import sft_config
 from typer.testing import CliRunner
 
 from rlhfkit.checkpoint import list_checkpoints
@@ -91,7 +91,7 @@ def test_rl_settings_are_checked_before_anything_runs(tiny_model: Path, tmp_path
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
     out = tmp_path / "out"
     args = ["grpo", "--policy", str(tiny_model), "--prompts", str(prompts), "--output", str(out),
-            "--reward-fn", "tests.test_grpo:constant", "--set", setting]  # fmt: skip
+            "--reward-fn", "tests.helpers:constant", "--set", setting]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert error_line(result.output).startswith(f"error: {message}")
@@ -99,6 +99,7 @@ def test_rl_settings_are_checked_before_anything_runs(tiny_model: Path, tmp_path
 
 
 # ------------------------------------------------------------------------------------------- texts
+@pytest.mark.slow
 def test_a_10_mb_record_is_refused_before_tokenising_in_little_memory(tiny_model: Path, tmp_path: Path):
     rows = [{"prompt": "Item 1?", "completion": "ok."}, {"prompt": "Item 2?", "completion": "x" * 10_000_000}]
     data = write_jsonl(tmp_path / "huge.jsonl", rows)
@@ -177,7 +178,7 @@ def test_an_rl_prompt_of_10_mb_is_refused_on_characters(tiny_model: Path, tmp_pa
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}, {"prompt": "z" * 10_000_000}])
     out = tmp_path / "out"
     args = ["grpo", "--policy", str(tiny_model), "--prompts", str(prompts), "--output", str(out),
-            "--reward-fn", "tests.test_grpo:constant"]  # fmt: skip
+            "--reward-fn", "tests.helpers:constant"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     assert error_line(result.output) == (
@@ -335,11 +336,12 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_the_run_resumes(
     ]  # nothing half-written
     monkeypatch.setattr(checkpoint, "save_file", real_save)  # space freed: the same command resumes exactly
     run_sft(sft_config(tiny_model, memory_data, out, *sets))
-    from tests.test_loop import max_diff
+    from tests.helpers import max_diff
 
     assert max_diff(reference, out) <= 1e-6
 
 
+@pytest.mark.slow
 def test_a_real_write_failure_of_the_final_model_is_one_line(
     tiny_model: Path, memory_data: Path, tmp_path: Path
 ):

@@ -6,6 +6,7 @@ import contextlib
 
 import pytest
 import torch
+from tests.helpers import sequence_logprobs
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -28,24 +29,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 PAD, EOS, VOCAB = 0, 1, 128
 PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [5, 6, 7, 8, 20, 21], [5, 6, 7, 8, 30], [5, 6, 7, 8, 20, 21], [40, 41]]
-
-
-def sequence_logprobs(
-    model: torch.nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    completion_start: int,
-    temperature: float = 1.0,
-    completion_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The oracle: log-probs (B, T) of input_ids[:, completion_start:] from one plain transformers forward."""
-    pos = position_ids_from_mask(attention_mask)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos).logits  # (B, L, V)
-    logits = logits[:, completion_start - 1 : -1].float()  # (B, T, V)
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    lp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, completion_start:, None]).squeeze(-1)
-    return lp if completion_mask is None else lp * completion_mask
 
 
 def _llama(**overrides: object) -> LlamaForCausalLM:

@@ -31,6 +31,7 @@ def probe(**env: str) -> tuple[bool, int]:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+@pytest.mark.slow
 def test_freed_memory_is_kept_by_default_and_returned_when_asked():
     applied, kept = probe()
     assert applied and kept >= 190, kept  # the freed 200 MB stays in the heap for the next step

@@ -75,6 +75,7 @@ def fresh_cap() -> Iterator[None]:
     process_cap.cache_clear()
 
 
+@pytest.mark.slow
 def test_a_fork_bomb_stays_within_the_cap_and_the_host_keeps_working():
     cap = 32
     env = load_environment("os", command_timeout=2, max_processes=cap)
@@ -121,6 +122,7 @@ def test_an_ordinary_command_is_not_marked(tmp_path):
 @pytest.mark.skipif(
     os.geteuid() != 0, reason="needs root to run as another user (else the test above is rlimit)"
 )
+@pytest.mark.slow
 def test_rlimit_caps_an_unprivileged_users_fork_bomb():
     """The "rlimit" command line, run by an unprivileged user (nobody) as it would be for one: the bomb's
     processes, bubblewrap's included, stay within the cap though the user has processes elsewhere."""
@@ -182,6 +184,7 @@ def test_a_machine_that_cannot_cap_processes_is_refused_in_one_line(monkeypatch,
     assert process_cap() == ProcessCap("rlimit")  # an unprivileged user on a recent kernel
 
 
+@pytest.mark.slow
 def test_the_cgroup_mechanism_is_found_and_cleaned_up(tmp_path, fresh_cap):
     parents = sandbox.pids_cgroup_parents()
     cap = process_cap()

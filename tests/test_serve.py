@@ -14,20 +14,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 import torch
-from tests.conftest import free_port, wait_until_up
+from tests.helpers import running_server
 
 from rlhfkit.encoding import pad, prompt_answer_ids, prompt_ids
 from rlhfkit.errors import RlhfkitError
@@ -56,6 +52,9 @@ RESULT = [{"role": "assistant", "content": None, "tool_calls": [CALL]},
 FINAL_ANSWER = "It is sunny in Paris, 24 C."
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
+# every test here talks to one real server process, started after a few seconds of teaching the model
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def taught_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, one_thread: None) -> Path:
@@ -81,32 +80,6 @@ def taught_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, one
         if loss.item() < 0.01:
             break
     return save_model(model.eval(), tokenizer, tmp_path_factory.mktemp("taught"))
-
-
-@contextmanager
-def running_server(model: Path, *options: str) -> Iterator[str]:
-    """`rlhfkit serve` in its own process on a free loopback port; yields the /v1 base URL."""
-    port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "rlhfkit.cli",
-        "serve",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        *options,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: threads only add overhead on a shared CPU
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until_up(server, f"{base}/health", timeout=120)
-        yield f"{base}/v1"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

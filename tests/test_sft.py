@@ -7,25 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from tests.conftest import MEMORY_ROWS
+from tests.helpers import sft_config
 
-from rlhfkit.config import load_config
 from rlhfkit.encoding import prompt_answer_ids
-from rlhfkit.trainers.sft import SFTConfig, run_sft
+from rlhfkit.trainers.sft import run_sft
 
 
-def sft_config(model: Path, data: Path, out: Path, *sets: str) -> SFTConfig:
-    base = [
-        f"model={model}",
-        f"data.path={data}",
-        f"output={out}",
-        "data.eval_fraction=0",
-        "train.save_every=0",
-    ]
-    return load_config(SFTConfig, None, base + list(sets))
-
-
+@pytest.mark.slow
 def test_sft_memorises_and_saved_model_reproduces_answers(
     tiny_model: Path, memory_data: Path, tmp_path: Path
 ):
@@ -72,6 +63,7 @@ def test_completion_only_loss_ignores_prompt_tokens(tiny_model: Path, memory_dat
     assert trainer.collate(train[:2])["num_items"] == sum(len(ex) - 1 for ex in train[:2])
 
 
+@pytest.mark.slow
 def test_cli_bad_record_exits_2_and_writes_nothing(tiny_model: Path, tmp_path: Path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(

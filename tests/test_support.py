@@ -329,6 +329,7 @@ def test_tasks_are_deterministic_per_seed_and_the_splits_disjoint():
         assert target["id"] in t.prompt
 
 
+@pytest.mark.slow
 def test_every_bundled_demonstration_replays_and_is_honest():
     from rlhfkit.data import load_sft
 
