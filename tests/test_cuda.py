@@ -12,11 +12,11 @@ from tests.conftest import read_metrics
 from tests.test_loop import Stop, max_diff
 from tests.test_sft import sft_config
 
-from rlhfkit.checkpoint import list_checkpoints, read_checkpoint
 from rlhfkit.device import resolve_runtime
-from rlhfkit.models import load_causal_lm
+from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.trainers.sft import SFTTrainer, prepare_sft, run_sft
-from rlhfkit.training import TrainConfig, rng_state, set_rng_state
+from rlhfkit.training.checkpoint import list_checkpoints, read_checkpoint
+from rlhfkit.training.settings import TrainConfig, rng_state, set_rng_state
 
 pytestmark = pytest.mark.cuda
 
@@ -109,8 +109,8 @@ def test_grpo_steps_on_the_gpu(tiny_model: Path, tmp_path: Path):
     """RL on the GPU: rollouts (the CUDA backend or the generic one), a bf16 reference, the update."""
     from tests.test_grpo import config, count_target, prompts_file
 
-    from rlhfkit.data import load_prompts
-    from rlhfkit.rewards import function_scorer
+    from rlhfkit.data.records import load_prompts
+    from rlhfkit.rewards.mix import function_scorer
     from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer
 
     out = tmp_path / "grpo"

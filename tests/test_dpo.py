@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from rlhfkit.cli import app
 from rlhfkit.config import load_config
-from rlhfkit.prefix import SharedPromptBatch
+from rlhfkit.models.prefix import SharedPromptBatch
 from rlhfkit.trainers import dpo
 from rlhfkit.trainers.dpo import CACHE_FILE, DPOConfig, DPOTrainer, prepare_dpo, run_dpo
 

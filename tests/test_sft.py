@@ -11,7 +11,7 @@ import torch
 from tests.conftest import MEMORY_ROWS
 
 from rlhfkit.config import load_config
-from rlhfkit.encoding import prompt_answer_ids
+from rlhfkit.data.encoding import prompt_answer_ids
 from rlhfkit.trainers.sft import SFTConfig, run_sft
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.encoding import common_prefix_len, left_pad, position_ids_from_mask
+from rlhfkit.data.encoding import common_prefix_len, left_pad, position_ids_from_mask
 
 
 def _onednn_pack(w: torch.Tensor, rows: int) -> torch.Tensor | None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit.data import DataSettings, PreferenceRecord, RankingRecord, load_preferences
+from rlhfkit.data.records import DataSettings, PreferenceRecord, RankingRecord, load_preferences
 from rlhfkit.errors import ConfigError, DataError
 
 
