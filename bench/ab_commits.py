@@ -37,7 +37,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=str(REPO.parent / "shared" / "bench-data"))
     args = parser.parse_args()
 
-    from rlhfkit.models.loading import resolve_model
+    from rlhfkit.models import resolve_model
 
     model = resolve_model(args.model)
     results: dict[str, dict[str, list[float]]] = {}

@@ -182,8 +182,8 @@ def count_rollout(rec: StepRecorder, group: int, extra: dict[str, float]) -> Any
 
 def build_grpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
     from rlhfkit.config import load_config
-    from rlhfkit.data.records import load_prompts
-    from rlhfkit.rewards.mix import function_scorer
+    from rlhfkit.data import load_prompts
+    from rlhfkit.rewards import function_scorer
     from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer
 
     path = f"{args.data_dir}/grpo_prompts.jsonl"
@@ -212,9 +212,9 @@ def build_grpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
 
 def build_ppo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
     from rlhfkit.config import load_config
-    from rlhfkit.data.records import load_prompts
-    from rlhfkit.models.prefix import SharedPromptBatch
-    from rlhfkit.rewards.mix import shared_sequence_rewards
+    from rlhfkit.data import load_prompts
+    from rlhfkit.prefix import SharedPromptBatch
+    from rlhfkit.rewards import shared_sequence_rewards
     from rlhfkit.trainers.ppo import PPOConfig, PPOTrainer
     from rlhfkit.trainers.rm import build_reward_model
 
@@ -256,7 +256,7 @@ def run_generate(args: Any, rec: StepRecorder) -> None:
     """Generation alone: the rollout engine on `generate_batch` prompts, `completion_length` tokens each."""
     from bench_rollout import chat_prompts
 
-    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.models import load_causal_lm
     from rlhfkit.rollout import RolloutEngine, SamplingConfig
 
     model, tokenizer = load_causal_lm(args.model)
