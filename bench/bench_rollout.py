@@ -36,18 +36,18 @@ print = functools.partial(print, flush=True)  # progress shows up when piped
 
 
 def load(name: str | None) -> tuple[Any, Any]:
-    """Model + tokenizer in float32: ``rlhfkit.models.load_causal_lm`` when present, else directly.
+    """Model + tokenizer in float32: ``rlhfkit.models.loading.load_causal_lm`` when present, else directly.
 
     The default is the registered SmolLM2 name, falling back to the GGUF in ``GGUF_DIR``; a local
     directory (HF layout, or one holding a .gguf) works either way.
     """
     try:
-        from rlhfkit.models import load_causal_lm
+        from rlhfkit.models.loading import load_causal_lm
 
         model, tok = load_causal_lm(name or REGISTERED)
         return model.float().eval(), tok
     except Exception as exc:  # module not there, or it cannot resolve this name: load directly
-        print(f"(rlhfkit.models.load_causal_lm: {type(exc).__name__}: {exc}; loading directly)")
+        print(f"(rlhfkit.models.loading.load_causal_lm: {type(exc).__name__}: {exc}; loading directly)")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = name or GGUF_DIR

@@ -78,8 +78,8 @@ def client_run(url: str, model: str, prompts: list, clients: int, requests: int,
 
 
 def hf_run(model_name: str, prompts: list, requests: int, new_tokens: int) -> dict:
-    from rlhfkit.encoding import prompt_ids
-    from rlhfkit.models import load_causal_lm
+    from rlhfkit.data.encoding import prompt_ids
+    from rlhfkit.models.loading import load_causal_lm
 
     model, tokenizer = load_causal_lm(model_name)
     model.eval()
@@ -108,8 +108,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="*", default=[1, 8, 32])
     args = parser.parse_args()
     sys.path.insert(0, str(REPO / "src"))
-    from rlhfkit.data import bundled_path, load_prompts
-    from rlhfkit.models import resolve_model
+    from rlhfkit.data.records import bundled_path, load_prompts
+    from rlhfkit.models.loading import resolve_model
 
     torch.set_num_threads(args.threads)
     model = resolve_model(args.model)  # convert once, before the server and the baseline load it

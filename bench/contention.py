@@ -64,7 +64,7 @@ def main() -> None:
     parser.add_argument("--settings", nargs="*", default=list(SETTINGS)[:3], help=f"of {list(SETTINGS)}")
     args = parser.parse_args()
 
-    from rlhfkit.models import resolve_model
+    from rlhfkit.models.loading import resolve_model
 
     args.model = resolve_model(args.model)
     times: dict[str, list[float]] = {}

@@ -50,7 +50,7 @@ from typing import Any
 import torch
 from common import REPO, SETTINGS, LlamaShape, load_average, matmul_peak, run_child, step_flops
 
-from rlhfkit.runtime import KEEP
+from rlhfkit.allocator import KEEP
 
 BENCH = REPO / "bench"
 TRAINERS = ("sft", "rm", "dpo", "grpo", "ppo", "generate")
@@ -87,7 +87,7 @@ def ensure_trl_venv(path: Path, trl_version: str) -> None:
     marker.write_text("\n".join(specs) + "\n")
 
 
-# glibc malloc keeping freed memory: the thresholds rlhfkit.runtime.keep_freed_memory sets with mallopt
+# glibc malloc keeping freed memory: the thresholds rlhfkit.allocator.keep_freed_memory sets with mallopt
 KEEP_ENV = {"MALLOC_MMAP_THRESHOLD_": str(KEEP), "MALLOC_TRIM_THRESHOLD_": str(KEEP)}
 
 
@@ -104,7 +104,7 @@ def child_env(allocator: str, jemalloc: str) -> dict[str, str]:
         HF_DATASETS_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )
-    if allocator == "keep":  # what rlhfkit sets for itself (rlhfkit.runtime), given to TRL alike
+    if allocator == "keep":  # what rlhfkit sets for itself (rlhfkit.allocator), given to TRL alike
         env.update(KEEP_ENV)
     elif allocator == "default":  # plain glibc on both sides: rlhfkit must not tune its own process
         env.update(RLHFKIT_MALLOC="system")
@@ -267,7 +267,7 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"--trainers: unknown {unknown}; choose from {', '.join(TRAINERS)}")
     torch.set_num_threads(SETTINGS.threads)
-    from rlhfkit.models import resolve_model
+    from rlhfkit.models.loading import resolve_model
 
     args.model_dir = resolve_model(args.model)  # converts the embedded default once; TRL loads the same dir
     shape = LlamaShape.from_dir(args.model_dir)

@@ -1,7 +1,7 @@
 """A second gold preference, kept aside from development: concrete, impersonal answers of 15-60 words.
 
-The default gold (`rlhfkit.judge.gold_score`) is the taste the defaults were developed against. This one
-is a different, plausible reader: someone who wants one concrete example, dislikes answers that talk
+The default gold (`rlhfkit.rewards.panel.gold_score`) is the taste the defaults were developed against. This
+one is a different, plausible reader: someone who wants one concrete example, dislikes answers that talk
 about themselves, and tolerates a longer or shorter answer. Running the pipeline with it shows whether
 the defaults improve on a gold they were not tuned to:
 
@@ -16,7 +16,7 @@ Terms (higher is better; `concrete_breakdown` returns each):
                 ourselves (and I'm, we're, ... ; "US" in capitals is the country)    at most -1.5
   length        15-60 words; shorter or longer costs the log-distance to the band     -1.0 x |log(n / edge)|
   finished      ends with . ! ? or a closing quote or bracket (not cut off)          -1.0 if not
-  on_topic      uses the key words of the question (`rlhfkit.judge.key_words`)      +0.5 x share used
+  on_topic      uses the key words of the question (`rlhfkit.rewards.panel.key_words`)      +0.5 x share used
 
 Compared with the default gold it rewards examples (the default does not look for them), punishes the
 first person (the default does not), has a wider length band (15-60 words, not 20-45), weighs relevance
@@ -30,7 +30,7 @@ import math
 import re
 from dataclasses import dataclass
 
-from rlhfkit.judge import key_words
+from rlhfkit.rewards.panel import key_words
 
 BAND = (15, 60)
 FIRST_PERSON_COST = 0.5

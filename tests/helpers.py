@@ -34,7 +34,7 @@ from transformers import (
 from rlhfkit.config import load_config
 from rlhfkit.feedback import store
 from rlhfkit.feedback.app import create_app
-from rlhfkit.models import build_reward_model, load_causal_lm
+from rlhfkit.models.loading import build_reward_model, load_causal_lm
 from rlhfkit.rollout import RolloutEngine, position_ids_from_mask
 from rlhfkit.trainers.dpo import DPOConfig
 from rlhfkit.trainers.grpo import GRPOConfig

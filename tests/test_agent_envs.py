@@ -20,8 +20,8 @@ from rlhfkit.agents.env import Task
 from rlhfkit.agents.registry import load_environment
 from rlhfkit.agents.sandbox import check_sandbox
 from rlhfkit.agents.tools import ToolEnvironment, chat_messages, tool_schema
+from rlhfkit.data.toolcalls import ToolCall
 from rlhfkit.errors import ConfigError
-from rlhfkit.toolcalls import ToolCall
 
 
 def call(name: str, arguments: dict | str) -> dict:
@@ -562,7 +562,7 @@ def test_load_environment_by_name_or_spec():
 
 @pytest.mark.parametrize("name", ["calc", "db"])
 def test_every_bundled_demonstration_replays_exactly(name):
-    from rlhfkit.data import load_sft
+    from rlhfkit.data.records import load_sft
 
     env = load_environment(name)
     train = {t.id: t for t in env.tasks("train")}

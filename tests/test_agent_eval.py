@@ -15,8 +15,8 @@ import pytest
 
 from rlhfkit.agents.env import Environment, StepResult, Task
 from rlhfkit.agents.episode import AgentLimits
-from rlhfkit.agents.evaluate import chat_episodes, overall_scores, paired_difference, summarize
-from rlhfkit.llm import EndpointLLM
+from rlhfkit.chat.llm import EndpointLLM
+from rlhfkit.evaluation.agent_eval import chat_episodes, overall_scores, paired_difference, summarize
 from rlhfkit.rollout import SamplingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -166,7 +166,7 @@ def agent_eval(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_agent_eval_cli_end_to_end(tiny_model: Path, tmp_path: Path):
-    from rlhfkit.tiny import make_tiny_model
+    from rlhfkit.models.tiny import make_tiny_model
 
     other = make_tiny_model(tmp_path / "other", seed=1)
     out = tmp_path / "eval"
@@ -242,9 +242,9 @@ def tool_model(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path, one_t
     fallback format both the episode runner and `rlhfkit serve` render."""
     import torch
 
-    from rlhfkit.chat_tools import fallback_messages, tool_schemas
-    from rlhfkit.encoding import pad, prompt_answer_ids
-    from rlhfkit.models import load_causal_lm, save_model
+    from rlhfkit.data.chat_tools import fallback_messages, tool_schemas
+    from rlhfkit.data.encoding import pad, prompt_answer_ids
+    from rlhfkit.models.loading import load_causal_lm, save_model
 
     torch.manual_seed(0)
     model, tokenizer = load_causal_lm(str(tiny_model))
@@ -300,9 +300,9 @@ def test_a_local_policy_and_the_same_model_served_act_alike(tool_model: Path, tm
 
 @pytest.mark.slow
 def test_local_llm_chat_with_tools_returns_the_calls(tool_model: Path):
-    from rlhfkit.chat_tools import tool_schemas
-    from rlhfkit.llm import LocalLLM
-    from rlhfkit.toolcalls import ToolCall
+    from rlhfkit.chat.llm import LocalLLM
+    from rlhfkit.data.chat_tools import tool_schemas
+    from rlhfkit.data.toolcalls import ToolCall
 
     llm = LocalLLM(str(tool_model))
     question = [{"role": "user", "content": "What is 2 + 3?"}]

@@ -14,10 +14,10 @@ import torch
 from rlhfkit.agents.env import Environment, StepResult, Task
 from rlhfkit.agents.episode import AgentLimits, EpisodeRunner, EpisodeState, episode_batch, run_episodes
 from rlhfkit.agents.registry import load_environment
+from rlhfkit.data.toolcalls import ToolCall
 from rlhfkit.errors import ConfigError
-from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
+from rlhfkit.models.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.rollout import RolloutEngine, SamplingConfig
-from rlhfkit.toolcalls import ToolCall
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -84,7 +84,7 @@ class BrokenEnv(AddEnv):
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: Path) -> RolloutEngine:
-    from rlhfkit.models import load_causal_lm
+    from rlhfkit.models.loading import load_causal_lm
 
     model, tokenizer = load_causal_lm(str(tiny_model))
     return RolloutEngine(model, tokenizer)
@@ -142,7 +142,7 @@ def test_loss_mask_is_exactly_the_assistant_turns_of_the_template(engine: Rollou
         assert (run[-1] == tok.eos_token_id) == text.endswith("<|im_end|>")
     # the whole token sequence is the template's rendering of the conversation, with the model's turns as
     # sampled; a turn cut at max_new_tokens is closed by an end-of-turn token outside the mask
-    from rlhfkit.chat_tools import fallback_messages
+    from rlhfkit.data.chat_tools import fallback_messages
 
     rendered = [dict(m) for m in fallback_messages(episode.messages[:1], None)]
     conversation = list(rendered)
@@ -266,7 +266,7 @@ class ToolMoreEnv(MoreEnv):
 
 
 def test_a_tool_aware_template_renders_tools_and_results_natively(tiny_model: Path):
-    from rlhfkit.models import load_causal_lm
+    from rlhfkit.models.loading import load_causal_lm
 
     model, tok = load_causal_lm(str(tiny_model))
     tok.chat_template = NATIVE

@@ -1,5 +1,7 @@
-"""The layering of docs/ARCHITECTURE.md, checked on the source: no import circle, trainers are leaves, no
-module reaches for another module's private names, and every file stays readable in one sitting."""
+"""The layering of docs/ARCHITECTURE.md, checked on the source: the folders are the layers and a module
+imports only from its own layer or lower ones; no import circle; trainers are leaves; no module reaches
+for another module's private names; every optimizer step goes through the loop's machinery; and every
+file stays readable in one sitting."""
 
 from __future__ import annotations
 
@@ -16,10 +18,25 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports(path: Path) -> list[tuple[str, list[str]]]:
-    """(imported rlhfkit module, names taken from it) for every import in the file, lazy ones included."""
+def type_checking_nodes(tree: ast.AST) -> set[ast.AST]:
+    """The import statements inside `if TYPE_CHECKING:` blocks (annotations only: never run)."""
+    inside: set[ast.AST] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and ast.unparse(node.test).endswith("TYPE_CHECKING"):
+            for stmt in node.body:
+                inside.update(ast.walk(stmt))
+    return inside
+
+
+def imports(path: Path | str, runtime_only: bool = False) -> list[tuple[str, list[str]]]:
+    """(imported rlhfkit module, names taken from it) for every import in the file (or source text), lazy
+    ones included; `runtime_only` leaves out those under `if TYPE_CHECKING:`."""
+    tree = ast.parse(path.read_text(encoding="utf-8") if isinstance(path, Path) else path)
+    skip = type_checking_nodes(tree) if runtime_only else set()
     found = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    for node in ast.walk(tree):
+        if node in skip:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("rlhfkit"):
             found.append((node.module, [a.name for a in node.names]))
         elif isinstance(node, ast.Import):
@@ -43,7 +60,7 @@ def graph() -> dict[str, set[str]]:
 
 def test_no_import_circle():
     edges = graph()
-    assert "rlhfkit.models" in edges["rlhfkit.trainers.rm"]  # the graph sees ordinary imports
+    assert "rlhfkit.models.loading" in edges["rlhfkit.trainers.rm"]  # the graph sees ordinary imports
     assert "rlhfkit.losses" in edges["rlhfkit.trainers.ppo"]  # and `from rlhfkit import losses`
     # a package's __init__ re-exporting its own modules is not a circle through them
     edges = {m: {t for t in ts if not m.startswith(f"{t}.")} for m, ts in edges.items()}
@@ -93,8 +110,10 @@ def test_every_source_file_is_under_the_line_limit():
 # ---- one loop: every optimizer step goes through guard.checked_update ---------------------------------
 OPTIMIZER_HOMES = {
     "construct": {"rlhfkit.device"},  # make_optimizer: AdamW (fused) or bitsandbytes' 8-bit AdamW
-    "clip": {"rlhfkit.guard"},  # checked_update clips; the loop hands it accelerate's clip
-    "step": {"rlhfkit.training"},  # step_optimizer: step + version counters, called by checked_update
+    "clip": {"rlhfkit.training.guard"},  # checked_update clips; the loop hands it accelerate's clip
+    "step": {
+        "rlhfkit.training.settings"
+    },  # step_optimizer: step + version counters, called by checked_update
 }
 
 
@@ -133,3 +152,70 @@ def test_the_optimizer_check_catches_a_planted_second_loop():
         optimizer_uses("make_optimizer(cfg, params, device)\nchecked_update(opt, params, 1.0, 1.0, 'x')")
         == set()
     )
+
+
+# ---- the folders are the layers ------------------------------------------------------------------------
+LAYERS: list[tuple[str, set[str]]] = [
+    ("base", {"errors", "fileio", "console", "config", "device", "allocator"}),
+    ("math", {"losses"}),
+    ("data", {"data"}),
+    ("models", {"models"}),
+    ("rollout", {"rollout"}),
+    ("agents", {"agents"}),
+    ("training", {"training"}),
+    ("rewards", {"rewards"}),
+    ("trainers", {"trainers"}),
+    ("applications", {"chat", "evaluation", "serve", "opro", "feedback"}),
+    ("entry points", {"pipeline", "cli"}),
+]
+"""docs/ARCHITECTURE.md's layer table: each layer is folders (or, for the base and the entry points,
+modules at the package root) of rlhfkit/."""
+
+
+def layer_of(module: str) -> int:
+    top = module.split(".")[1] if module.count(".") else ""
+    for rank, (_, names) in enumerate(LAYERS):
+        if top in names:
+            return rank
+    raise AssertionError(
+        f"{module} is in no layer of LAYERS: add its folder to docs/ARCHITECTURE.md and here"
+    )
+
+
+def upward_imports(module: str, source: Path | str) -> list[str]:
+    """The rlhfkit modules `source` (of `module`) imports at run time from a higher layer."""
+    mine = layer_of(module)
+    return [t for t, _ in imports(source, runtime_only=True) if t != "rlhfkit" and layer_of(t) > mine]
+
+
+def test_every_module_imports_only_its_own_layer_or_lower_ones():
+    for path in PACKAGE.rglob("*.py"):
+        me = module_name(path)
+        if me == "rlhfkit":  # the package root: MOVED names every layer by string only
+            continue
+        up = upward_imports(me, path)
+        assert not up, f"{me} ({LAYERS[layer_of(me)][0]}) imports from a higher layer: {up}"
+
+
+def test_the_layer_check_catches_a_planted_upward_import():
+    planted = "from rlhfkit.trainers.grpo import GRPOConfig\nfrom rlhfkit.data.records import load_prompts\n"
+    assert upward_imports("rlhfkit.models.loading", planted) == ["rlhfkit.trainers.grpo"]
+    lazy = "def f():\n    from rlhfkit.evaluation.report import build_report\n"
+    assert upward_imports("rlhfkit.training.loop", lazy) == ["rlhfkit.evaluation.report"]  # lazy counts
+    typing_only = (
+        "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from rlhfkit.rollout import Rollout\n"
+    )
+    assert upward_imports("rlhfkit.models.prefix", typing_only) == []  # annotations only
+
+
+def test_old_module_paths_give_the_moved_modules():
+    import importlib
+
+    import rlhfkit
+
+    for old, new in rlhfkit.MOVED.items():
+        assert importlib.import_module(old) is importlib.import_module(new), old
+    from rlhfkit.models import load_causal_lm  # the former module rlhfkit.models, now a package
+    from rlhfkit.models.loading import load_causal_lm as same
+
+    assert load_causal_lm is same

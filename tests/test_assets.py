@@ -10,7 +10,7 @@ from functools import cache
 
 import pytest
 
-from rlhfkit.data import bundled_path, load_prompts, load_sft
+from rlhfkit.data.records import bundled_path, load_prompts, load_sft
 
 FILES = ("sft.jsonl", "prompts.jsonl", "eval_prompts.jsonl")
 MAX_JACCARD = 0.75  # word-set similarity allowed between two prompts (README: "at most 0.75")

@@ -34,15 +34,15 @@ from rlhfkit.agents.commons_lake import (
     sustainable_share,
     task_key,
 )
-from rlhfkit.agents.commons_selfplay import self_play, summarize_games
 from rlhfkit.agents.demos import replay
 from rlhfkit.agents.env import Task
 from rlhfkit.agents.episode import AgentLimits, run_episodes
-from rlhfkit.agents.evaluate import chat_episodes, summarize
 from rlhfkit.agents.registry import load_environment
-from rlhfkit.llm import Completion
+from rlhfkit.chat.llm import Completion
+from rlhfkit.data.toolcalls import ToolCall, parse_tool_calls
+from rlhfkit.evaluation.agent_eval import chat_episodes, summarize
+from rlhfkit.evaluation.commons_selfplay import self_play, summarize_games
 from rlhfkit.rollout import SamplingConfig
-from rlhfkit.toolcalls import ToolCall, parse_tool_calls
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -250,7 +250,7 @@ def test_grabbing_the_lake_collapses_it():
 
 # ------------------------------------------------------------------------------------------ demonstrations
 def test_every_bundled_demonstration_replays_exactly_and_is_sustainable():
-    from rlhfkit.data import load_sft
+    from rlhfkit.data.records import load_sft
 
     env = CommonsEnvironment()
     train = {t.id: t for t in env.tasks("train")}
@@ -367,7 +367,7 @@ def test_chat_runner_parses_calls_end_to_end_and_agent_eval_reports_the_metrics(
 
 
 def test_the_tiny_model_through_the_episode_runner_and_self_play(tiny_model: Path):
-    from rlhfkit.llm import LocalLLM
+    from rlhfkit.chat.llm import LocalLLM
 
     llm = LocalLLM(str(tiny_model))
     env = CommonsEnvironment(months=2)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit.models import load_causal_lm
+from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.rollout import RolloutEngine, SamplingConfig
 from rlhfkit.rollout.continuous import DecodeBatch
 

@@ -11,11 +11,11 @@ import torch
 from tests.conftest import read_metrics
 from tests.helpers import Stop, max_diff, sft_config
 
-from rlhfkit.checkpoint import list_checkpoints, read_checkpoint
 from rlhfkit.device import resolve_runtime
-from rlhfkit.models import load_causal_lm
+from rlhfkit.models.loading import load_causal_lm
 from rlhfkit.trainers.sft import SFTTrainer, prepare_sft, run_sft
-from rlhfkit.training import TrainConfig, rng_state, set_rng_state
+from rlhfkit.training.checkpoint import list_checkpoints, read_checkpoint
+from rlhfkit.training.settings import TrainConfig, rng_state, set_rng_state
 
 pytestmark = pytest.mark.cuda
 
@@ -108,8 +108,8 @@ def test_grpo_steps_on_the_gpu(tiny_model: Path, tmp_path: Path):
     """RL on the GPU: rollouts (the CUDA backend or the generic one), a bf16 reference, the update."""
     from tests.helpers import count_target, grpo_config, grpo_prompts_file
 
-    from rlhfkit.data import load_prompts
-    from rlhfkit.rewards import function_scorer
+    from rlhfkit.data.records import load_prompts
+    from rlhfkit.rewards.mix import function_scorer
     from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer
 
     out = tmp_path / "grpo"

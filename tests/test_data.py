@@ -1,4 +1,4 @@
-"""Tests for rlhfkit.data: every reader, every validation rule, exact error messages."""
+"""Tests for rlhfkit.data.records: every reader, every validation rule, exact error messages."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from rlhfkit import data
-from rlhfkit.data import (
+from rlhfkit.data import records as data
+from rlhfkit.data.records import (
     PreferenceRecord,
     PromptRecord,
     RankingRecord,

@@ -14,8 +14,8 @@ from tests.helpers import sft_config
 from rlhfkit import device as dev
 from rlhfkit.device import Runtime, resolve_device, resolve_precision
 from rlhfkit.errors import ConfigError
-from rlhfkit.models import load_causal_lm, load_reward_model
-from rlhfkit.training import TrainConfig
+from rlhfkit.models.loading import load_causal_lm, load_reward_model
+from rlhfkit.training.settings import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -163,7 +163,7 @@ def test_8bit_adamw_without_bitsandbytes_names_the_package(monkeypatch: pytest.M
 
 
 def test_to_device_moves_tensors_inside_containers_and_dataclasses():
-    from rlhfkit.prefix import SharedPromptBatch
+    from rlhfkit.models.prefix import SharedPromptBatch
 
     batch = SharedPromptBatch.build([[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7]], [[8], [9, 9]], pad_id=0)
     moved = dev.to_device({"batch": batch, "n": 3, "x": [torch.ones(2)]}, "meta")
@@ -174,7 +174,7 @@ def test_to_device_moves_tensors_inside_containers_and_dataclasses():
 
 # ------------------------------------------------------------------------------------------ models
 def test_frozen_models_run_in_the_inference_dtype(tiny_model: Path, tmp_path: Path):
-    from rlhfkit.models import build_reward_model, save_model
+    from rlhfkit.models.loading import build_reward_model, save_model
 
     ref, _ = load_causal_lm(str(tiny_model), runtime=BF16, frozen=True)
     assert {p.dtype for p in ref.parameters()} == {torch.bfloat16}
@@ -192,7 +192,7 @@ def test_frozen_models_run_in_the_inference_dtype(tiny_model: Path, tmp_path: Pa
 
 
 def test_logprobs_under_bf16_autocast_agree_with_fp32(tiny_model: Path):
-    from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
+    from rlhfkit.models.prefix import SharedPromptBatch, completion_logprobs
 
     model, _ = load_causal_lm(str(tiny_model))
     batch = SharedPromptBatch.build(
@@ -281,8 +281,8 @@ def test_dpo_in_bf16_learns(tiny_model: Path, tmp_path: Path):
 def test_grpo_in_bf16_learns_with_a_bf16_reference(tiny_model: Path, tmp_path: Path):
     from tests.helpers import count_target, grpo_config, grpo_prompts_file
 
-    from rlhfkit.data import load_prompts
-    from rlhfkit.rewards import function_scorer
+    from rlhfkit.data.records import load_prompts
+    from rlhfkit.rewards.mix import function_scorer
     from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer
 
     out = tmp_path / "grpo"
@@ -302,8 +302,8 @@ def test_grpo_in_bf16_learns_with_a_bf16_reference(tiny_model: Path, tmp_path: P
 def test_ppo_in_bf16_learns(tiny_model: Path, tmp_path: Path):
     from tests.helpers import ppo_config, ppo_count_target, ppo_prompts_file
 
-    from rlhfkit.data import load_prompts
-    from rlhfkit.rewards import function_scorer
+    from rlhfkit.data.records import load_prompts
+    from rlhfkit.rewards.mix import function_scorer
     from rlhfkit.trainers.ppo import PPOTrainer
 
     out = tmp_path / "ppo"
@@ -322,8 +322,8 @@ def test_ppo_in_bf16_learns(tiny_model: Path, tmp_path: Path):
 
 # ------------------------------------------------------------------------------------------ checkpoints
 def test_rng_state_on_the_cpu_and_a_checkpoint_from_a_gpu_run(tmp_path: Path):
-    from rlhfkit.checkpoint import read_checkpoint, write_checkpoint
-    from rlhfkit.training import rng_state, set_rng_state
+    from rlhfkit.training.checkpoint import read_checkpoint, write_checkpoint
+    from rlhfkit.training.settings import rng_state, set_rng_state
 
     state = rng_state()
     assert state["cuda"] == []  # no GPU here: nothing more than before
@@ -360,7 +360,7 @@ def test_shared_prompt_forward_under_gradient_checkpointing(tiny_model: Path):
     """The KV-cache forward cannot be recomputed layer by layer: under checkpointing the rows run unshared,
     with the same log-probs and gradients."""
     from rlhfkit.device import enable_gradient_checkpointing
-    from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
+    from rlhfkit.models.prefix import SharedPromptBatch, completion_logprobs
 
     batch = SharedPromptBatch.build([[5, 6, 7, 8, 9, 10], [5, 6, 7, 8, 9, 11, 12]], [[3, 4, 5], [6, 7]], 0)
     grads = []

@@ -14,7 +14,7 @@ from tests.helpers import dpo_config, good_word_pairs, good_word_rankings, max_d
 from typer.testing import CliRunner
 
 from rlhfkit.cli import app
-from rlhfkit.prefix import SharedPromptBatch
+from rlhfkit.models.prefix import SharedPromptBatch
 from rlhfkit.trainers import dpo
 from rlhfkit.trainers.dpo import CACHE_FILE, DPOTrainer, prepare_dpo, run_dpo
 

@@ -15,9 +15,9 @@ import torch
 from tests.helpers import eval_prompts, perturbed_model, reward_model
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhfkit.encoding import prompt_answer_ids, prompt_ids
+from rlhfkit.data.encoding import prompt_answer_ids, prompt_ids
 from rlhfkit.errors import ConfigError
-from rlhfkit.evaluate import (
+from rlhfkit.evaluation.evaluate import (
     ALPACAEVAL_HUMAN_AGREEMENT,
     EvalConfig,
     outcomes,
@@ -26,7 +26,7 @@ from rlhfkit.evaluate import (
     sequence_kl,
     win_rate,
 )
-from rlhfkit.models import eos_token_ids, load_causal_lm
+from rlhfkit.models.loading import eos_token_ids, load_causal_lm
 from rlhfkit.rollout import RolloutEngine, SamplingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,7 @@ import pytest
 
 from rlhfkit.agents import load_environment
 from rlhfkit.agents.tools import tool_schema
-from rlhfkit.toolcalls import ToolCall
+from rlhfkit.data.toolcalls import ToolCall
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import write_jsonl
 from tests.helpers import make_project
 
-from rlhfkit.data import PreferenceRecord, RankingRecord, load_preferences
+from rlhfkit.data.records import PreferenceRecord, RankingRecord, load_preferences
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.feedback import store
 from rlhfkit.feedback.export import export, export_rows, ranking_json

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import PASSWORD, XSS, live_server, make_project
 
-from rlhfkit.data import RankingRecord, load_preferences
+from rlhfkit.data.records import RankingRecord, load_preferences
 
 # prompt -> (how the test labels it, the intended level of each answer text; 0 = best)
 PLAN: dict[str, tuple[str, dict[str, int]]] = {

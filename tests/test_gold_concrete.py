@@ -13,7 +13,7 @@ from examples.gold_concrete import (
     named_things,
 )
 
-from rlhfkit.judge import gold_score, load_gold
+from rlhfkit.rewards.panel import gold_score, load_gold
 
 PROMPT = "Why do volcanoes erupt?"  # key words {"volca", "erupt"}
 PLAIN = (

@@ -10,10 +10,10 @@ import pytest
 import torch
 from tests.helpers import constant, count_target, grpo_config, grpo_prompts_file
 
-from rlhfkit.experience import Experience
-from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
-from rlhfkit.rewards import RewardComponent, RewardMix, function_scorer
+from rlhfkit.models.prefix import SharedPromptBatch, completion_logprobs
+from rlhfkit.rewards.mix import RewardComponent, RewardMix, function_scorer
 from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer, RLOOConfig, run_grpo
+from rlhfkit.training.experience import Experience
 
 
 def train_rows(out: Path) -> list[dict]:
@@ -48,7 +48,7 @@ def test_critic_free_rl_raises_a_verifiable_reward(cls: type[GRPOConfig], tiny_m
 
 
 def test_beta_zero_loads_no_reference(tiny_model: Path, tmp_path: Path):
-    from rlhfkit.data import load_prompts
+    from rlhfkit.data.records import load_prompts
 
     prompts = grpo_prompts_file(tmp_path)
     cfg = grpo_config(GRPOConfig, tiny_model, prompts, tmp_path / "b0", "beta=0", "train.max_steps=1")
@@ -86,7 +86,7 @@ def test_equal_rewards_give_no_update_with_dynamic_sampling(tiny_model: Path, tm
 
 def test_masked_truncated_answers_carry_no_gradient(tiny_model: Path, tmp_path: Path):
     """With 4-token answers few rows reach EOS: mask_truncated zeroes exactly the others."""
-    from rlhfkit.data import load_prompts
+    from rlhfkit.data.records import load_prompts
 
     prompts = grpo_prompts_file(tmp_path)
     sets = ["sampling.max_new_tokens=4", "mask_truncated=true", "train.max_steps=1"]
@@ -109,7 +109,7 @@ def test_loss_is_summed_over_the_items_its_aggregation_averages(
     loss_type: str, expected: float, tiny_model: Path, tmp_path: Path
 ):
     """The loop divides by `num_items`: tokens for "dapo", sequences for "grpo" and "dr_grpo"."""
-    from rlhfkit.data import load_prompts
+    from rlhfkit.data.records import load_prompts
 
     prompts = grpo_prompts_file(tmp_path)
     cfg = grpo_config(
@@ -174,7 +174,7 @@ def test_a_registered_advantage_estimator_is_one_function_and_a_line(tiny_model:
     """`losses.register_advantage` adds an estimator the `advantage` setting can name; an unknown name is a
     one-line configuration error listing the known ones."""
     from rlhfkit import losses
-    from rlhfkit.data import load_prompts
+    from rlhfkit.data.records import load_prompts
     from rlhfkit.errors import ConfigError
 
     @losses.register_advantage("mean_baseline")

@@ -1,5 +1,5 @@
-"""RL health (rlhfkit.health): runs that loop, blow up their KL or collapse their entropy say so, as a warning
-or by stopping at the last good checkpoint; healthy runs of every RL trainer trigger nothing."""
+"""RL health (rlhfkit.training.health): runs that loop, blow up their KL or collapse their entropy say so,
+as a warning or by stopping at the last good checkpoint; healthy runs of every RL trainer trigger nothing."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from tests.conftest import write_jsonl
 
 from rlhfkit.config import load_config
 from rlhfkit.errors import HealthError
-from rlhfkit.health import HealthConfig, HealthMonitor, repeat_share
 from rlhfkit.trainers.grpo import GRPOConfig, RLOOConfig, run_grpo
 from rlhfkit.trainers.ppo import PPOConfig, run_ppo
+from rlhfkit.training.health import HealthConfig, HealthMonitor, repeat_share
 
 
 def most_common_char(prompts: list[str], completions: list[str], **fields) -> list[float]:

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from rlhfkit.judge import Annotator, gold_breakdown, gold_ranks, gold_score, load_gold, make_panel
+from rlhfkit.rewards.panel import Annotator, gold_breakdown, gold_ranks, gold_score, load_gold, make_panel
 
 PROMPT = "Why do volcanoes erupt?"
 GOOD = (
@@ -61,6 +61,6 @@ def test_annotator_without_noise_ranks_by_gold_and_flip_rate_matches():
 def test_panel_and_plugin():
     panel = make_panel(3, 0.25, seed=1)
     assert [a.name for a in panel] == ["sim-0", "sim-1", "sim-2"]
-    assert load_gold("rlhfkit.judge:gold_score") is gold_score
+    assert load_gold("rlhfkit.rewards.panel:gold_score") is gold_score
     with pytest.raises(Exception, match="expected module:function"):
         load_gold("nonsense")

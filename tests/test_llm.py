@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rlhfkit.llm import LocalLLM, load_llm
+from rlhfkit.chat.llm import LocalLLM, load_llm
 from rlhfkit.rollout import SamplingConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,9 +14,9 @@ import pytest
 import torch
 from tests.helpers import Stop, max_diff, sft_config
 
-from rlhfkit.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 from rlhfkit.errors import ConfigError, NonFiniteLossError, SaveError
 from rlhfkit.trainers.sft import SFTTrainer, prepare_sft, run_sft
+from rlhfkit.training.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint
 
 STEPS = ["train.max_steps=8", "train.lr=3e-3", "train.warmup_steps=2", "train.batch_size=4"]
 
@@ -140,7 +140,7 @@ def test_config_change_refuses_to_resume(tiny_model: Path, memory_data: Path, tm
 def test_crash_during_checkpoint_write_leaves_previous_checkpoint(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from rlhfkit import checkpoint
+    from rlhfkit.training import checkpoint
 
     root = tmp_path / "checkpoints"
     weights = {"w": torch.arange(4.0)}
@@ -163,7 +163,7 @@ def test_crash_during_checkpoint_write_leaves_previous_checkpoint(
 
 
 def test_state_round_trip_keeps_types():
-    from rlhfkit.checkpoint import flatten_state, unflatten_state
+    from rlhfkit.training.checkpoint import flatten_state, unflatten_state
 
     state = {
         "a": 1,

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rlhfkit import models
 from rlhfkit.errors import RlhfkitError
+from rlhfkit.models import loading as models
 
 
 def test_pad_token_made_distinct_from_eos(tiny_model: Path):

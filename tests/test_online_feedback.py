@@ -14,9 +14,9 @@ from tests.conftest import write_jsonl
 
 from rlhfkit.config import load_config
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.models import build_reward_model, load_tokenizer, save_model, set_normalization
-from rlhfkit.online import OnlineFeedbackConfig, OnlineRewardModel
-from rlhfkit.prefix import SharedPromptBatch
+from rlhfkit.models.loading import build_reward_model, load_tokenizer, save_model, set_normalization
+from rlhfkit.models.prefix import SharedPromptBatch
+from rlhfkit.rewards.online import OnlineFeedbackConfig, OnlineRewardModel
 from rlhfkit.trainers.grpo import ONLINE_RM_DIR, GRPOConfig, GRPOTrainer, run_grpo
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,7 +38,7 @@ def tiny_rm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def online(tiny_rm: Path, **settings) -> OnlineRewardModel:
     cfg = OnlineFeedbackConfig(labeler="tests.test_online_feedback:count_a", **settings)
     from rlhfkit.device import resolve_runtime
-    from rlhfkit.training import TrainConfig
+    from rlhfkit.training.settings import TrainConfig
 
     return OnlineRewardModel(cfg, str(tiny_rm), resolve_runtime(TrainConfig()), seed=3)
 
@@ -84,14 +84,14 @@ def test_the_reward_model_learns_the_labelers_preference(tiny_rm: Path):
     # its scores are normalised with the constants it started from
     batch, _, _ = random_groups(rng, tokenizer, groups=1, group=4)
     raw = rm.score_batch(batch) * 2.0 + 0.5
-    from rlhfkit.rewards import shared_sequence_rewards
+    from rlhfkit.rewards.mix import shared_sequence_rewards
 
     with torch.no_grad():
         assert torch.allclose(raw, shared_sequence_rewards(rm.model, batch).float(), atol=1e-5)
 
 
 def test_the_update_reuses_the_scoring_pass_and_takes_the_same_step(tiny_rm: Path):
-    from rlhfkit.rewards import reward_parts
+    from rlhfkit.rewards.mix import reward_parts
 
     tokenizer = load_tokenizer(str(tiny_rm))
     batch, prompts, answers = random_groups(random.Random(1), tokenizer, groups=4, group=4)

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from rlhfkit.chat.llm import Completion
 from rlhfkit.cli import app
 from rlhfkit.config import load_config
-from rlhfkit.llm import Completion
 from rlhfkit.opro.linreg import LinearRegression, LinRegSettings
 from rlhfkit.opro.loop import OPROConfig, make_task, optimise, run_opro
 from rlhfkit.opro.reasoning import TASKS, make_split
@@ -326,7 +326,7 @@ def test_prompt_optimisation_finds_the_instruction_the_scorer_needs(tmp_path: Pa
 
 
 def test_exported_episodes_train_an_optimizer_with_grpo(tiny_model: Path, tmp_path: Path):
-    from rlhfkit.data import load_prompts
+    from rlhfkit.data.records import load_prompts
     from rlhfkit.opro.episodes import improvement
 
     cfg = load_config(OPROConfig, overrides=["task=linreg", f"output={tmp_path / 'o'}", "steps=6", "seed=2"])

@@ -10,8 +10,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rlhfkit.checkpoint import list_checkpoints
 from rlhfkit.cli import app
+from rlhfkit.training.checkpoint import list_checkpoints
 
 
 def short_is_better(prompt: str, answer: str) -> float:
@@ -33,7 +33,7 @@ def run(*args: str) -> str:
 def test_quick_pipeline_end_to_end_and_resume(tmp_path: Path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhfkit.data import load_preferences
+    from rlhfkit.data.records import load_preferences
 
     out = tmp_path / "run"
     checkpointing = ("--set", "sft.train.save_every=2", "--set", "rl.grpo.train.save_every=1")

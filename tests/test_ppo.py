@@ -9,7 +9,7 @@ import pytest
 import torch
 from tests.helpers import ppo_config, ppo_count_target, ppo_prompts_file
 
-from rlhfkit.rewards import function_scorer
+from rlhfkit.rewards.mix import function_scorer
 from rlhfkit.trainers.ppo import run_ppo
 
 
@@ -37,8 +37,8 @@ def test_ppo_raises_programmatic_reward_with_bounded_kl(tiny_model: Path, tmp_pa
 
 
 def test_rollout_logprobs_equal_training_forward(tiny_model: Path):
-    from rlhfkit.models import eos_token_ids, load_causal_lm
-    from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
+    from rlhfkit.models.loading import eos_token_ids, load_causal_lm
+    from rlhfkit.models.prefix import SharedPromptBatch, completion_logprobs
     from rlhfkit.rollout import RolloutEngine, SamplingConfig
 
     model, tokenizer = load_causal_lm(str(tiny_model))
@@ -57,7 +57,7 @@ def test_rollout_logprobs_equal_training_forward(tiny_model: Path):
 def test_ppo_resume_equals_uninterrupted(tiny_model: Path, tmp_path: Path):
     from safetensors.torch import load_file
 
-    from rlhfkit.data import load_prompts
+    from rlhfkit.data.records import load_prompts
     from rlhfkit.trainers.ppo import PPOTrainer
 
     prompts = ppo_prompts_file(tmp_path)
@@ -112,8 +112,8 @@ def test_ppo_with_lora_uses_the_adapter_free_policy_as_reference(tiny_model: Pat
 
 
 def test_value_model_from_a_reward_model_starts_on_the_normalised_reward_scale(tiny_model: Path):
-    from rlhfkit.models import SCALE_KEY, SHIFT_KEY, build_reward_model
-    from rlhfkit.prefix import SharedPromptBatch
+    from rlhfkit.models.loading import SCALE_KEY, SHIFT_KEY, build_reward_model
+    from rlhfkit.models.prefix import SharedPromptBatch
     from rlhfkit.trainers.ppo import token_values
 
     value, _ = build_reward_model(str(tiny_model))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rlhfkit.encoding import pad
+from rlhfkit.data.encoding import pad
 from rlhfkit.losses import gather_logprobs
-from rlhfkit.models import decoder_and_head, load_causal_lm
-from rlhfkit.prefix import SharedPromptBatch, answer_predictors, shared_prompt_forward
+from rlhfkit.models.loading import decoder_and_head, load_causal_lm
+from rlhfkit.models.prefix import SharedPromptBatch, answer_predictors, shared_prompt_forward
 from rlhfkit.rollout import Rollout
 
 PAD = 0

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from rlhfkit.cli import app
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.evaluate import EvalConfig, run_eval
-from rlhfkit.report import build_report
+from rlhfkit.evaluation.evaluate import EvalConfig, run_eval
+from rlhfkit.evaluation.report import build_report
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

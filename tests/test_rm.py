@@ -14,12 +14,12 @@ import torch
 from tests.conftest import read_metrics, write_jsonl
 from tests.helpers import good_word_pairs, good_word_rankings, max_diff, rm_config
 
-from rlhfkit.encoding import pad, prompt_answer_ids
+from rlhfkit.data.encoding import pad, prompt_answer_ids
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.losses import ranking_loss
-from rlhfkit.models import build_reward_model, init_head, reward_parts
-from rlhfkit.rewards import RewardModelScorer, score_file, sequence_rewards
-from rlhfkit.tiny import make_tiny_model
+from rlhfkit.models.loading import build_reward_model, init_head, reward_parts
+from rlhfkit.models.tiny import make_tiny_model
+from rlhfkit.rewards.mix import RewardModelScorer, score_file, sequence_rewards
 from rlhfkit.trainers import rm
 from rlhfkit.trainers.rm import RMTrainer, prepare_rm, run_rm
 

@@ -19,10 +19,10 @@ from tests.conftest import write_jsonl
 from tests.helpers import sft_config
 from typer.testing import CliRunner
 
-from rlhfkit.checkpoint import list_checkpoints
 from rlhfkit.cli import app
 from rlhfkit.errors import DivergenceError, SaveError
 from rlhfkit.trainers.sft import SFTTrainer, prepare_sft, run_sft
+from rlhfkit.training.checkpoint import list_checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,7 +152,7 @@ def test_a_lone_surrogate_is_one_line_naming_line_and_field(tiny_model: Path, tm
 
 
 def test_score_refuses_an_answer_longer_than_the_context(tiny_model: Path, tmp_path: Path):
-    from rlhfkit.models import build_reward_model, save_model
+    from rlhfkit.models.loading import build_reward_model, save_model
 
     rm_dir = tmp_path / "rm"
     save_model(*build_reward_model(str(tiny_model)), rm_dir)
@@ -310,7 +310,7 @@ def test_a_nan_reward_names_the_function_and_the_rows(tiny_model: Path, tmp_path
 def test_disk_full_during_a_checkpoint_is_one_line_and_the_run_resumes(
     tiny_model: Path, memory_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    from rlhfkit import checkpoint
+    from rlhfkit.training import checkpoint
 
     sets = ["train.max_steps=6", "train.batch_size=4", "train.save_every=2", "train.lr=3e-3"]
     reference = tmp_path / "reference"

@@ -1,4 +1,4 @@
-"""glibc malloc keeps freed memory (rlhfkit.runtime): on by default, off on request, and it does keep it."""
+"""glibc malloc keeps freed memory (rlhfkit.allocator): on by default, off on request, and it does keep it."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 # Allocates and frees a 200 MB tensor, prints whether the tuning applied and the RSS growth it left (MB).
 PROBE = """
 import torch
-from rlhfkit.runtime import keep_freed_memory
+from rlhfkit.allocator import keep_freed_memory
 applied = keep_freed_memory()
 def rss():
     return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20

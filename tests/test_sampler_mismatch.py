@@ -13,8 +13,8 @@ from tests.conftest import write_jsonl
 
 from rlhfkit import losses
 from rlhfkit.config import load_config
-from rlhfkit.data import load_prompts
-from rlhfkit.rewards import function_scorer
+from rlhfkit.data.records import load_prompts
+from rlhfkit.rewards.mix import function_scorer
 from rlhfkit.trainers.grpo import GRPOConfig, GRPOTrainer, run_grpo
 from rlhfkit.trainers.ppo import PPOConfig, run_ppo
 

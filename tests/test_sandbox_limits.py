@@ -20,8 +20,8 @@ import rlhfkit.agents.sandbox as sandbox
 from rlhfkit.agents import os_tasks
 from rlhfkit.agents.registry import load_environment
 from rlhfkit.agents.sandbox import ProcessCap, process_cap
+from rlhfkit.data.toolcalls import ToolCall
 from rlhfkit.errors import ConfigError
-from rlhfkit.toolcalls import ToolCall
 
 BOMB = ":(){ :|:& };:"
 # the bomb's first shell returns at once and its exit ends the sandbox; waiting keeps the bomb going until

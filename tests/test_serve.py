@@ -25,10 +25,10 @@ import pytest
 import torch
 from tests.helpers import running_server
 
-from rlhfkit.encoding import pad, prompt_answer_ids, prompt_ids
+from rlhfkit.chat.llm import EndpointLLM, load_llm
+from rlhfkit.data.encoding import pad, prompt_answer_ids, prompt_ids
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.llm import EndpointLLM, load_llm
-from rlhfkit.models import load_causal_lm, save_model
+from rlhfkit.models.loading import load_causal_lm, save_model
 from rlhfkit.rollout import RolloutEngine, SamplingConfig
 from rlhfkit.serve.app import create_app
 from rlhfkit.serve.tools import fallback_messages

@@ -12,7 +12,7 @@ import torch
 from tests.conftest import MEMORY_ROWS
 from tests.helpers import sft_config
 
-from rlhfkit.encoding import prompt_answer_ids
+from rlhfkit.data.encoding import prompt_answer_ids
 from rlhfkit.trainers.sft import run_sft
 
 

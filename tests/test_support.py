@@ -15,7 +15,7 @@ from rlhfkit.agents.demos import demonstration, demos_path, replay, turn_records
 from rlhfkit.agents.env import Task
 from rlhfkit.agents.registry import load_environment
 from rlhfkit.agents.support import SupportEnvironment, claims, gold_score, replay_truth, statuses
-from rlhfkit.toolcalls import ToolCall
+from rlhfkit.data.toolcalls import ToolCall
 
 ANN = {
     "id": "C1",
@@ -331,7 +331,7 @@ def test_tasks_are_deterministic_per_seed_and_the_splits_disjoint():
 
 @pytest.mark.slow
 def test_every_bundled_demonstration_replays_and_is_honest():
-    from rlhfkit.data import load_sft
+    from rlhfkit.data.records import load_sft
 
     env = load_environment("support")
     assert isinstance(env, SupportEnvironment)
@@ -356,7 +356,7 @@ def test_every_bundled_demonstration_replays_and_is_honest():
 
 def test_a_tiny_model_episode_ends_cleanly(tiny_model: Path):
     from rlhfkit.agents.episode import AgentLimits, run_episodes
-    from rlhfkit.models import load_causal_lm
+    from rlhfkit.models.loading import load_causal_lm
     from rlhfkit.rollout import RolloutEngine, SamplingConfig
 
     model, tokenizer = load_causal_lm(str(tiny_model))

@@ -1,4 +1,4 @@
-"""Tool calls: the parser (rlhfkit.toolcalls) on well-formed, malformed and unfinished blocks, the
+"""Tool calls: the parser (rlhfkit.data.toolcalls) on well-formed, malformed and unfinished blocks, the
 streaming reader agreeing with it however the text is cut, and the prompt rendering of tools (serve.tools)
 through a template without tool support (the documented fallback) and one with it."""
 
@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from rlhfkit.toolcalls import ToolCall, ToolCallStream, parse_tool_calls
+from rlhfkit.data.toolcalls import ToolCall, ToolCallStream, parse_tool_calls
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
@@ -108,7 +108,7 @@ def test_the_fallback_renders_tools_calls_and_results_as_plain_turns():
 
 
 def test_render_chat_uses_a_tool_aware_template_and_forces_calls(tiny_model):
-    from rlhfkit.models import load_tokenizer
+    from rlhfkit.models.loading import load_tokenizer
     from rlhfkit.serve.tools import render_chat
 
     tokenizer = load_tokenizer(str(tiny_model))

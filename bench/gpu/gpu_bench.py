@@ -85,11 +85,13 @@ def make_model_dir(shape: str, tokenizer_dir: str | None, out: Path, device: str
             tok = AutoTokenizer.from_pretrained(out)
         notes["tokenizer"] = "SmolLM2-135M's"
     else:
-        from rlhfkit.tiny import make_tokenizer
+        from rlhfkit.models.tiny import make_tokenizer
 
         tok = make_tokenizer()
         tok.save_pretrained(out)
-        notes["tokenizer"] = "rlhfkit.tiny's character-level tokenizer (no SmolLM2 tokenizer was carried)"
+        notes["tokenizer"] = (
+            "rlhfkit.models.tiny's character-level tokenizer (no SmolLM2 tokenizer was carried)"
+        )
     spec = dict(SHAPES[shape])
     kind = spec.pop("model_type")
     if shape == "tiny":  # the vocabulary the tokenizer needs (the output layer dominates a tiny model)

@@ -53,7 +53,7 @@ def read_logged(metrics: Path) -> dict[str, list[float]]:
 def patch_rlhfkit(device: str, precision: str) -> None:
     import rlhfkit_worker
 
-    from rlhfkit.training import TrainConfig
+    from rlhfkit.training.settings import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     extra = {k: v for k, v in (("device", device), ("precision", precision)) if k in names}

@@ -211,9 +211,10 @@ def build_grpo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
 
 
 def build_ppo(args: Any, out: str, total: int, rec: StepRecorder) -> Any:
+    from rlhfkit.prefix import SharedPromptBatch
+
     from rlhfkit.config import load_config
     from rlhfkit.data import load_prompts
-    from rlhfkit.prefix import SharedPromptBatch
     from rlhfkit.rewards import shared_sequence_rewards
     from rlhfkit.trainers.ppo import PPOConfig, PPOTrainer
     from rlhfkit.trainers.rm import build_reward_model

@@ -13,10 +13,10 @@ from typing import Annotated, Any
 
 import typer
 
+from rlhfkit.allocator import keep_freed_memory
 from rlhfkit.console import console as err
 from rlhfkit.console import run_command
 from rlhfkit.feedback.cli import feedback_app
-from rlhfkit.runtime import keep_freed_memory
 
 app = typer.Typer(
     name="rlhfkit",
@@ -51,7 +51,7 @@ def _claim_changes(cfg: Any, resume_with_changes: bool) -> None:
     if not resume_with_changes:
         return
     from rlhfkit.config import accept_changes
-    from rlhfkit.training import RESUMABLE
+    from rlhfkit.training.settings import RESUMABLE
 
     for change in accept_changes(cfg, Path(cfg.output), RESUMABLE):
         err.print(f"resuming with a changed setting: {change}")
@@ -158,7 +158,7 @@ def score(
     ] = None,
 ) -> None:
     """Add normalised rewards to records: `reward`, or `reward_chosen` and `reward_rejected`, or `rewards`."""
-    from rlhfkit.rewards import score_file
+    from rlhfkit.rewards.mix import score_file
 
     def go() -> None:
         n = score_file(reward, data, output, batch_size, max_length)
@@ -321,7 +321,7 @@ def eval_(
 ) -> None:
     """Gold win rate (95% CI), gold and RM scores, KL to the reference, lengths, RM accuracy vs gold."""
     from rlhfkit.config import load_config
-    from rlhfkit.evaluate import EvalConfig, run_eval
+    from rlhfkit.evaluation.evaluate import EvalConfig, run_eval
 
     def go() -> None:
         named = {"policy": policy, "reference": reference, "reward": reward, "prompts": prompts}
@@ -356,8 +356,8 @@ def agent_eval(
     set_: SetOpt = None,
 ) -> None:
     """Agents: success rates (95% CI), turns, tokens and AgentBench's overall score in environments."""
-    from rlhfkit.agents.evaluate import AgentEvalConfig, run_agent_eval
     from rlhfkit.config import load_config
+    from rlhfkit.evaluation.agent_eval import AgentEvalConfig, run_agent_eval
 
     def go() -> None:
         names = [e.strip() for e in envs.split(",") if e.strip()] if envs else None
@@ -375,7 +375,7 @@ def report(
     output: Annotated[Path | None, typer.Option(help="HTML file (default: RUN/report.html).")] = None,
 ) -> None:
     """Write a self-contained HTML report of a run: results, timings, curves, over-optimisation, answers."""
-    from rlhfkit.report import build_report
+    from rlhfkit.evaluation.report import build_report
 
     def go() -> None:
         err.print(f"[bold]report[/]: written to {build_report(run, output)}")
@@ -421,8 +421,8 @@ def generate(
     set_: SetOpt = None,
 ) -> None:
     """Sample answers to a file of prompts offline (batched), one JSONL row per prompt and sample."""
+    from rlhfkit.chat.generate import GenerateConfig, run_generate
     from rlhfkit.config import load_config
-    from rlhfkit.generate import GenerateConfig, run_generate
 
     def go() -> None:
         named = {"model": model, "prompts": prompts, "output": output, "n": n}

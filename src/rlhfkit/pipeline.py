@@ -7,12 +7,12 @@
 Stages, each in its own directory of the run (`runs/pipeline` by default):
   sft/        A. supervised fine-tuning on the bundled demonstrations (the reference policy)
   feedback/   the SFT model answers `feedback.k` times each of `feedback.num_prompts` prompts; a panel of
-              simulated annotators (rlhfkit.judge: the gold preference plus label noise) ranks each set
+              simulated annotators (rewards.panel: the gold preference plus label noise) ranks each set
   rm/         B. a reward model on those rankings (all K-choose-2 pairs of a prompt together)
   rl/         C. GRPO (or RLOO, PPO) against the reward model, KL-anchored to the SFT model; the gold score of
               the rollouts is logged beside (never used as a reward) for the over-optimisation curve. With
               GRPO / RLOO the panel also ranks each group of the policy's answers and the reward model goes
-              on learning from those rankings (`feedback.online`, `rlhfkit.online`): rl/reward_model
+              on learning from those rankings (`feedback.online`, `rlhfkit.rewards.online`): rl/reward_model
   eval/       the SFT and the final policy answer the held-out prompts; the gold judge compares them
   report.html the numbers and plots
 
@@ -21,7 +21,7 @@ checkpoint (the trainers' exact resume), so killing the pipeline loses at most o
 `pipeline.json` records each stage's status and seconds. The pipeline's settings are saved in
 `config.yaml`; running again with different ones is refused, as for each trainer.
 
-The gold preference (`gold`, default: rlhfkit.judge.gold_score) labels the feedback (through the noisy
+The gold preference (`gold`, default: rlhfkit.rewards.panel.gold_score) labels the feedback (through the noisy
 panel) and judges the evaluation, nothing else: the policy only ever sees the reward model, as with real
 people.
 """
@@ -40,18 +40,18 @@ from typing import Any, Literal
 from rlhfkit.config import claim_run_dir, setting
 from rlhfkit.console import console
 from rlhfkit.errors import ConfigError
-from rlhfkit.evaluate import EvalConfig
+from rlhfkit.evaluation.evaluate import EvalConfig
 from rlhfkit.feedback.agreement import pair_agreement
 from rlhfkit.feedback.export import ranking_json
 from rlhfkit.fileio import write_atomic
-from rlhfkit.models import DEFAULT_MODEL
-from rlhfkit.online import OnlineFeedbackConfig
+from rlhfkit.models.loading import DEFAULT_MODEL
+from rlhfkit.rewards.online import OnlineFeedbackConfig
 from rlhfkit.rollout.engine import SamplingConfig
 from rlhfkit.trainers.grpo import ONLINE_RM_DIR, GRPOConfig
 from rlhfkit.trainers.ppo import PPOConfig
 from rlhfkit.trainers.rm import RMConfig
 from rlhfkit.trainers.sft import SFTConfig
-from rlhfkit.training import TrainConfig
+from rlhfkit.training.settings import TrainConfig
 
 STAGES = ("sft", "feedback", "rm", "rl", "eval", "report")
 
@@ -82,7 +82,7 @@ class FeedbackConfig:
     """Sampling and panel seed."""
     online: bool = True
     """Step C with GRPO / RLOO: the panel also ranks every group of the policy's answers and the reward model
-    goes on learning from those rankings during RL (iterated online RLHF, `rlhfkit.online`); it is
+    goes on learning from those rankings during RL (iterated online RLHF, `rlhfkit.rewards.online`); it is
     saved as rl/reward_model, which the evaluation then uses. The panel is this stage's (gold, annotators,
     flip_prob); the update's own settings are `rl.grpo.online_feedback` (lr, micro_batch). PPO has no
     groups: its reward model stays frozen."""
@@ -139,7 +139,7 @@ class PipelineConfig:
     """Longest answer everywhere: feedback sampling, RL and evaluation (so the reward model sees answers
     like the ones it will score, and the evaluation cuts them where training did)."""
     gold: str = "default"
-    """The simulated people's preference: "default" (rlhfkit.judge.gold_score) or module:function
+    """The simulated people's preference: "default" (rlhfkit.rewards.panel.gold_score) or module:function
     (prompt, answer) -> float. Labels the feedback and judges the evaluation; never a training reward."""
     sft: SFTConfig = field(
         default_factory=lambda: SFTConfig(train=TrainConfig(lr=2e-5, batch_size=8, epochs=1.0, save_every=10))
@@ -195,10 +195,10 @@ def collect_feedback(
     """Sample K answers per prompt with the policy, have the panel rank them; write rankings.jsonl."""
     import torch
 
-    from rlhfkit.data import load_prompts, resolve_data_path
-    from rlhfkit.encoding import chat_prompt_text
-    from rlhfkit.judge import gold_ranks, make_panel
-    from rlhfkit.models import load_causal_lm
+    from rlhfkit.data.encoding import chat_prompt_text
+    from rlhfkit.data.records import load_prompts, resolve_data_path
+    from rlhfkit.models.loading import load_causal_lm
+    from rlhfkit.rewards.panel import gold_ranks, make_panel
     from rlhfkit.rollout import RolloutEngine
 
     records = load_prompts(resolve_data_path(cfg.prompts))[: cfg.num_prompts]
@@ -325,7 +325,7 @@ class Pipeline:
         run_sft(self.sft_config())
 
     def stage_feedback(self) -> None:
-        from rlhfkit.judge import load_gold
+        from rlhfkit.rewards.panel import load_gold
 
         stats = collect_feedback(
             self.feedback_config(), str(self.dirs["sft"]), self.dirs["feedback"], load_gold(self.cfg.gold)
@@ -356,12 +356,12 @@ class Pipeline:
             run_grpo(cfg)
 
     def stage_eval(self) -> None:
-        from rlhfkit.evaluate import run_eval
+        from rlhfkit.evaluation.evaluate import run_eval
 
         run_eval(self.eval_config())
 
     def stage_report(self) -> None:
-        from rlhfkit.report import build_report
+        from rlhfkit.evaluation.report import build_report
 
         path = build_report(self.out)
         console.print(f"report: {path}")
@@ -378,7 +378,7 @@ class Pipeline:
         }
 
     def run(self) -> dict[str, Any]:
-        from rlhfkit.judge import load_gold
+        from rlhfkit.rewards.panel import load_gold
 
         load_gold(self.cfg.gold)  # a wrong gold is an error now, not after the SFT stage
         claim_run_dir(self.cfg, self.out)

@@ -40,8 +40,8 @@ from typing import Any
 from rlhfkit.agents.commons_lake import MONTHS, Fishery, Month, fisher_rng, in_tons, make_tasks, scripted_turn
 from rlhfkit.agents.env import Environment, Message, Split, StepResult, Task
 from rlhfkit.agents.tools import ERROR, as_call, chat_messages, tool_schema
+from rlhfkit.data.toolcalls import ToolCall, parse_tool_calls
 from rlhfkit.errors import ConfigError
-from rlhfkit.toolcalls import ToolCall, parse_tool_calls
 
 MAX_MESSAGE = 200
 """Characters of a fisher's message the others read (longer ones are cut)."""

@@ -23,7 +23,7 @@ from typing import Any
 
 from rlhfkit.agents.env import Message, Task
 from rlhfkit.agents.tools import ToolEnvironment, chat_messages
-from rlhfkit.toolcalls import ToolCall, parse_tool_calls
+from rlhfkit.data.toolcalls import ToolCall, parse_tool_calls
 
 COUNT = 300
 

@@ -19,7 +19,7 @@ Python functions with type hints and a Google-style docstring; their JSON schema
             return StepResult(observations=[], reward=done_reward, done=True)
 
 The assistant message given to `step` is {"role": "assistant", "content": str, "tool_calls": [...]}:
-content is the model's text outside tool-call blocks, tool_calls are `rlhfkit.toolcalls.ToolCall`s (name,
+content is the model's text outside tool-call blocks, tool_calls are `rlhfkit.data.toolcalls.ToolCall`s (name,
 arguments as JSON text), parsed by the episode runner with `toolcalls.parse_tool_calls`, the one parser.
 Observation messages are chat messages, normally {"role": "tool", "name": ..., "content": ...}.
 

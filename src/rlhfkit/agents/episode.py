@@ -43,12 +43,12 @@ from typing import Any
 import torch
 
 from rlhfkit.agents.env import Environment, Message, Task
-from rlhfkit.chat_tools import chat_prompt_ids, openai_tool_calls, render_messages, tool_schemas
 from rlhfkit.config import setting
-from rlhfkit.encoding import left_pad
+from rlhfkit.data.chat_tools import chat_prompt_ids, openai_tool_calls, render_messages, tool_schemas
+from rlhfkit.data.encoding import left_pad
+from rlhfkit.data.toolcalls import ToolCall, parse_tool_calls
 from rlhfkit.errors import ConfigError
 from rlhfkit.rollout.engine import Rollout, RolloutEngine, SamplingConfig
-from rlhfkit.toolcalls import ToolCall, parse_tool_calls
 
 TRUNCATED = ("max_turns", "max_tokens")
 """End reasons of an episode the limits cut short (it did not end on its own)."""

@@ -66,7 +66,7 @@ from rlhfkit.agents.answers import mentions, normalize
 from rlhfkit.agents.env import Message, Split, StepResult, Task
 from rlhfkit.agents.support_shop import REFUND_LIMIT, Shop, dollars, make_tasks, to_cents
 from rlhfkit.agents.tools import ToolEnvironment, as_call
-from rlhfkit.toolcalls import parse_tool_calls
+from rlhfkit.data.toolcalls import parse_tool_calls
 
 SENTENCE = re.compile(r"(?<=[.!?])\s+|\n+")
 CLAUSE = re.compile(

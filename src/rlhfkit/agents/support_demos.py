@@ -28,7 +28,7 @@ from typing import Any
 from rlhfkit.agents.env import Message, Task
 from rlhfkit.agents.support_shop import REFUND_LIMIT, dollars
 from rlhfkit.agents.tools import chat_messages
-from rlhfkit.toolcalls import ToolCall
+from rlhfkit.data.toolcalls import ToolCall
 
 VERBS = {"refund": "refund it", "cancel": "cancel it", "address": "change its address"}
 

@@ -34,9 +34,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from rlhfkit.agents.env import Environment, Message, StepResult, Task
-from rlhfkit.chat_tools import fallback_messages, tool_schemas
+from rlhfkit.data.chat_tools import fallback_messages, tool_schemas
+from rlhfkit.data.toolcalls import ToolCall
 from rlhfkit.errors import ConfigError
-from rlhfkit.toolcalls import ToolCall
 
 ERROR = "error: "
 

@@ -1,7 +1,7 @@
 """Labels out of the database, into the preference formats `rlhfkit rm` and `rlhfkit dpo` read.
 
 * ``rankings``: one row per (item, annotator) ranking, ``{"prompt", "completions", "ranking"}`` exactly as
-  ``rlhfkit.data`` reads a RankingRecord: completions in the item's stored order, the ranking best to
+  ``rlhfkit.data.records`` reads a RankingRecord: completions in the item's stored order, the ranking best to
   worst with tied answers in a nested list (``[2, [0, 1]]``). Extra fields that the loader ignores keep
   the provenance: ``item``, ``annotator``, ``models`` (which model wrote each completion).
 * ``pairs``: for every ranking, one ``{"prompt", "chosen", "rejected"}`` row per pair of answers at

@@ -60,8 +60,8 @@ def sample_answers(cfg: PrepareConfig, records: list) -> list[list[str]]:
     """K decoded answers for each prompt record, sampled in batches of ``cfg.batch_size`` sequences."""
     import torch
 
-    from rlhfkit.encoding import checked_prompt_ids
-    from rlhfkit.models import context_length, load_causal_lm
+    from rlhfkit.data.encoding import checked_prompt_ids
+    from rlhfkit.models.loading import context_length, load_causal_lm
     from rlhfkit.rollout import RolloutEngine
 
     model, tokenizer = load_causal_lm(cfg.model)
@@ -84,7 +84,7 @@ def distinct(answers: list[str]) -> list[str]:
 
 def run_prepare(cfg: PrepareConfig) -> dict[str, int]:
     """Validate the inputs, sample, store; returns counts (items stored, prompts dropped, answers)."""
-    from rlhfkit.data import load_prompts, resolve_data_path
+    from rlhfkit.data.records import load_prompts, resolve_data_path
     from rlhfkit.feedback.store import DEFAULT_GUIDELINES, create_project, open_db
 
     _check(cfg)

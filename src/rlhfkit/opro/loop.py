@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhfkit.chat.llm import LLM, load_llm
 from rlhfkit.config import claim_run_dir, setting
 from rlhfkit.console import console, progress
 from rlhfkit.errors import ConfigError
 from rlhfkit.fileio import write_atomic
-from rlhfkit.llm import LLM, load_llm
-from rlhfkit.models import DEFAULT_MODEL
+from rlhfkit.models.loading import DEFAULT_MODEL
 from rlhfkit.opro.linreg import LinearRegression, LinRegSettings
 from rlhfkit.opro.prompt import PromptOptimisation, PromptSettings
 from rlhfkit.opro.task import Task, best_score

@@ -22,8 +22,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rlhfkit.chat.llm import LLM
 from rlhfkit.config import setting
-from rlhfkit.llm import LLM
 from rlhfkit.opro.reasoning import TASKS, make_split
 from rlhfkit.rollout.engine import SamplingConfig
 

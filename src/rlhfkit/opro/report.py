@@ -1,8 +1,8 @@
 """report.html of an OPRO run: the paper's figure (every proposal's score by step, and the best so far), the
 optimizer against random search at equal evaluations, the results table and the final meta-prompt.
 
-The page is built with the pipeline report's parts (`rlhfkit.report`): self-contained, no script, every
-model-written text escaped.
+The page is built with the pipeline report's parts (`rlhfkit.evaluation.report`): self-contained, no
+script, every model-written text escaped.
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import random
 from pathlib import Path
 from typing import Any
 
+from rlhfkit.evaluation.report import esc, figure, figure_html, fmt, page_html, png_bytes, table_html
 from rlhfkit.fileio import write_atomic
 from rlhfkit.opro.task import Task, best_score
-from rlhfkit.report import esc, figure, figure_html, fmt, page_html, png_bytes, table_html
 
 
 def _best_so_far(scores: list[float], higher: bool) -> list[float]:

@@ -5,7 +5,7 @@ backend that is more than the HF forward has a module of its own beside it (`lla
 fast path on the CPU; `cuda`: the static-cache CUDA-graph path; `hf_static`: the HF StaticCache fallback).
 """
 
-from rlhfkit.encoding import left_pad, position_ids_from_mask
+from rlhfkit.data.encoding import left_pad, position_ids_from_mask
 from rlhfkit.rollout.cuda import StaticCacheBackend, static_backend_supported
 from rlhfkit.rollout.engine import (
     BACKENDS,

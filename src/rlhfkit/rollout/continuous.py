@@ -25,7 +25,7 @@ from collections.abc import Hashable, Sequence
 
 import torch
 
-from rlhfkit.encoding import left_pad
+from rlhfkit.data.encoding import left_pad
 from rlhfkit.rollout.engine import RolloutEngine, SamplingConfig, sample_tokens
 
 

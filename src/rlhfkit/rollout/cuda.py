@@ -56,7 +56,7 @@ from typing import Any, cast
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.encoding import position_ids_from_mask
+from rlhfkit.data.encoding import position_ids_from_mask
 
 SLOT_ROUND = 256  # S_cap is rounded up to this, so prompts of varying length reuse one cache and graphs
 STATIC_ROPE = {"default", "linear", "llama3", "yarn"}  # frequencies fixed at load time

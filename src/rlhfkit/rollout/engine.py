@@ -41,11 +41,11 @@ from typing import Any
 
 import torch
 
-from rlhfkit import models
-from rlhfkit.compat import cache_keyword
 from rlhfkit.config import setting
 from rlhfkit.console import progress
-from rlhfkit.encoding import checked_prompt_ids, left_pad, position_ids_from_mask
+from rlhfkit.data.encoding import checked_prompt_ids, left_pad, position_ids_from_mask
+from rlhfkit.models import loading as models
+from rlhfkit.models.compat import cache_keyword
 from rlhfkit.rollout.cuda import StaticCacheBackend, static_backend_supported
 from rlhfkit.rollout.hf_static import HFStaticBackend
 from rlhfkit.rollout.llama_cpu import LlamaCPUBackend, llama_fast_path_supported, place_slots

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from rlhfkit.encoding import position_ids_from_mask
+from rlhfkit.data.encoding import position_ids_from_mask
 
 
 class HFStaticBackend:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 import torch.nn.functional as F
 
-from rlhfkit.encoding import common_prefix_len, left_pad, position_ids_from_mask
+from rlhfkit.data.encoding import common_prefix_len, left_pad, position_ids_from_mask
 
 if TYPE_CHECKING:
     from transformers import LlamaForCausalLM

@@ -26,7 +26,7 @@ def serve(
 
     from rlhfkit.console import console
     from rlhfkit.errors import RlhfkitError
-    from rlhfkit.models import load_causal_lm
+    from rlhfkit.models.loading import load_causal_lm
     from rlhfkit.rollout import RolloutEngine
     from rlhfkit.serve.app import create_app
 

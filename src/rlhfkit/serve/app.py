@@ -4,7 +4,7 @@
 
 Routes: GET /health (no key needed: status, running rows, waiting rows), GET /v1/models,
 POST /v1/chat/completions, POST /v1/completions. What the bodies accept is in `serve.protocol`; how
-answers are batched in `serve.scheduler`; tool calls in `serve.tools` and `rlhfkit.toolcalls`.
+answers are batched in `serve.scheduler`; tool calls in `serve.tools` and `rlhfkit.data.toolcalls`.
 
 Errors are OpenAI's ``{"error": {"message", "type", "param", "code"}}``, never a traceback: 400 for a
 malformed body or a bad value (naming the field), 401 for a missing or wrong key, 404 for an unknown model
@@ -31,9 +31,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from rlhfkit.encoding import char_limit, prompt_ids, text_chars
+from rlhfkit.data.encoding import char_limit, prompt_ids, text_chars
 from rlhfkit.feedback.security import same_secret
-from rlhfkit.models import context_length
+from rlhfkit.models.loading import context_length
 from rlhfkit.rollout.engine import RolloutEngine, SamplingConfig
 from rlhfkit.serve.protocol import APIError, ChatRequest, CompletionRequest, NamedChoice, Sampling, parse
 from rlhfkit.serve.responses import Exchange, sse

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from rlhfkit.data.toolcalls import ToolCall, ToolCallStream
 from rlhfkit.serve.scheduler import Delta, Job, TokenLogprob
-from rlhfkit.toolcalls import ToolCall, ToolCallStream
 
 
 @dataclass

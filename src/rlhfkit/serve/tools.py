@@ -1,7 +1,7 @@
 """From a chat request to prompt tokens: messages, tools and tool choice rendered for the model.
 
 How tools and tool results are rendered (natively, or in the documented Hermes fallback) is
-`rlhfkit.chat_tools`, shared with the agents; this module adds the request's `tool_choice`.
+`rlhfkit.data.chat_tools`, shared with the agents; this module adds the request's `tool_choice`.
 
 ``tool_choice``: "auto" (the default with tools) renders the tools and reads calls from the answer; "none"
 renders no tools and reads no calls. "required" and a named function are forced the way we can without
@@ -16,8 +16,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from rlhfkit.chat_tools import chat_prompt_ids, fallback_messages, native_messages, template_supports_tools
-from rlhfkit.toolcalls import OPEN
+from rlhfkit.data.chat_tools import (
+    chat_prompt_ids,
+    fallback_messages,
+    native_messages,
+    template_supports_tools,
+)
+from rlhfkit.data.toolcalls import OPEN
 
 __all__ = [
     "Rendered",

@@ -13,8 +13,8 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
-from rlhfkit.loop import Batch, TrainLoop
-from rlhfkit.training import EpochStream
+from rlhfkit.training.loop import Batch, TrainLoop
+from rlhfkit.training.settings import EpochStream
 
 Example = TypeVar("Example")
 

@@ -24,7 +24,7 @@ Where we depart from TRL's DPOTrainer and why:
   repeated run reuses them, any change recomputes them;
 - chosen and rejected answers of a micro-batch run through one batched forward that computes their
   shared prompt once, and the prefix all prompts share (the chat template's system prompt) once
-  (`rlhfkit.prefix`); answers are padded to the longest of them only, and pairs are grouped by length
+  (`rlhfkit.models.prefix`); answers are padded to the longest of them only, and pairs are grouped by length
   (as in SFT and the RM), so little compute goes into padding or repeated prompts;
 - the output layer runs only on answer positions and the full (2B, T, V) logits are never materialised;
 - rankings of K answers are expanded into all their K-choose-2 (better, worse) pairs, each one training
@@ -56,21 +56,21 @@ import torch
 
 from rlhfkit.config import setting, validate
 from rlhfkit.console import console, progress
-from rlhfkit.data import DATA_RENAMED, DataSettings
+from rlhfkit.data.encoding import PreferenceExample, SequenceExample, load_preference_examples
+from rlhfkit.data.records import DATA_RENAMED, DataSettings
 from rlhfkit.device import resolve_runtime
-from rlhfkit.encoding import PreferenceExample, SequenceExample, load_preference_examples
 from rlhfkit.fileio import write_atomic
 from rlhfkit.losses import dpo_loss
-from rlhfkit.models import (
+from rlhfkit.models.loading import (
     DEFAULT_MODEL,
     load_causal_lm,
     load_tokenizer,
     resolve_model,
     save_model,
 )
-from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
+from rlhfkit.models.prefix import SharedPromptBatch, completion_logprobs
 from rlhfkit.trainers.base import SupervisedTrainer
-from rlhfkit.training import StageConfig, TrainConfig, set_seed
+from rlhfkit.training.settings import StageConfig, TrainConfig, set_seed
 
 CACHE_FILE = "reference_logprobs.safetensors"
 CACHE_VERSION = 1  # bump when the meaning of the cached numbers changes

@@ -42,16 +42,16 @@ from rlhfkit import losses
 from rlhfkit.agents.episode import AgentLimits
 from rlhfkit.agents.registry import load_environment
 from rlhfkit.config import setting
-from rlhfkit.data import PromptRecord
+from rlhfkit.data.records import PromptRecord
 from rlhfkit.device import resolve_runtime
 from rlhfkit.errors import ConfigError
-from rlhfkit.experience import EpisodeSampler, Experience, Sampler, Samples
-from rlhfkit.models import context_length, save_model
-from rlhfkit.online import OnlineFeedbackConfig, OnlineRewardModel
-from rlhfkit.prefix import completion_logprobs
-from rlhfkit.rewards import RewardMix, Scorer
+from rlhfkit.models.loading import context_length, save_model
+from rlhfkit.models.prefix import completion_logprobs
+from rlhfkit.rewards.mix import RewardMix, Scorer
+from rlhfkit.rewards.online import OnlineFeedbackConfig, OnlineRewardModel
 from rlhfkit.trainers.rl import RLConfig, RLTrainer, load_rl_prompts, reward_mix
-from rlhfkit.training import TrainConfig
+from rlhfkit.training.experience import EpisodeSampler, Experience, Sampler, Samples
+from rlhfkit.training.settings import TrainConfig
 
 AGGREGATION: dict[str, losses.Aggregation] = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
 EPISODE_MICRO_BATCH = 8  # episodes per forward pass with `env` when micro_batch is 0
@@ -97,7 +97,7 @@ class GRPOConfig(RLConfig):
     """Keyword arguments of the environment (`--set env_settings.KEY=VALUE`)."""
     online_feedback: OnlineFeedbackConfig = field(default_factory=OnlineFeedbackConfig)
     """Rank each group with `online_feedback.labeler` and train the (one) reward model on those rankings as
-    the run goes (`rlhfkit.online`); off unless a labeler is named."""
+    the run goes (`rlhfkit.rewards.online`); off unless a labeler is named."""
     agent: AgentLimits = field(default_factory=AgentLimits)
     """Episode limits with `env`: turns, tokens per episode, tokens per turn (the last replaces
     `sampling.max_new_tokens`; the rest of `sampling` applies to every turn)."""
@@ -325,7 +325,7 @@ def run_grpo(cfg: GRPOConfig, reward: RewardMix | Scorer | None = None) -> dict[
                 "online_feedback trains one reward model: give exactly one --reward DIR "
                 f"(got {len(cfg.reward)})"
             )
-        from rlhfkit.judge import load_gold
+        from rlhfkit.rewards.panel import load_gold
 
         load_gold(cfg.online_feedback.labeler)  # a wrong labeler is an error before anything is loaded
         return GRPOTrainer(cfg, records, None).run()

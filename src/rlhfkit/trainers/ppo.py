@@ -31,13 +31,18 @@ import torch
 
 from rlhfkit import losses
 from rlhfkit.config import setting
-from rlhfkit.data import PromptRecord
-from rlhfkit.experience import Experience, Samples
-from rlhfkit.models import build_reward_model, normalization, save_model, unwrap
-from rlhfkit.prefix import SharedPromptBatch, answer_predictors, completion_logprobs, shared_prompt_forward
-from rlhfkit.rewards import RewardMix, Scorer
+from rlhfkit.data.records import PromptRecord
+from rlhfkit.models.loading import build_reward_model, normalization, save_model, unwrap
+from rlhfkit.models.prefix import (
+    SharedPromptBatch,
+    answer_predictors,
+    completion_logprobs,
+    shared_prompt_forward,
+)
+from rlhfkit.rewards.mix import RewardMix, Scorer
 from rlhfkit.trainers.rl import RLConfig, RLTrainer, load_rl_prompts, reward_mix
-from rlhfkit.training import TrainConfig
+from rlhfkit.training.experience import Experience, Samples
+from rlhfkit.training.settings import TrainConfig
 
 
 @dataclass

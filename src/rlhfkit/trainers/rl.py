@@ -28,23 +28,23 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from rlhfkit import losses
-from rlhfkit.checkpoint import latest_checkpoint
 from rlhfkit.config import setting
 from rlhfkit.console import console
-from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
+from rlhfkit.data.encoding import checked_prompt_ids, prompt_ids
+from rlhfkit.data.records import PromptRecord, load_prompts, resolve_data_path
 from rlhfkit.device import resolve_runtime
-from rlhfkit.encoding import checked_prompt_ids, prompt_ids
 from rlhfkit.errors import HealthError, NonFiniteRewardError
-from rlhfkit.experience import AnswerSampler, Sampler, Samples
 from rlhfkit.fileio import write_atomic
-from rlhfkit.health import HEALTH_FILE, HealthMonitor, repeat_share
-from rlhfkit.loop import TrainLoop
-from rlhfkit.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer
-from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
-from rlhfkit.rewards import RewardComponent, RewardMix, Scorer
+from rlhfkit.models.loading import DEFAULT_MODEL, load_causal_lm, load_tokenizer
+from rlhfkit.models.prefix import SharedPromptBatch, completion_logprobs
+from rlhfkit.rewards.mix import RewardComponent, RewardMix, Scorer
 from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
 from rlhfkit.rollout.engine import SAMPLING_RENAMED
-from rlhfkit.training import EpochStream, StageConfig, TrainConfig, set_seed
+from rlhfkit.training.checkpoint import latest_checkpoint
+from rlhfkit.training.experience import AnswerSampler, Sampler, Samples
+from rlhfkit.training.health import HEALTH_FILE, HealthMonitor, repeat_share
+from rlhfkit.training.loop import TrainLoop
+from rlhfkit.training.settings import EpochStream, StageConfig, TrainConfig, set_seed
 
 
 @dataclass
@@ -156,7 +156,7 @@ class RLTrainer(TrainLoop):
         self.generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * self.rank)
         self.gold_fn = None
         if cfg.gold:
-            from rlhfkit.judge import load_gold
+            from rlhfkit.rewards.panel import load_gold
 
             self.gold_fn = load_gold(cfg.gold)
 
@@ -186,7 +186,7 @@ class RLTrainer(TrainLoop):
         raise NotImplementedError
 
     def train_step(self, step: int) -> dict[str, float]:
-        """An iteration, then the health checks on its metrics (`rlhfkit.health`)."""
+        """An iteration, then the health checks on its metrics (`rlhfkit.training.health`)."""
         metrics = self.iteration(step)
         if self.cfg.health.enabled:
             self.judge_health(metrics)

@@ -6,7 +6,7 @@ Model: `AutoModelForSequenceClassification` with one output, built from any caus
 model in the pipeline): the decoder is kept, the new linear head is initialised with std 1/sqrt(C + 1) and
 bias 0 (lm-human-preferences, Ziegler et al. 2019) rather than transformers' 0.02, dropout is off and the
 pad token differs from EOS, so the saved directory loads as is with plain transformers and its score is
-read at the last real token (the EOS). See `rlhfkit.rewards` for how the score is computed and used.
+read at the last real token (the EOS). See `rlhfkit.rewards.mix` for how the score is computed and used.
 
 Loss (Bradley-Terry; Stiennon et al. 2020, Ouyang et al. 2022): one training example is one prompt with
 its K >= 2 answers; a pair is K = 2 with ranks (0, 1) and an optional Llama 2 margin. All answers of all
@@ -49,21 +49,21 @@ import torch
 
 from rlhfkit.config import setting
 from rlhfkit.console import console
-from rlhfkit.data import DATA_RENAMED, DataSettings, load_sft, resolve_data_path
+from rlhfkit.data.encoding import PreferenceExample, SequenceExample, encode_answer, load_preference_examples
+from rlhfkit.data.records import DATA_RENAMED, DataSettings, load_sft, resolve_data_path
 from rlhfkit.device import resolve_runtime
-from rlhfkit.encoding import PreferenceExample, SequenceExample, encode_answer, load_preference_examples
 from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
-from rlhfkit.models import (
+from rlhfkit.models.loading import (
     DEFAULT_MODEL,
     build_reward_model,
     load_tokenizer,
     save_model,
     set_normalization,
 )
-from rlhfkit.prefix import SharedPromptBatch
-from rlhfkit.rewards import score_sequences, shared_sequence_rewards
+from rlhfkit.models.prefix import SharedPromptBatch
+from rlhfkit.rewards.mix import score_sequences, shared_sequence_rewards
 from rlhfkit.trainers.base import SupervisedTrainer
-from rlhfkit.training import StageConfig, TrainConfig, set_seed
+from rlhfkit.training.settings import StageConfig, TrainConfig, set_seed
 
 SCORE_BATCH = 16  # sequences per forward pass when scoring without gradients (calibration)
 

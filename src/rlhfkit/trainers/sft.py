@@ -25,11 +25,11 @@ from typing import Any, ClassVar, cast
 
 import torch
 
-from rlhfkit.data import DATA_RENAMED, DataSettings, SFTRecord, load_sft
+from rlhfkit.data.encoding import SequenceExample, encode_answer, pad
+from rlhfkit.data.records import DATA_RENAMED, DataSettings, SFTRecord, load_sft
 from rlhfkit.device import resolve_runtime
-from rlhfkit.encoding import SequenceExample, encode_answer, pad
 from rlhfkit.losses import token_logprobs_entropy
-from rlhfkit.models import (
+from rlhfkit.models.loading import (
     DEFAULT_MODEL,
     decoder_and_head,
     load_causal_lm,
@@ -37,7 +37,7 @@ from rlhfkit.models import (
     save_model,
 )
 from rlhfkit.trainers.base import SupervisedTrainer
-from rlhfkit.training import StageConfig, TrainConfig, set_seed
+from rlhfkit.training.settings import StageConfig, TrainConfig, set_seed
 
 
 @dataclass

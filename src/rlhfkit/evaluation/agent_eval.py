@@ -41,12 +41,12 @@ import torch
 from rlhfkit.agents.env import Environment, Task
 from rlhfkit.agents.episode import AgentLimits, Episode, EpisodeState, run_episodes
 from rlhfkit.agents.registry import load_environment
+from rlhfkit.chat.llm import LLM, Completion
 from rlhfkit.config import claim_run_dir, setting, to_dict
 from rlhfkit.console import console, progress
 from rlhfkit.errors import ConfigError, RlhfkitError
-from rlhfkit.evaluate import mean_and_stderr, win_rate
+from rlhfkit.evaluation.evaluate import mean_and_stderr, win_rate
 from rlhfkit.fileio import write_atomic
-from rlhfkit.llm import LLM, Completion
 from rlhfkit.rollout.engine import SamplingConfig
 
 
@@ -270,7 +270,7 @@ def check(cfg: AgentEvalConfig) -> None:
 
 
 def local_runner(cfg: AgentEvalConfig, policy: str) -> Callable[..., list[Episode]]:
-    from rlhfkit.models import context_length, load_causal_lm
+    from rlhfkit.models.loading import context_length, load_causal_lm
     from rlhfkit.rollout.engine import RolloutEngine
 
     model, tokenizer = load_causal_lm(policy, trust_remote_code=cfg.trust_remote_code)
@@ -287,7 +287,7 @@ def local_runner(cfg: AgentEvalConfig, policy: str) -> Callable[..., list[Episod
 
 
 def endpoint_runner(cfg: AgentEvalConfig, url: str) -> Callable[..., list[Episode]]:
-    from rlhfkit.llm import EndpointLLM
+    from rlhfkit.chat.llm import EndpointLLM
 
     llm = EndpointLLM(url)
 
@@ -300,7 +300,7 @@ def endpoint_runner(cfg: AgentEvalConfig, url: str) -> Callable[..., list[Episod
 def run_agent_eval(cfg: AgentEvalConfig) -> dict[str, Any]:
     """Check the settings and every environment's tasks, then run and score each model; see the module
     docstring. Returns what agent_eval.json holds."""
-    from rlhfkit.agents.report import agent_report_html
+    from rlhfkit.evaluation.agent_report import agent_report_html
 
     check(cfg)
     tasks = {name: eval_tasks(cfg, name) for name in cfg.envs}  # bad env names fail before any model loads

@@ -2,14 +2,14 @@
 
     rlhfkit report --run runs/x                   # -> runs/x/report.html and runs/x/plots/*.png
 
-    from rlhfkit.report import build_report
+    from rlhfkit.evaluation.report import build_report
     build_report("runs/x")
 
 It reads what the pipeline writes into a run directory (each part optional):
     pipeline.json                       stage timings, model, algorithm
     sft/metrics.jsonl, rm/metrics.jsonl {"step", "split": "train"|"eval", "loss", "accuracy", ...} per line
     rl/metrics.jsonl                    {"step", "score", "kl", "gold" (optional), ...} per iteration
-    eval/eval.json, eval/answers.jsonl  from `rlhfkit eval` (`rlhfkit.evaluate`)
+    eval/eval.json, eval/answers.jsonl  from `rlhfkit eval` (`rlhfkit.evaluation.evaluate`)
 A part that is missing is left out with a note saying so, never an error.
 
 The page has no script and no external resource: CSS is inline and the plots are PNGs embedded as base64
@@ -34,9 +34,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeGuard
 
-from rlhfkit.encoding import chat_prompt_text
+from rlhfkit.data.encoding import chat_prompt_text
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.evaluate import ALPACAEVAL_HUMAN_AGREEMENT, ALPACAEVAL_SOURCE
+from rlhfkit.evaluation.evaluate import ALPACAEVAL_HUMAN_AGREEMENT, ALPACAEVAL_SOURCE
 from rlhfkit.fileio import write_atomic
 
 SAMPLE_ANSWERS = 6  # prompts shown side by side: the first ones of the (shuffled) eval set, not picked
@@ -335,7 +335,7 @@ def health_plot(rows: Sequence[dict[str, Any]], thresholds: dict[str, float]) ->
 
 
 def health_html(rows: Sequence[dict[str, Any]], health: dict[str, Any] | None) -> tuple[str, bytes | None]:
-    """The RL health section: what fired, in words, and the plot (rlhfkit.health, OUTPUT/health.json)."""
+    """The RL health section: what fired, in words, and the plot (`training.health`, OUTPUT/health.json)."""
     if health is None:
         return note_html("No rl/health.json in this run: the RL health checks did not run."), None
     events = health.get("events", {})

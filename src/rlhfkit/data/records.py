@@ -3,7 +3,7 @@
 Nothing is tokenised here: each row becomes a typed, frozen record, and the first bad row stops
 the load with a one-line ``DataError`` such as ``train.jsonl:3: field 'rejected': is identical to 'chosen'``.
 
-File types and how a record's line is counted: `rlhfkit.datafiles`.
+File types and how a record's line is counted: `rlhfkit.data.files`.
 
 Record formats (TRL's conventions). A *prompt* is a non-empty string or a non-empty list of
 messages ending with a user or tool turn. An *answer* is a non-empty string or a non-empty list
@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
 
 from rlhfkit.config import setting
-from rlhfkit.datafiles import Row, read_rows, type_name
+from rlhfkit.data.files import Row, read_rows, type_name
 from rlhfkit.errors import ConfigError, DataError
 
 if TYPE_CHECKING:

@@ -19,7 +19,7 @@ from typing import Any, cast
 
 import torch
 
-from rlhfkit.data import Answer, DataSettings, PreferenceRecord, RankingRecord, load_preferences
+from rlhfkit.data.records import Answer, DataSettings, PreferenceRecord, RankingRecord, load_preferences
 from rlhfkit.errors import ConfigError, DataError
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhfkit.errors import NonFiniteLossError
-from rlhfkit.training import GuardConfig, step_optimizer
+from rlhfkit.training.settings import GuardConfig, step_optimizer
 
 ClipFn = Callable[[Sequence[torch.nn.Parameter], float], torch.Tensor | None]
 

@@ -6,7 +6,7 @@ import inspect
 
 import torch
 
-from rlhfkit.models import unwrap
+from rlhfkit.models.loading import unwrap
 
 
 def cache_keyword(module: torch.nn.Module) -> str:

@@ -14,7 +14,7 @@ Here, every iteration of GRPO / RLOO:
     the batch is one pass of the update (B <= `micro_batch`) that forward keeps its graph for step 3;
  2. a labeler ranks each group: a panel of simulated annotators over `labeler`, a `module:function`
     (prompt, answer) -> float (the pipeline's gold, an LLM judge, ...), each annotator swapping adjacent
-    answers of its ranking with `flip_prob` (`rlhfkit.judge`, as in the pipeline's feedback stage);
+    answers of its ranking with `flip_prob` (`rlhfkit.rewards.panel`, as in the pipeline's feedback stage);
  3. before the policy's update the reward model takes one AdamW step on the Bradley-Terry loss of those
     rankings, every group weighted 1 (all its comparable pairs, each 1 / n_pairs, as `rlhfkit rm` weighs a
     prompt): its own optimizer (`device.make_optimizer`, at `lr`), stepped through `guard.checked_update`
@@ -46,24 +46,24 @@ import torch
 
 from rlhfkit.config import setting
 from rlhfkit.device import Runtime, make_optimizer
-from rlhfkit.guard import checked_update
-from rlhfkit.judge import Annotator, gold_ranks, load_gold
 from rlhfkit.losses import bradley_terry_loss, pairwise_from_rankings
-from rlhfkit.models import build_reward_model, check_reward_model, normalization, save_model
-from rlhfkit.prefix import SharedPromptBatch
-from rlhfkit.rewards import RewardComponent, shared_sequence_rewards
-from rlhfkit.training import TrainConfig
+from rlhfkit.models.loading import build_reward_model, check_reward_model, normalization, save_model
+from rlhfkit.models.prefix import SharedPromptBatch
+from rlhfkit.rewards.mix import RewardComponent, shared_sequence_rewards
+from rlhfkit.rewards.panel import Annotator, gold_ranks, load_gold
+from rlhfkit.training.guard import checked_update
+from rlhfkit.training.settings import TrainConfig
 
 MAX_GRAD_NORM = 1.0
 
 
 @dataclass
 class OnlineFeedbackConfig:
-    """Rank the policy's answers during RL and train the reward model on them (see `rlhfkit.online`)."""
+    """Rank the policy's answers during RL and train the reward model on them (see `rewards.online`)."""
 
     labeler: str | None = None
     """`module:function` (prompt, answer) -> float whose simulated panel ranks every group, or "default"
-    (rlhfkit.judge.gold_score); None: the reward model stays frozen."""
+    (rlhfkit.rewards.panel.gold_score); None: the reward model stays frozen."""
     annotators: int = setting(4, ge=1)
     """Size of the panel; groups are dealt round-robin."""
     flip_prob: float = setting(0.25, ge=0, le=0.5)

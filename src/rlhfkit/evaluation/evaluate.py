@@ -2,14 +2,14 @@
 
     rlhfkit eval --policy runs/x/rl --reference runs/x/sft --reward runs/x/rm --output runs/x/eval
 
-    from rlhfkit.evaluate import EvalConfig, run_eval
+    from rlhfkit.evaluation.evaluate import EvalConfig, run_eval
     results = run_eval(EvalConfig(policy="runs/x/rl", reference="runs/x/sft", output="runs/x/eval"))
 
 What is measured, over N prompts (Shapes: B rows of a batch, P prompt tokens, T answer tokens):
 
 * Answers: one greedy answer (temperature 0) per prompt from each model, so the evaluation is deterministic
   and a policy equal to its reference gives the same answers (every prompt a tie, win rate exactly 0.5).
-* Win rate of the policy over the reference under the gold preference (`rlhfkit.judge`, or a user's
+* Win rate of the policy over the reference under the gold preference (`rlhfkit.rewards.panel`, or a user's
   `module:function`): per prompt o_i = 1 (win), 0.5 (tie: gold scores within 1e-9) or 0 (loss), and
   win rate = mean(o). Its 95% interval is the normal interval on the per-prompt outcomes,
   mean +- z * s / sqrt(N), s the sample standard deviation (ddof 1), clipped to [0, 1]. Why this and not a
@@ -49,14 +49,14 @@ import torch
 
 from rlhfkit.config import setting, validate
 from rlhfkit.console import console
-from rlhfkit.data import PromptRecord, load_prompts, resolve_data_path
-from rlhfkit.encoding import chat_prompt_text
+from rlhfkit.data.encoding import chat_prompt_text
+from rlhfkit.data.records import PromptRecord, load_prompts, resolve_data_path
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.fileio import write_atomic
-from rlhfkit.judge import load_gold
 from rlhfkit.losses import kl_estimate
-from rlhfkit.models import load_causal_lm
-from rlhfkit.prefix import SharedPromptBatch, completion_logprobs
+from rlhfkit.models.loading import load_causal_lm
+from rlhfkit.models.prefix import SharedPromptBatch, completion_logprobs
+from rlhfkit.rewards.panel import load_gold
 from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
 
 ALPACAEVAL_HUMAN_AGREEMENT = 0.657
@@ -80,7 +80,7 @@ class EvalConfig:
     reward: str | None = None
     """Reward model directory (from `rlhfkit rm`): adds RM scores and the RM's accuracy against gold."""
     gold: str | None = None
-    """Gold preference: `module:function` of (prompt, answer) -> float; None: `rlhfkit.judge.gold_score`."""
+    """Gold preference: `module:function` of (prompt, answer) -> float; None: `rewards.panel.gold_score`."""
     output: str = "runs/eval"
     """Output directory for eval.json and answers.jsonl."""
     max_new_tokens: int = setting(64, ge=1)
@@ -236,7 +236,7 @@ def reward_model_scores(
     """Normalised reward-model scores per prompt of every answer set, in order (each set holds `m`
     answers per prompt: reference 1, policy 1, samples k, best-of-N candidates N), all answers scored in
     one pass over batches of similar length."""
-    from rlhfkit.rewards import RewardModelScorer
+    from rlhfkit.rewards.mix import RewardModelScorer
 
     assert cfg.reward is not None
     scorer = RewardModelScorer(cfg.reward, cfg.batch_size, cfg.trust_remote_code)

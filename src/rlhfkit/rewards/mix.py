@@ -2,7 +2,7 @@
 
     rlhfkit score --reward runs/rm --data samples.jsonl --output scored.jsonl
 
-    from rlhfkit.rewards import RewardModelScorer
+    from rlhfkit.rewards.mix import RewardModelScorer
     scorer = RewardModelScorer("runs/rm")
     scorer.score(prompts, completions)          # (B,) normalised rewards, in input order
     scorer.score_token_ids(sequences)           # RL: prompt_ids + answer_ids, EOS or not
@@ -37,7 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlhfkit.config import import_spec
-from rlhfkit.data import (
+from rlhfkit.data.encoding import encode_answer, pad, prompt_answer_ids
+from rlhfkit.data.records import (
     PreferenceRecord,
     RankingRecord,
     SFTRecord,
@@ -47,14 +48,13 @@ from rlhfkit.data import (
     resolve_data_path,
 )
 from rlhfkit.device import Runtime, model_device
-from rlhfkit.encoding import encode_answer, pad, prompt_answer_ids
 from rlhfkit.errors import ConfigError, NonFiniteRewardError
 from rlhfkit.fileio import write_atomic
-from rlhfkit.models import context_length, load_reward_model, normalization, reward_parts
-from rlhfkit.prefix import SharedPromptBatch, last_token_hidden, shared_prompt_forward
+from rlhfkit.models.loading import context_length, load_reward_model, normalization, reward_parts
+from rlhfkit.models.prefix import SharedPromptBatch, last_token_hidden, shared_prompt_forward
 
 if TYPE_CHECKING:
-    from rlhfkit.data import PromptRecord
+    from rlhfkit.data.records import PromptRecord
     from rlhfkit.rollout import Rollout
 
 # (prompts, completions, rollout, records) -> scores (B,): what RL trainers call once per rollout batch
@@ -94,7 +94,7 @@ def sequence_rewards(
 
 
 def shared_sequence_rewards(model: Any, batch: SharedPromptBatch) -> torch.Tensor:
-    """Raw rewards (N,) of (prompt, answer) rows with each distinct prompt run once (`rlhfkit.prefix`):
+    """Raw rewards (N,) of (prompt, answer) rows with each distinct prompt run once (`rlhfkit.models.prefix`):
     the head on the hidden state of each row's last real token, as in `sequence_rewards`."""
     decoder, head = reward_parts(model)
     last_prompt, answers = shared_prompt_forward(decoder, batch)  # (N, C), (N, T, C)

@@ -26,11 +26,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from rlhfkit.compat import cache_keyword
+from rlhfkit.data.encoding import SequenceExample, common_prefix_len, pad
 from rlhfkit.device import to_device
-from rlhfkit.encoding import SequenceExample, common_prefix_len, pad
 from rlhfkit.losses import token_logprobs_entropy
-from rlhfkit.models import decoder_and_head
+from rlhfkit.models.compat import cache_keyword
+from rlhfkit.models.loading import decoder_and_head
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

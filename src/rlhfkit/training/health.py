@@ -45,7 +45,7 @@ HEALTH_FILE = "health.json"
 
 @dataclass
 class HealthConfig:
-    """RL health checks (see `rlhfkit.health`); each threshold is relative to the run's first iteration."""
+    """RL health checks (see `training.health`); each threshold is relative to the run's first iteration."""
 
     enabled: bool = True
     """Watch every RL iteration (PPO, GRPO, RLOO, `grpo --env`)."""

@@ -16,11 +16,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhfkit.chat.llm import LocalLLM
 from rlhfkit.config import setting
-from rlhfkit.data import load_prompts, resolve_data_path
+from rlhfkit.data.records import load_prompts, resolve_data_path
 from rlhfkit.errors import ConfigError
 from rlhfkit.fileio import write_atomic
-from rlhfkit.llm import LocalLLM
 from rlhfkit.rollout.engine import SamplingConfig
 
 

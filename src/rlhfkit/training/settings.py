@@ -18,8 +18,8 @@ import torch
 
 from rlhfkit.config import setting
 from rlhfkit.device import cuda_rng_states, set_cuda_rng_states
-from rlhfkit.health import HealthConfig
-from rlhfkit.models import LoraSettings
+from rlhfkit.models.loading import LoraSettings
+from rlhfkit.training.health import HealthConfig
 
 # What `--resume-with-changes` may change in a stopped run (config.accept_changes): how fast and how long
 # to go on, and the guard; never the model, the data or the batch geometry.
@@ -98,7 +98,7 @@ class TrainConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     """The divergence guard."""
     health: HealthConfig = field(default_factory=HealthConfig)
-    """RL health checks (entropy collapse, KL blow-up, looping, reward hacking): `rlhfkit.health`."""
+    """RL health checks (entropy collapse, KL blow-up, looping, reward hacking): `rlhfkit.training.health`."""
 
 
 @dataclass

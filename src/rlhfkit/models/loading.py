@@ -12,7 +12,7 @@ Every model we save is a Hugging Face directory that plain `transformers` loads:
 merged first. Weights are read from safetensors only; `trust_remote_code` is off unless asked for.
 
 A reward model is a plain one-output `AutoModelForSequenceClassification` whose normalisation constants
-live in its config.json (`rlhfkit.rewards`); PPO's value model is built the same way, from a reward model
+live in its config.json (`rlhfkit.rewards.mix`); PPO's value model is built the same way, from a reward model
 (head kept) or a causal LM (new head).
 """
 
@@ -181,8 +181,8 @@ def ensure_embedded(spec: EmbeddedModel) -> Path:
 
 
 def ensure_tiny() -> Path:
-    """The tiny random Llama of `rlhfkit.tiny`, built into the cache on first use."""
-    from rlhfkit.tiny import make_tiny_model
+    """The tiny random Llama of `rlhfkit.models.tiny`, built into the cache on first use."""
+    from rlhfkit.models.tiny import make_tiny_model
 
     root = cache_dir() / "models"
     target = root / TINY_MODEL

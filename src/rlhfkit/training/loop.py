@@ -29,7 +29,13 @@ from typing import Any
 
 import torch
 
-from rlhfkit.checkpoint import (
+from rlhfkit.allocator import keep_freed_memory
+from rlhfkit.config import claim_run_dir, validate
+from rlhfkit.console import console, progress
+from rlhfkit.device import check_sharded, make_accelerator, make_optimizer, resolve_runtime, to_device
+from rlhfkit.errors import ConfigError, DivergenceError, SaveError
+from rlhfkit.fileio import io_error_message, write_atomic
+from rlhfkit.training.checkpoint import (
     clean_partial,
     gather_ranks,
     latest_checkpoint,
@@ -38,14 +44,8 @@ from rlhfkit.checkpoint import (
     set_aside,
     write_checkpoint,
 )
-from rlhfkit.config import claim_run_dir, validate
-from rlhfkit.console import console, progress
-from rlhfkit.device import check_sharded, make_accelerator, make_optimizer, resolve_runtime, to_device
-from rlhfkit.errors import ConfigError, DivergenceError, SaveError
-from rlhfkit.fileio import io_error_message, write_atomic
-from rlhfkit.guard import DivergenceGuard, checked_update
-from rlhfkit.runtime import keep_freed_memory
-from rlhfkit.training import TrainConfig, lr_lambda, rng_state, set_rng_state, set_seed
+from rlhfkit.training.guard import DivergenceGuard, checked_update
+from rlhfkit.training.settings import TrainConfig, lr_lambda, rng_state, set_rng_state, set_seed
 
 Batch = Any
 """A micro-batch: a dict of tensors from `collate` (supervised trainers) or a typed batch such as RL's
@@ -84,7 +84,7 @@ class TrainLoop:
 
     def __init__(self, cfg: TrainConfig, model: Any, output_dir: str | Path, run_config: Any) -> None:
         validate(run_config)  # a config built in Python gets the checks a parsed one had
-        keep_freed_memory()  # no page faults on the buffers every step re-allocates (rlhfkit.runtime)
+        keep_freed_memory()  # no page faults on the buffers every step re-allocates (rlhfkit.allocator)
         self.cfg = cfg
         self.model = model
         self.output_dir = Path(output_dir)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from rlhfkit.agents.episode import Episode
-from rlhfkit.report import esc, fmt, note_html, page_html, table_html
+from rlhfkit.evaluation.report import esc, fmt, note_html, page_html, table_html
 
 
 def interval(r: dict[str, Any]) -> str:

@@ -1,6 +1,6 @@
 """Self-play on `commons`: every seat of every lake is the policy, batched a month at a time (evaluation).
 
-    from rlhfkit.llm import load_llm
+    from rlhfkit.chat.llm import load_llm
     games = self_play(load_llm("runs/rlhf"), CommonsEnvironment().tasks("test")[:50], SamplingConfig(...))
     summarize_games(games)  # survival rate, over-use, equality, total catch, each with a 95% interval
 
@@ -25,9 +25,9 @@ from rlhfkit.agents.commons import CommonsEnvironment, read_turn
 from rlhfkit.agents.commons_lake import Fishery
 from rlhfkit.agents.env import Message, Task
 from rlhfkit.agents.episode import Episode, assistant_message, link_results
-from rlhfkit.agents.evaluate import value_metrics
-from rlhfkit.evaluate import win_rate
-from rlhfkit.llm import LLM, Completion
+from rlhfkit.chat.llm import LLM, Completion
+from rlhfkit.evaluation.agent_eval import value_metrics
+from rlhfkit.evaluation.evaluate import win_rate
 from rlhfkit.rollout.engine import SamplingConfig
 
 OWN = ("own_catch", "own_over_use")

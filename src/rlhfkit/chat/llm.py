@@ -1,6 +1,6 @@
 """One LLM client for every part of rlhfkit that needs "an LLM" (evaluation judges, agents, OPRO).
 
-    from rlhfkit.llm import load_llm
+    from rlhfkit.chat.llm import load_llm
     llm = load_llm("runs/ppo")                       # a local model: the rollout engine, in process
     [[reply]] = llm.chat([[{"role": "user", "content": "Hi!"}]], SamplingConfig(max_new_tokens=32))
     reply.text, reply.finish_reason                  # "...", "stop" or "length"
@@ -30,9 +30,9 @@ from typing import Any, Protocol
 
 import torch
 
+from rlhfkit.data.toolcalls import ToolCall, parse_tool_calls
 from rlhfkit.errors import RlhfkitError
 from rlhfkit.rollout.engine import SamplingConfig
-from rlhfkit.toolcalls import ToolCall, parse_tool_calls
 
 Message = dict[str, Any]
 
@@ -69,7 +69,7 @@ class LocalLLM:
     """A model rlhfkit loads itself (directory, registered name), sampled with the rollout engine."""
 
     def __init__(self, model: str, batch_size: int = 32, trust_remote_code: bool = False) -> None:
-        from rlhfkit.models import load_causal_lm
+        from rlhfkit.models.loading import load_causal_lm
         from rlhfkit.rollout import RolloutEngine
 
         policy, tokenizer = load_causal_lm(model, trust_remote_code=trust_remote_code)
@@ -89,8 +89,8 @@ class LocalLLM:
     ) -> list[list[Completion]]:
         from dataclasses import replace
 
-        from rlhfkit.chat_tools import chat_prompt_ids
-        from rlhfkit.encoding import prompt_ids
+        from rlhfkit.data.chat_tools import chat_prompt_ids
+        from rlhfkit.data.encoding import prompt_ids
 
         if tools is None:
             prompts = [prompt_ids(self.tokenizer, list(messages)) for messages in conversations]

@@ -32,9 +32,9 @@ import torch
 
 from rlhfkit.agents.env import Environment
 from rlhfkit.agents.episode import AgentLimits, episode_batch, run_episodes, transcript
-from rlhfkit.encoding import chat_prompt_text
+from rlhfkit.data.encoding import chat_prompt_text
 from rlhfkit.errors import NonFiniteRewardError
-from rlhfkit.prefix import SharedPromptBatch
+from rlhfkit.models.prefix import SharedPromptBatch
 from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
 
 

@@ -22,8 +22,8 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rlhfkit.encoding import prompt_ids
-from rlhfkit.toolcalls import CLOSE, OPEN, ToolCall
+from rlhfkit.data.encoding import prompt_ids
+from rlhfkit.data.toolcalls import CLOSE, OPEN, ToolCall
 
 Message = dict[str, Any]
 
