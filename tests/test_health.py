@@ -135,31 +135,45 @@ def test_paying_for_one_answer_trips_the_entropy_check(tiny_model: Path, tmp_pat
     )
 
 
-def test_stop_keeps_the_last_good_checkpoint_and_resumes_with_changes(tiny_model: Path, tmp_path: Path):
-    sets = ["reward_fn=tests.test_health:length_mod_3", "train.lr=5e-2", "train.max_steps=5",
-            "train.save_every=1", "train.keep_checkpoints=5", "train.health.action=stop"]  # fmt: skip
+STOP_CASES = {  # check -> (reward, settings): each run trips that check first
+    "kl": ("length_mod_3", ["train.lr=5e-2", "train.max_steps=5"]),
+    "looping": ("most_common_char", ["train.lr=1e-2", "train.max_steps=20", "beta=0"]),
+    "entropy": (
+        "one_answer",
+        ["train.lr=1e-2", "train.max_steps=20", "beta=0", "train.health.repeat_rise=1"],
+    ),
+}
+
+
+@pytest.mark.parametrize("check", sorted(STOP_CASES))
+def test_stop_keeps_the_last_good_checkpoint_and_resumes_with_changes(
+    check: str, tiny_model: Path, tmp_path: Path
+):
+    reward, sets = STOP_CASES[check]
+    sets = [f"reward_fn=tests.test_health:{reward}", *sets, "train.save_every=1", "train.keep_checkpoints=30"]
     with pytest.raises(HealthError) as caught:
-        run(GRPOConfig, tiny_model, tmp_path, "stop", *sets)
+        run(GRPOConfig, tiny_model, tmp_path, "stop", *sets, "train.health.action=stop")
     message = str(caught.value)
-    assert "\n" not in message and "kl:" in message and "--resume-with-changes" in message
+    assert "\n" not in message and f"{check}:" in message and "--resume-with-changes" in message
     out = tmp_path / "stop"
     at = int(message.split("at iteration ")[1].split(":")[0])
     assert f"step-{at - 1:08d}" in message  # the iteration that fired was not saved
     assert not (out / "checkpoints" / f"step-{at:08d}").exists() and not (out / "model.safetensors").exists()
-    # continue with the check relaxed: resumes from that checkpoint and finishes
+    # continue with the check turned to a warning: resumes from that checkpoint and finishes
     from typer.testing import CliRunner
 
     from rlhfkit.cli import app
 
     prompts = tmp_path / "p.jsonl"
     args = ["grpo", "--policy", str(tiny_model), "--prompts", str(prompts), "--output", str(out),
-            "--reward-fn", "tests.test_health:length_mod_3", "--resume-with-changes"]  # fmt: skip
+            "--reward-fn", f"tests.test_health:{reward}", "--resume-with-changes"]  # fmt: skip
     base = ["sampling.max_new_tokens=16", "sampling.temperature=1.0", "sample_every=0", "prompts_per_step=4",
-            "num_generations=4", "train.lr=5e-2", "train.max_steps=5", "train.save_every=1",
-            "train.keep_checkpoints=5", "train.health.action=warn"]  # fmt: skip
+            "num_generations=4", *sets[1:], "train.health.action=warn"]  # fmt: skip
     result = CliRunner().invoke(app, args + [x for s in base for x in ("--set", s)])
     assert result.exit_code == 0, result.output
-    assert (out / "model.safetensors").is_file() and [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5]
+    steps = [r["step"] for r in rows(out)]
+    assert (out / "model.safetensors").is_file() and steps == list(range(1, steps[-1] + 1))
+    assert rows(out)[at - 1].get(f"health_{check}") == 1.0  # redone and marked, as warn does
 
 
 @pytest.mark.parametrize("cls", [PPOConfig, GRPOConfig, RLOOConfig])
