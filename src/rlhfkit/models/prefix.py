@@ -11,7 +11,7 @@ levels, each run once through the decoder with a KV cache that keeps its autogra
 
 The cache is expanded between levels with `index_select`, whose backward sums the rows' gradients
 into the shared keys and values, so log-probs, rewards and gradients equal those of the plain forward
-over the concatenated rows (to float rounding; tests/test_prefix.py checks both). Positions count real
+over the concatenated rows (to float rounding; tests/models/test_prefix.py checks both). Positions count real
 tokens, as everywhere in rlhfkit, so a row gets the positions it would get unpadded.
 
 Shapes: B rows, U distinct prompts, c shared-prefix length, P padded prompt-tail length, T padded

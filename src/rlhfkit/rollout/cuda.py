@@ -32,7 +32,7 @@ The math is the model's own: each layer calls the model's norms, projections (so
 come along), MLP, final norm and lm_head; RoPE is the model's rotary module evaluated once for positions
 0..S_cap-1 (the same elementwise products, so the same numbers) and ``apply_rotary_pos_emb`` of transformers.
 Only attention and the cache are written here. On the CPU in float32 with graphs off, log-probs match a
-plain HF forward to ~1e-6 (tests/test_rollout_cuda.py); in bf16 within bf16 rounding.
+plain HF forward to ~1e-6 (tests/rollout/test_rollout_cuda.py); in bf16 within bf16 rounding.
 
 ``graphs`` (or ``$RLHFKIT_CUDA_GRAPHS``): "cuda" (default on a CUDA model) captures with
 ``torch.cuda.graph``; "off" runs eagerly (the CPU, and tests). There is no ``torch.compile`` variant: its

@@ -4,8 +4,8 @@
 non-finite loss or norm (the update is not applied, the gradients are dropped), run the caller's last
 check (the divergence guard), step, bump the parameters' version counters (`training.step_optimizer`) and
 zero the gradients. The training loop (`loop.TrainLoop.optimize`) and the online reward model
-(`online.OnlineRewardModel.update`) both call it; `tests/test_architecture.py` keeps any other module from
-constructing an optimizer or clipping gradients on its own.
+(`online.OnlineRewardModel.update`) both call it; `tests/entry/test_architecture.py` keeps any other
+module from constructing an optimizer or clipping gradients on its own.
 
 `DivergenceGuard` (`train.guard`) watches a supervised loss for spikes and a model for dead gradients; it
 only judges, the loop decides what to do with the checkpoints.

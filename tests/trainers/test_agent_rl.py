@@ -43,7 +43,8 @@ class LetterEnv(Environment):
 
 def config(cls: type[GRPOConfig], model: Path, out: Path, *sets: str) -> GRPOConfig:
     base = [
-        f"policy={model}", f"output={out}", "env=tests.test_agent_rl:LetterEnv", "sampling.temperature=1.0",
+        f"policy={model}", f"output={out}", "env=tests.trainers.test_agent_rl:LetterEnv",
+        "sampling.temperature=1.0",
         "agent.max_new_tokens=8", "agent.max_turns=3", "agent.max_tokens=200", "prompts_per_step=8",
         "num_generations=4", "sample_every=0", "train.save_every=0",
     ]  # fmt: skip
@@ -207,7 +208,7 @@ def test_cli_grpo_env_trains_and_ppo_refuses_env(tiny_model: Path, tmp_path: Pat
         "--policy",
         str(tiny_model),
         "--env",
-        "tests.test_agent_rl:LetterEnv",
+        "tests.trainers.test_agent_rl:LetterEnv",
         "--output",
         str(out),
     ]

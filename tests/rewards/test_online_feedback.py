@@ -36,7 +36,7 @@ def tiny_rm(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def online(tiny_rm: Path, **settings) -> OnlineRewardModel:
-    cfg = OnlineFeedbackConfig(labeler="tests.test_online_feedback:count_a", **settings)
+    cfg = OnlineFeedbackConfig(labeler="tests.rewards.test_online_feedback:count_a", **settings)
     from rlhfkit.device import resolve_runtime
     from rlhfkit.training.settings import TrainConfig
 
@@ -137,7 +137,7 @@ def prompts_file(tmp_path: Path, n: int = 8) -> Path:
 def grpo_config(tiny_model: Path, tiny_rm: Path, tmp_path: Path, out: str, *sets: str) -> GRPOConfig:
     base = [
         f"policy={tiny_model}", f"prompts={prompts_file(tmp_path)}", f"output={tmp_path / out}",
-        f"reward=[{tiny_rm}]", "online_feedback.labeler=tests.test_online_feedback:count_a",
+        f"reward=[{tiny_rm}]", "online_feedback.labeler=tests.rewards.test_online_feedback:count_a",
         "online_feedback.lr=1e-3", "sampling.max_new_tokens=8", "sampling.temperature=1.0",
         "prompts_per_step=2", "num_generations=4", "sample_every=0", "train.lr=1e-3", "train.save_every=0",
     ]  # fmt: skip
@@ -171,7 +171,7 @@ def test_grpo_with_online_feedback_resumes_exactly(tiny_model: Path, tiny_rm: Pa
     # b also watches the labeler as its gold, whose scores the labels then reuse: the same labels
     cfg = grpo_config(
         tiny_model, tiny_rm, tmp_path, "b", "train.max_steps=4", "train.save_every=2",
-        "gold=tests.test_online_feedback:count_a",
+        "gold=tests.rewards.test_online_feedback:count_a",
     )  # fmt: skip
     from rlhfkit.trainers.rl import load_rl_prompts
 

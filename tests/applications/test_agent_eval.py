@@ -170,7 +170,7 @@ def test_agent_eval_cli_end_to_end(tiny_model: Path, tmp_path: Path):
 
     other = make_tiny_model(tmp_path / "other", seed=1)
     out = tmp_path / "eval"
-    env = "tests.test_agent_eval:ParityEnv"
+    env = "tests.applications.test_agent_eval:ParityEnv"
     sets = ["--set", "limit=4", "--set", "agent.max_new_tokens=12", "--set", "agent.max_tokens=300"]
     run = agent_eval(
         "--policy", str(tiny_model), "--policy", str(other), "--envs", env, "--output", str(out), *sets
@@ -216,18 +216,27 @@ def test_agent_eval_bad_input_is_one_line_exit_2(tiny_model: Path, tmp_path: Pat
         result = CliRunner().invoke(app, ["agent-eval", "--output", str(tmp_path / "never"), *args])
         return result.exit_code, result.output
 
-    code, output = invoke("--envs", "tests.test_agent_eval:ParityEnv")
+    code, output = invoke("--envs", "tests.applications.test_agent_eval:ParityEnv")
     assert code == 2 and "needs a model" in output
     code, output = invoke("--policy", str(tiny_model), "--envs", "nosuchenv")
     assert code == 2 and "not a bundled environment" in output and len(output.strip().splitlines()) == 1
     code, output = invoke("--policy", str(tiny_model))
     assert code == 2 and "needs environments" in output
-    code, output = invoke("--policy", str(tmp_path / "nope"), "--envs", "tests.test_agent_eval:ParityEnv")
+    code, output = invoke(
+        "--policy", str(tmp_path / "nope"), "--envs", "tests.applications.test_agent_eval:ParityEnv"
+    )
     assert code == 2 and "no such model directory" in output
-    code, output = invoke("--endpoint", "localhost:8000", "--envs", "tests.test_agent_eval:ParityEnv")
+    code, output = invoke(
+        "--endpoint", "localhost:8000", "--envs", "tests.applications.test_agent_eval:ParityEnv"
+    )
     assert code == 2 and "http(s) URL" in output
     code, output = invoke(
-        "--policy", str(tiny_model), "--envs", "tests.test_agent_eval:ParityEnv", "--set", "limit=-1"
+        "--policy",
+        str(tiny_model),
+        "--envs",
+        "tests.applications.test_agent_eval:ParityEnv",
+        "--set",
+        "limit=-1",
     )
     assert code == 2 and "limit" in output
     assert not (tmp_path / "never").exists()
@@ -282,7 +291,7 @@ def test_a_local_policy_and_the_same_model_served_act_alike(tool_model: Path, tm
     with running_server(tool_model) as url:
         out = tmp_path / "both"
         sets = ["agent.max_new_tokens=80", "agent.max_tokens=1000", "agent.max_turns=3"]
-        env = "tests.test_agent_eval:AddEnv"
+        env = "tests.applications.test_agent_eval:AddEnv"
         run = agent_eval("--policy", str(tool_model), "--endpoint", url, "--envs", env, "--output", str(out),
                          *[x for s in sets for x in ("--set", s)])  # fmt: skip
     assert run.returncode == 0, run.stderr

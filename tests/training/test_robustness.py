@@ -295,13 +295,16 @@ def test_a_nan_reward_names_the_function_and_the_rows(tiny_model: Path, tmp_path
     prompts = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"question {i}"} for i in range(4)])
     out = tmp_path / "out"
     args = ["grpo", "--policy", str(tiny_model), "--prompts", str(prompts), "--output", str(out),
-            "--reward-fn", "tests.test_robustness:nan_for_long", "--set", "prompts_per_step=2",
+            "--reward-fn", "tests.training.test_robustness:nan_for_long", "--set", "prompts_per_step=2",
             "--set", "num_generations=2", "--set", "sampling.max_new_tokens=8",
             "--set", "sampling.temperature=1.0", "--set", "train.threads=1"]  # fmt: skip
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2
     line = error_line(result.output)
-    assert "reward 'nan_for_long' (tests.test_robustness:nan_for_long) returned non-finite scores" in line
+    assert (
+        "reward 'nan_for_long' (tests.training.test_robustness:nan_for_long) returned non-finite scores"
+        in line
+    )
     assert f"(prompt {prompts}:" in line and "nan)" in line
     assert "iteration 1 was not trained on and no checkpoint was written yet" in line
 

@@ -81,7 +81,7 @@ def test_quick_pipeline_with_a_users_gold_preference_and_ppo(tmp_path: Path):
         "--output",
         str(out),
         "--set",
-        "gold=tests.test_pipeline:short_is_better",
+        "gold=tests.entry.test_pipeline:short_is_better",
         "--set",
         "rl.algorithm=ppo",
         "--set",

@@ -28,7 +28,7 @@ def setup(tmp_path: Path, model: Path, cls: type, *sets: str):
     base = [
         f"policy={model}", f"prompts={prompts}", f"output={tmp_path / 'out'}", "sampling.max_new_tokens=12",
         "sampling.temperature=1.0", "sample_every=0", "train.save_every=0", "train.max_steps=2",
-        "reward_fn=tests.test_sampler_mismatch:letter_a",
+        "reward_fn=tests.training.test_sampler_mismatch:letter_a",
     ]  # fmt: skip
     if cls is GRPOConfig:
         base += ["prompts_per_step=4", "num_generations=2"]

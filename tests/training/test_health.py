@@ -111,7 +111,12 @@ def test_the_monitor_state_round_trips():
 
 # ---- on the tiny model -------------------------------------------------------------------------------
 def test_a_reward_for_repetition_trips_the_looping_check(tiny_model: Path, tmp_path: Path, capsys):
-    sets = ["reward_fn=tests.test_health:most_common_char", "train.lr=1e-2", "train.max_steps=20", "beta=0"]
+    sets = [
+        "reward_fn=tests.training.test_health:most_common_char",
+        "train.lr=1e-2",
+        "train.max_steps=20",
+        "beta=0",
+    ]
     out = run(GRPOConfig, tiny_model, tmp_path, "loop", *sets)
     steps = fired(out, "looping")
     assert steps and rows(out)[steps[0] - 1]["repeat_share"] > rows(out)[0]["repeat_share"] + 0.25
@@ -121,13 +126,18 @@ def test_a_reward_for_repetition_trips_the_looping_check(tiny_model: Path, tmp_p
 
 
 def test_a_huge_learning_rate_trips_the_kl_check(tiny_model: Path, tmp_path: Path):
-    sets = ["reward_fn=tests.test_health:length_mod_3", "train.lr=5e-2", "train.max_steps=5"]
+    sets = ["reward_fn=tests.training.test_health:length_mod_3", "train.lr=5e-2", "train.max_steps=5"]
     out = run(GRPOConfig, tiny_model, tmp_path, "kl", *sets)
     assert fired(out, "kl") and all(r["kl"] > 3.0 for r in rows(out) if r.get("health_kl"))
 
 
 def test_paying_for_one_answer_trips_the_entropy_check(tiny_model: Path, tmp_path: Path):
-    sets = ["reward_fn=tests.test_health:one_answer", "train.lr=1e-2", "train.max_steps=20", "beta=0"]
+    sets = [
+        "reward_fn=tests.training.test_health:one_answer",
+        "train.lr=1e-2",
+        "train.max_steps=20",
+        "beta=0",
+    ]
     out = run(GRPOConfig, tiny_model, tmp_path, "entropy", *sets)
     first = rows(out)[0]["entropy"]
     assert fired(out, "entropy") and all(
@@ -150,7 +160,12 @@ def test_stop_keeps_the_last_good_checkpoint_and_resumes_with_changes(
     check: str, tiny_model: Path, tmp_path: Path
 ):
     reward, sets = STOP_CASES[check]
-    sets = [f"reward_fn=tests.test_health:{reward}", *sets, "train.save_every=1", "train.keep_checkpoints=30"]
+    sets = [
+        f"reward_fn=tests.training.test_health:{reward}",
+        *sets,
+        "train.save_every=1",
+        "train.keep_checkpoints=30",
+    ]
     with pytest.raises(HealthError) as caught:
         run(GRPOConfig, tiny_model, tmp_path, "stop", *sets, "train.health.action=stop")
     message = str(caught.value)
@@ -166,7 +181,7 @@ def test_stop_keeps_the_last_good_checkpoint_and_resumes_with_changes(
 
     prompts = tmp_path / "p.jsonl"
     args = ["grpo", "--policy", str(tiny_model), "--prompts", str(prompts), "--output", str(out),
-            "--reward-fn", f"tests.test_health:{reward}", "--resume-with-changes"]  # fmt: skip
+            "--reward-fn", f"tests.training.test_health:{reward}", "--resume-with-changes"]  # fmt: skip
     base = ["sampling.max_new_tokens=16", "sampling.temperature=1.0", "sample_every=0", "prompts_per_step=4",
             "num_generations=4", *sets[1:], "train.health.action=warn"]  # fmt: skip
     result = CliRunner().invoke(app, args + [x for s in base for x in ("--set", s)])
@@ -178,7 +193,7 @@ def test_stop_keeps_the_last_good_checkpoint_and_resumes_with_changes(
 
 @pytest.mark.parametrize("cls", [PPOConfig, GRPOConfig, RLOOConfig])
 def test_a_healthy_run_of_each_trainer_triggers_nothing(cls: type, tiny_model: Path, tmp_path: Path):
-    sets = ["reward_fn=tests.test_health:length_mod_3", "train.max_steps=4", "train.lr=1e-5"]
+    sets = ["reward_fn=tests.training.test_health:length_mod_3", "train.max_steps=4", "train.lr=1e-5"]
     if cls is PPOConfig:
         sets += ["rollout_batch=8", "train.batch_size=8"]
     out = run(cls, tiny_model, tmp_path, cls.__name__, *sets)

@@ -14,7 +14,7 @@ from rlhfkit.agents import load_environment
 from rlhfkit.agents.tools import tool_schema
 from rlhfkit.data.toolcalls import ToolCall
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_inventory_environment_plays_an_episode():

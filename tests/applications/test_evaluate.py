@@ -34,8 +34,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MAX_NEW = 12
 
 
+VOWEL_GOLD = "tests.applications.test_evaluate:vowel_gold"
+
+
 def vowel_gold(prompt: str, answer: str) -> float:
-    """A custom gold preference for the tests (loaded as `tests.test_evaluate:vowel_gold`): more vowels."""
+    """A custom gold preference for the tests (loaded as `VOWEL_GOLD`): more vowels."""
     return float(sum(ch in "aeiouAEIOU" for ch in answer))
 
 
@@ -146,7 +149,7 @@ def test_policy_equal_to_reference_gives_zero_kl_and_one_half(models: dict[str, 
 def test_two_models_match_a_recomputation(models: dict[str, Path], tmp_path: Path):
     cfg = EvalConfig(
         policy=str(models["policy"]), reference=str(models["reference"]), reward=str(models["reward"]),
-        prompts=str(eval_prompts(tmp_path / "p.jsonl", n=8)), gold="tests.test_evaluate:vowel_gold",
+        prompts=str(eval_prompts(tmp_path / "p.jsonl", n=8)), gold=VOWEL_GOLD,
         output=str(tmp_path / "eval"), max_new_tokens=MAX_NEW, batch_size=3, kl_samples=2, limit=7, seed=3,
     )  # fmt: skip
     res = run_eval(cfg)
@@ -216,13 +219,13 @@ def test_two_models_match_a_recomputation(models: dict[str, Path], tmp_path: Pat
     assert res["rm_accuracy"]["pairs"] == pairs
     assert res["rm_accuracy"]["accuracy"] == pytest.approx(agree / pairs)
     assert res["rm_accuracy"]["human_agreement"] == ALPACAEVAL_HUMAN_AGREEMENT == 0.657
-    assert res["config"]["gold"] == "tests.test_evaluate:vowel_gold"
+    assert res["config"]["gold"] == "tests.applications.test_evaluate:vowel_gold"
 
 
 def test_best_of_n_picks_the_reward_models_favourite(models: dict[str, Path], tmp_path: Path):
     cfg = EvalConfig(
         policy=str(models["policy"]), reference=str(models["reference"]), reward=str(models["reward"]),
-        prompts=str(eval_prompts(tmp_path / "p.jsonl", n=5)), gold="tests.test_evaluate:vowel_gold",
+        prompts=str(eval_prompts(tmp_path / "p.jsonl", n=5)), gold=VOWEL_GOLD,
         output=str(tmp_path / "eval"), max_new_tokens=MAX_NEW, batch_size=4, best_of=3, seed=1,
     )  # fmt: skip
     res = run_eval(cfg)

@@ -242,14 +242,14 @@ def test_episode_batch_pads_prompts_left_and_episodes_right(engine: RolloutEngin
 
 
 def test_registry_loads_module_class_and_refuses_the_rest():
-    env = load_environment("tests.test_agents:AddEnv", n=2)
+    env = load_environment("tests.agents.test_agents:AddEnv", n=2)
     assert type(env).__name__ == "AddEnv" and len(env.tasks("test")) == 2
     with pytest.raises(ConfigError, match="not a bundled environment"):
         load_environment("nosuchenv")
     with pytest.raises(ConfigError, match="is not a subclass of rlhfkit"):
-        load_environment("tests.test_agents:add")
+        load_environment("tests.agents.test_agents:add")
     with pytest.raises(ConfigError, match="bad env_settings"):
-        load_environment("tests.test_agents:AddEnv", colour="red")
+        load_environment("tests.agents.test_agents:AddEnv", colour="red")
 
 
 NATIVE = (

@@ -295,7 +295,7 @@ def test_grpo_in_bf16_learns_with_a_bf16_reference(tiny_model: Path, tmp_path: P
     rows = read_metrics(out, "train")
     first = sum(r["score"] for r in rows[:3]) / 3
     last = sum(r["score"] for r in rows[-3:]) / 3
-    assert last > first + 0.8, (first, last)  # see tests/test_grpo.py: ~0.2 per answer by chance
+    assert last > first + 0.8, (first, last)  # see tests/trainers/test_grpo.py: ~0.2 per answer by chance
 
 
 @pytest.mark.slow
@@ -316,7 +316,8 @@ def test_ppo_in_bf16_learns(tiny_model: Path, tmp_path: Path):
     rows = read_metrics(out, "train")
     first = sum(r["score"] for r in rows[:3]) / 3
     last = sum(r["score"] for r in rows[-3:]) / 3
-    # ~0.2 per answer by chance (tests/test_ppo.py); 16 iterations get to ~0.7, a mean over 3 x 32 answers
+    # ~0.2 per answer by chance (tests/trainers/test_ppo.py); 16 iterations get to ~0.7, a mean over 3 x 32
+    # answers
     assert last > 0.5 and last > 3 * first, (first, last)
 
 
@@ -384,7 +385,7 @@ def test_a_skipped_cuda_test_fails_where_cuda_is_available(tmp_path: Path):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     (tmp_path / "conftest.py").write_text(
         "import torch\n"
         "torch.cuda.is_available = lambda: True  # pretend\n"
@@ -463,7 +464,7 @@ def test_sharded_launches_refuse_what_they_cannot_do_and_configure_deepspeed(mon
 def test_launch_configs_parse():
     from accelerate.commands.config.config_args import load_config_from_file
 
-    root = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+    root = Path(__file__).resolve().parents[2] / "examples" / "accelerate"
     kinds = {name: load_config_from_file(str(root / f"{name}.yaml")).distributed_type.value
              for name in ("ddp", "fsdp2", "deepspeed_zero2", "deepspeed_zero3")}  # fmt: skip
     assert kinds == {"ddp": "MULTI_GPU", "fsdp2": "FSDP", "deepspeed_zero2": "DEEPSPEED",

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_prefill_gives_sdpa_as_many_key_heads_as_query_heads(monkeypatch: pytest.MonkeyPatch) -> None:
     """With a mask, SDPA's flash kernel refuses the mask and its memory-efficient kernel refuses GQA, so a
     GQA prefill would run the math kernel, (B, H, P, P) scores in memory. The CPU runs every kernel; what the
-    backend hands SDPA is what decides on a GPU (tests/test_rollout_cuda.py checks the kernels there)."""
+    backend hands SDPA is what decides on a GPU (test_rollout_cuda.py checks the kernels there)."""
     calls = []
     plain = torch.nn.functional.scaled_dot_product_attention
 
