@@ -12,7 +12,9 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import sys
+from collections.abc import Callable
 from types import ModuleType
+from typing import Any
 
 __version__ = "0.1.0"
 
@@ -63,6 +65,22 @@ class _MovedFinder(importlib.abc.MetaPathFinder):
     ) -> importlib.machinery.ModuleSpec | None:
         new = MOVED.get(fullname)
         return None if new is None else importlib.util.spec_from_loader(fullname, _Alias(new))
+
+
+def former_module(package: str, module: str) -> Callable[[str], Any]:
+    """A package's `__getattr__` that hands out the names of `module`: the package was that module once
+    (`rlhfkit.models` was `models.py`, now `models/loading.py`), so `from rlhfkit.models import X` works."""
+
+    def names(name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        found = importlib.import_module(module)  # `from . import` here would ask this hook again
+        try:
+            return getattr(found, name)
+        except AttributeError:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    return names
 
 
 if not any(isinstance(f, _MovedFinder) for f in sys.meta_path):

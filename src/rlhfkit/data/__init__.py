@@ -6,16 +6,6 @@ tokenisation, padding and chat templates (`encoding`), tools and tool results re
 keeps working.
 """
 
-import importlib
-from typing import Any
+from rlhfkit import former_module
 
-
-def __getattr__(name: str) -> Any:
-    """The names of `records` (this package was the module `rlhfkit.data`)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    module = importlib.import_module("rlhfkit.data.records")  # `from . import` would ask this hook
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise AttributeError(f"module 'rlhfkit.data' has no attribute {name!r}") from None
+__getattr__ = former_module(__name__, "rlhfkit.data.records")

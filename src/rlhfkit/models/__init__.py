@@ -7,16 +7,6 @@ versions (`compat`), and forward passes that run each shared prompt once with pe
 keeps working.
 """
 
-import importlib
-from typing import Any
+from rlhfkit import former_module
 
-
-def __getattr__(name: str) -> Any:
-    """The names of `loading` (this package was the module `rlhfkit.models`)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    module = importlib.import_module("rlhfkit.models.loading")  # `from . import` would ask this hook
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise AttributeError(f"module 'rlhfkit.models' has no attribute {name!r}") from None
+__getattr__ = former_module(__name__, "rlhfkit.models.loading")

@@ -6,16 +6,6 @@ during RL (`online`).
 keeps working.
 """
 
-import importlib
-from typing import Any
+from rlhfkit import former_module
 
-
-def __getattr__(name: str) -> Any:
-    """The names of `mix` (this package was the module `rlhfkit.rewards`)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    module = importlib.import_module("rlhfkit.rewards.mix")  # `from . import` would ask this hook
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise AttributeError(f"module 'rlhfkit.rewards' has no attribute {name!r}") from None
+__getattr__ = former_module(__name__, "rlhfkit.rewards.mix")

@@ -7,16 +7,6 @@ atomic checkpoints (`checkpoint`), RL health checks (`health`) and RL experience
 keeps working.
 """
 
-import importlib
-from typing import Any
+from rlhfkit import former_module
 
-
-def __getattr__(name: str) -> Any:
-    """The names of `settings` (this package was the module `rlhfkit.training`)."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    module = importlib.import_module("rlhfkit.training.settings")  # `from . import` would ask this hook
-    try:
-        return getattr(module, name)
-    except AttributeError:
-        raise AttributeError(f"module 'rlhfkit.training' has no attribute {name!r}") from None
+__getattr__ = former_module(__name__, "rlhfkit.training.settings")
