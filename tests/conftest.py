@@ -94,7 +94,7 @@ def chromium():
     if not CHROMIUM.exists():
         if os.environ.get("CI"):
             pytest.fail(f"{CHROMIUM} is missing; CI must install Debian's chromium")
-        pytest.skip(f"{CHROMIUM} is not installed")
+        pytest.skip(f"{CHROMIUM} is not installed")  # by design: outside CI only; CI fails above instead
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

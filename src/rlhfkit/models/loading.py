@@ -202,15 +202,15 @@ def _convert_gguf(gguf: Path, spec: EmbeddedModel, out: Path) -> None:
     the model from its config without the quantization entry and load the dequantised state dict."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    kwargs = {"gguf_file": gguf.name}
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    dtype = torch.float32  # by design: the cache holds float32; each run casts to its precision at load
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     with quiet_transformers():  # no load reports, no GGUF or "Writing model shards" bars in the log
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=dtype, gguf_file=gguf.name)
         config_dict = loaded.config.to_dict()
         config_dict.pop("quantization_config", None)
         config_dict.pop("_name_or_path", None)
         config = AutoConfig.for_model(**config_dict)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
         missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
         missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
         if missing or unexpected:
