@@ -22,7 +22,6 @@ import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from rlhfkit.data.encoding import prompt_ids
 from rlhfkit.data.toolcalls import CLOSE, OPEN, ToolCall
 
 Message = dict[str, Any]
@@ -109,17 +108,20 @@ def openai_tool_calls(calls: Sequence[ToolCall], prefix: str = "call") -> list[M
     ]
 
 
+def _template_inputs(
+    tokenizer: Any, messages: list[Message], tools: list[Message] | None
+) -> tuple[list[Message], dict[str, Any]]:
+    """The messages and extra arguments `apply_chat_template` takes for this tokenizer (see above)."""
+    if not template_supports_tools(tokenizer):
+        return fallback_messages(messages, tools), {}
+    return native_messages(messages), ({"tools": tools} if tools else {})
+
+
 def render_messages(
     tokenizer: Any, messages: list[Message], tools: list[Message] | None, add_generation_prompt: bool = True
 ) -> str:
     """The conversation as the model sees it, as text (natively or in the fallback format, see above)."""
-    extra: dict[str, Any] = {}
-    if template_supports_tools(tokenizer):
-        messages = native_messages(messages)
-        if tools:
-            extra["tools"] = tools
-    else:
-        messages = fallback_messages(messages, tools)
+    messages, extra = _template_inputs(tokenizer, messages, tools)
     return tokenizer.apply_chat_template(
         messages, add_generation_prompt=add_generation_prompt, tokenize=False, **extra
     )
@@ -127,6 +129,6 @@ def render_messages(
 
 def chat_prompt_ids(tokenizer: Any, messages: list[Message], tools: list[Message] | None) -> list[int]:
     """Token ids of a conversation with tools, ready for the next assistant turn."""
-    if template_supports_tools(tokenizer):
-        return prompt_ids(tokenizer, native_messages(messages), tools)
-    return prompt_ids(tokenizer, fallback_messages(messages, tools))
+    messages, extra = _template_inputs(tokenizer, messages, tools)
+    encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
+    return list(encoded["input_ids"] if not isinstance(encoded, list) else encoded)  # transformers 5: a dict

@@ -19,7 +19,9 @@ from typing import Any, cast
 
 import torch
 
+from rlhfkit.data.episode_tokens import episode_tokens, flag_positions
 from rlhfkit.data.records import Answer, DataSettings, PreferenceRecord, RankingRecord, load_preferences
+from rlhfkit.data.trajectories import TrajectoryRecord
 from rlhfkit.errors import ConfigError, DataError
 
 
@@ -178,6 +180,9 @@ class PreferenceExample:
     answers: tuple[SequenceExample, ...]
     ranks: tuple[int, ...]
     margin: float = 0.0
+    flags: tuple[tuple[int, int, int], ...] = ()
+    """Flagged agent turns: (answer index, position read before the turn, position at its end), positions
+    counted from the answer's start (-1: the prompt's last token); see `RMConfig.turn_flag_coef`."""
 
     @property
     def length(self) -> int:
@@ -196,16 +201,50 @@ def encode_answer(
     )  # fmt: skip
 
 
+def encode_trajectory(
+    tokenizer: Any, rec: TrajectoryRecord, max_length: int, truncation: bool
+) -> PreferenceExample | None:
+    """A trajectory ranking as a preference example: each episode's tokens (`data.episode_tokens`) scored
+    where its last turn ends, with its flagged turns. An episode longer than `max_length` is an error naming
+    it, or with truncation the record is dropped (None): cutting an episode would cut where it is scored."""
+    answers, flags = [], []
+    for i, episode in enumerate(rec.episodes):
+        tokens = episode_tokens(tokenizer, rec, i)
+        ids = tokens.prompt_ids + tokens.completion_ids
+        if len(ids) > max_length:
+            if truncation:
+                return None
+            message = f"is {len(ids)} tokens long with its prompt, more than max_length={max_length}"
+            raise DataError(rec.source.path, rec.source.line, f"episodes[{i}]", message)
+        answers.append(SequenceExample(ids, len(tokens.prompt_ids), rec.source.path, rec.source.line))
+        flags += [(i, before, after) for before, after in flag_positions(tokens, episode.flags)]
+    clash = _same_ids(list(answers), rec.ranks)
+    if clash is not None:
+        message = f"tokenises to the same ids as 'episodes[{clash[0]}]', so the pair cannot be learned"
+        raise DataError(rec.source.path, rec.source.line, f"episodes[{clash[1]}]", message)
+    return PreferenceExample(tuple(answers), rec.ranks, 0.0, tuple(flags))
+
+
 def encode_preferences(
-    records: list[PreferenceRecord | RankingRecord], tokenizer: Any, max_length: int, truncation: bool
+    records: list[PreferenceRecord | RankingRecord | TrajectoryRecord],
+    tokenizer: Any,
+    max_length: int,
+    truncation: bool,
 ) -> tuple[list[PreferenceExample], int]:
-    """Tokenise and length-check every preference pair and ranking before training starts (errors name
-    file:line:field). Returns the examples and how many records truncation left with nothing to compare
-    (dropped)."""
+    """Tokenise and length-check every preference pair, ranking and trajectory ranking before training
+    starts (errors name file:line:field). Returns the examples and how many records truncation left with
+    nothing to compare (dropped)."""
     examples, dropped = [], 0
     answers: tuple[Answer, ...]
     ranks: tuple[int, ...]
     for rec in records:
+        if isinstance(rec, TrajectoryRecord):
+            example = encode_trajectory(tokenizer, rec, max_length, truncation)
+            if example is None:
+                dropped += 1
+            else:
+                examples.append(example)
+            continue
         if isinstance(rec, PreferenceRecord):
             answers, ranks, margin = (rec.chosen, rec.rejected), (0, 1), rec.margin
             fields: tuple[str, ...] = ("chosen", "rejected")

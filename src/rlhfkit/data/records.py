@@ -24,6 +24,8 @@ string (non-empty for user and assistant); other keys are dropped.
   Normalised to ``ranks`` (level per completion, 0 = best). Checked in order: prompt,
   completions (no duplicates), ranking. A preference file may mix pairs and rankings: a row with
   ``completions`` is a ranking and may not also have chosen, rejected or margin.
+* Trajectory ranking: ``{"prompt": [...], "episodes": [...], "ranking": [...]}``, a ranked group of whole
+  agent episodes (`rlhfkit.data.trajectories`); a preference file may mix it with pairs and rankings.
 * Prompt-only (RL): ``{"prompt": P, ...}``; every other field is kept in ``fields``.
 
 Fields other than those named above are ignored (SFT and preference files).
@@ -40,10 +42,19 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
 from rlhfkit.config import setting
+from rlhfkit.data.checks import (
+    Source,
+    check_messages,
+    check_text,
+    fail,
+    parse_ranks,
+    require,
+)
 from rlhfkit.data.files import Row, read_rows, type_name
+from rlhfkit.data.trajectories import TrajectoryRecord, trajectory_record
 from rlhfkit.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
@@ -56,21 +67,8 @@ Prompt: TypeAlias = str | list[dict[str, str]]
 Answer: TypeAlias = str | list[dict[str, str]]
 T = TypeVar("T")
 
-ROLES = ("system", "user", "assistant", "tool")
-
 
 # --------------------------------------------------------------------------------------- records
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where a record came from: the file and its 1-based line (or row) number."""
-
-    path: str
-    line: int
-
-    def __str__(self) -> str:
-        return f"{self.path}:{self.line}"
 
 
 @dataclass(frozen=True)
@@ -156,89 +154,33 @@ DATA_RENAMED = {
 # ------------------------------------------------------------------------------------ validation
 
 
-def _fail(src: Source, field: str | None, message: str) -> NoReturn:
-    raise DataError(src.path, src.line, field, message)
-
-
-def _require(row: Row, key: str, src: Source) -> Any:
-    if key not in row:
-        _fail(src, key, "is missing")
-    return row[key]
-
-
-def _text(value: str, field: str, src: Source) -> str:
-    if not value.strip():
-        _fail(src, field, "is empty")
-    return _unicode(value, field, src)
-
-
-def _unicode(value: str, field: str, src: Source) -> str:
-    """Refuse text that is not valid Unicode (a lone surrogate such as "\\ud800" from a JSON escape):
-    tokenizers cannot encode it."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        _fail(
-            src, field, f"is not valid Unicode: {exc.reason} ({value[exc.start]!r} at character {exc.start})"
-        )
-    return value
-
-
-def _messages(value: list[Any], field: str, src: Source) -> list[dict[str, str]]:
-    """Check a list of messages and copy it as plain ``{"role", "content"}`` dicts."""
-    if not value:
-        _fail(src, field, "is empty")
-    messages = []
-    for i, message in enumerate(value):
-        where = f"{field}[{i}]"
-        if not isinstance(message, dict):
-            _fail(src, where, f"must be a message object, got {type_name(message)}")
-        role = _require_string(message, "role", where, src)
-        if role not in ROLES:
-            _fail(src, f"{where}.role", f"role '{role}' is not one of {', '.join(ROLES)}")
-        content = _require_string(message, "content", where, src)
-        if role in ("user", "assistant") and not content.strip():
-            _fail(src, f"{where}.content", "is empty")
-        messages.append({"role": role, "content": content})
-    return messages
-
-
-def _require_string(message: Row, key: str, where: str, src: Source) -> str:
-    if key not in message:
-        _fail(src, f"{where}.{key}", "is missing")
-    value = message[key]
-    if not isinstance(value, str):
-        _fail(src, f"{where}.{key}", f"must be a string, got {type_name(value)}")
-    return _unicode(value, f"{where}.{key}", src)
-
-
 def _prompt(row: Row, src: Source) -> Prompt:
-    value = _require(row, "prompt", src)
+    value = require(row, "prompt", src)
     if isinstance(value, str):
-        return _text(value, "prompt", src)
+        return check_text(value, "prompt", src)
     if not isinstance(value, list):
-        _fail(src, "prompt", f"must be a string or a list of messages, got {type_name(value)}")
-    messages = _messages(value, "prompt", src)
+        fail(src, "prompt", f"must be a string or a list of messages, got {type_name(value)}")
+    messages = check_messages(value, "prompt", src)
     last = messages[-1]["role"]
     if last not in ("user", "tool"):
-        _fail(src, "prompt", f"must end with a user or tool turn (last role is '{last}')")
+        fail(src, "prompt", f"must end with a user or tool turn (last role is '{last}')")
     return messages
 
 
 def _answer(value: Any, field: str, src: Source, prompt: Prompt) -> Answer:
     answer: Answer
     if isinstance(value, str):
-        answer = _text(value, field, src)
+        answer = check_text(value, field, src)
     elif isinstance(value, list):
-        answer = _messages(value, field, src)
+        answer = check_messages(value, field, src)
         for i, message in enumerate(answer):
             if message["role"] != "assistant":
-                _fail(src, f"{field}[{i}].role", f"must be 'assistant' in an answer, got '{message['role']}'")
+                fail(src, f"{field}[{i}].role", f"must be 'assistant' in an answer, got '{message['role']}'")
     else:
-        _fail(src, field, f"must be a string or a list of messages, got {type_name(value)}")
+        fail(src, field, f"must be a string or a list of messages, got {type_name(value)}")
     if isinstance(answer, list) != isinstance(prompt, list):
         forms = f"is {_form(answer)} but 'prompt' is {_form(prompt)}"
-        _fail(src, field, f"{forms}; use the same form for both")
+        fail(src, field, f"{forms}; use the same form for both")
     return answer
 
 
@@ -249,52 +191,54 @@ def _form(value: Prompt) -> str:
 def _forbid(row: Row, keys: Sequence[str], src: Source, reason: str) -> None:
     for key in keys:
         if key in row:
-            _fail(src, key, reason)
+            fail(src, key, reason)
 
 
 def _sft_record(row: Row, src: Source) -> SFTRecord:
     if "messages" not in row:
         prompt = _prompt(row, src)
-        completion = _answer(_require(row, "completion", src), "completion", src, prompt)
+        completion = _answer(require(row, "completion", src), "completion", src, prompt)
         return SFTRecord(prompt, completion, src)
     _forbid(row, ("prompt", "completion"), src, "cannot be combined with 'messages'")
     value = row["messages"]
     if not isinstance(value, list):
-        _fail(src, "messages", f"must be a list of messages, got {type_name(value)}")
-    messages = _messages(value, "messages", src)
+        fail(src, "messages", f"must be a list of messages, got {type_name(value)}")
+    messages = check_messages(value, "messages", src)
     last = messages[-1]["role"]
     if last != "assistant":
-        _fail(src, "messages", f"must end with an assistant turn (last role is '{last}')")
+        fail(src, "messages", f"must end with an assistant turn (last role is '{last}')")
     if len(messages) < 2:
-        _fail(src, "messages", "needs at least one turn before the final assistant turn")
+        fail(src, "messages", "needs at least one turn before the final assistant turn")
     before = messages[-2]["role"]
     if before not in ("user", "tool"):
         message = f"must have a user or tool turn before the final assistant turn (it is '{before}')"
-        _fail(src, "messages", message)
+        fail(src, "messages", message)
     return SFTRecord(messages[:-1], messages[-1:], src, answer_field="messages")
 
 
-def _preference_record(row: Row, src: Source) -> PreferenceRecord | RankingRecord:
+def _preference_record(row: Row, src: Source) -> PreferenceRecord | RankingRecord | TrajectoryRecord:
+    if "episodes" in row:
+        return trajectory_record(row, src)
     if "completions" in row:
         return _ranking_record(row, src)
     prompt = _prompt(row, src)
-    chosen = _answer(_require(row, "chosen", src), "chosen", src, prompt)
-    rejected = _answer(_require(row, "rejected", src), "rejected", src, prompt)
+    chosen = _answer(require(row, "chosen", src), "chosen", src, prompt)
+    rejected = _answer(require(row, "rejected", src), "rejected", src, prompt)
     if rejected == chosen:
-        _fail(src, "rejected", "is identical to 'chosen'")
+        fail(src, "rejected", "is identical to 'chosen'")
     return PreferenceRecord(prompt, chosen, rejected, _margin(row, src), src)
 
 
 def _margin(row: Row, src: Source) -> float:
     value = row.get("margin", 0.0)
     if isinstance(value, bool) or not isinstance(value, int | float):
-        _fail(src, "margin", f"must be a number, got {type_name(value)}")
+        fail(src, "margin", f"must be a number, got {type_name(value)}")
     try:
         margin = float(value)
     except OverflowError:
         margin = math.inf
     if not math.isfinite(margin):
-        _fail(src, "margin", f"must be a finite number, got {margin}")
+        fail(src, "margin", f"must be a finite number, got {margin}")
     return margin
 
 
@@ -303,47 +247,17 @@ def _ranking_record(row: Row, src: Source) -> RankingRecord:
     prompt = _prompt(row, src)
     value = row["completions"]
     if not isinstance(value, list):
-        _fail(src, "completions", f"must be a list of answers, got {type_name(value)}")
+        fail(src, "completions", f"must be a list of answers, got {type_name(value)}")
     if len(value) < 2:
-        _fail(src, "completions", f"needs at least 2 answers, got {len(value)}")
+        fail(src, "completions", f"needs at least 2 answers, got {len(value)}")
     completions: list[Answer] = []
     for i, item in enumerate(value):
         answer = _answer(item, f"completions[{i}]", src, prompt)
         if answer in completions:
-            _fail(src, f"completions[{i}]", f"is identical to 'completions[{completions.index(answer)}]'")
+            fail(src, f"completions[{i}]", f"is identical to 'completions[{completions.index(answer)}]'")
         completions.append(answer)
-    ranks = _ranks(_require(row, "ranking", src), len(completions), src)
+    ranks = parse_ranks(require(row, "ranking", src), len(completions), src)
     return RankingRecord(prompt, tuple(completions), ranks, src)
-
-
-def _ranks(value: Any, k: int, src: Source) -> tuple[int, ...]:
-    """Turn a best-to-worst ranking with nested-list ties into a level per completion."""
-    if not isinstance(value, list):
-        _fail(src, "ranking", f"must be a list of completion indices, got {type_name(value)}")
-    if not value:
-        _fail(src, "ranking", "is empty")
-    level_of: dict[int, int] = {}
-    for level, item in enumerate(value):
-        tied = isinstance(item, list)
-        if tied and not item:
-            _fail(src, f"ranking[{level}]", "is an empty tie group")
-        for j, index in enumerate(item if tied else [item]):
-            if isinstance(index, bool) or not isinstance(index, int):
-                where = f"ranking[{level}][{j}]" if tied else f"ranking[{level}]"
-                expected = "a completion index" if tied else "a completion index or a list of tied indices"
-                _fail(src, where, f"must be {expected}, got {type_name(index)}")
-            if not 0 <= index < k:
-                _fail(src, "ranking", f"index {index} out of range for {k} completions")
-            if index in level_of:
-                _fail(src, "ranking", f"index {index} appears twice")
-            level_of[index] = level
-    missing = [str(i) for i in range(k) if i not in level_of]
-    if missing:
-        noun = "index" if len(missing) == 1 else "indices"
-        _fail(src, "ranking", f"{noun} {', '.join(missing)} missing")
-    if len(value) == 1:
-        _fail(src, "ranking", f"ties all {k} completions, so there is nothing to learn")
-    return tuple(level_of[i] for i in range(k))
 
 
 def _prompt_record(row: Row, src: Source) -> PromptRecord:
@@ -364,8 +278,11 @@ def load_sft(path: str | os.PathLike[str]) -> list[SFTRecord]:
     return _load(path, _sft_record)
 
 
-def load_preferences(path: str | os.PathLike[str]) -> list[PreferenceRecord | RankingRecord]:
-    """Read and validate a preference file: pairs, and rankings for rows with ``completions``."""
+def load_preferences(
+    path: str | os.PathLike[str],
+) -> list[PreferenceRecord | RankingRecord | TrajectoryRecord]:
+    """Read and validate a preference file: pairs, rankings (rows with ``completions``) and trajectory
+    rankings (rows with ``episodes``, `rlhfkit.data.trajectories`)."""
     return _load(path, _preference_record)
 
 

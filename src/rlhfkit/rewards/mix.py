@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from rlhfkit.config import import_spec
-from rlhfkit.data.encoding import encode_answer, pad, prompt_answer_ids
+from rlhfkit.data.encoding import encode_answer, encode_trajectory, pad, prompt_answer_ids
 from rlhfkit.data.records import (
     PreferenceRecord,
     RankingRecord,
@@ -47,6 +47,7 @@ from rlhfkit.data.records import (
     read_rows,
     resolve_data_path,
 )
+from rlhfkit.data.trajectories import TrajectoryRecord
 from rlhfkit.device import Runtime, model_device
 from rlhfkit.errors import ConfigError, NonFiniteRewardError
 from rlhfkit.fileio import write_atomic
@@ -62,6 +63,7 @@ Scorer = Callable[[list[str], list[str], "Rollout", list["PromptRecord"]], torch
 # a verifiable reward: (prompts, completions, **fields) -> one float per completion; fields are the extra
 # columns of the prompt data set (e.g. `answer`), one list each
 RewardFn = Callable[..., Sequence[float]]
+Record = SFTRecord | PreferenceRecord | RankingRecord | TrajectoryRecord
 
 
 # ------------------------------------------------------------------------------------------- the score
@@ -274,13 +276,24 @@ def _where(record: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------- `rlhfkit score`
-def _answers(rec: SFTRecord | PreferenceRecord | RankingRecord) -> list[tuple[Any, str]]:
-    """(answer, field name) of each answer of a record."""
+def _sequences(tokenizer: Any, rec: Record, limit: int) -> list[tuple[int, ...]]:
+    """Token ids of each answer (or episode) of a record, length-checked (errors name file:line:field)."""
+    if isinstance(rec, TrajectoryRecord):
+        episodes = encode_trajectory(tokenizer, rec, limit, truncation=False)
+        assert episodes is not None  # without truncation an episode that does not fit is a DataError
+        return [a.input_ids for a in episodes.answers]
     if isinstance(rec, SFTRecord):
-        return [(rec.completion, rec.answer_field)]
-    if isinstance(rec, RankingRecord):
-        return [(a, f"completions[{i}]") for i, a in enumerate(rec.completions)]
-    return [(rec.chosen, "chosen"), (rec.rejected, "rejected")]
+        answers = [(rec.completion, rec.answer_field)]
+    elif isinstance(rec, RankingRecord):
+        answers = [(a, f"completions[{i}]") for i, a in enumerate(rec.completions)]
+    else:
+        answers = [(rec.chosen, "chosen"), (rec.rejected, "rejected")]
+    sequences = []
+    for answer, name in answers:
+        example = encode_answer(tokenizer, rec, answer, name, limit, truncation=False)
+        assert example is not None  # without truncation an answer that does not fit is a DataError
+        sequences.append(example.input_ids)
+    return sequences
 
 
 def score_file(
@@ -289,7 +302,8 @@ def score_file(
     """Add rewards to every record of a data file; JSONL to `output` (atomically) or stdout.
 
     prompt/completion or messages records get `reward`; preference pairs `reward_chosen` and
-    `reward_rejected`; rankings `rewards` (one per completion). Every prompt + answer must fit in
+    `reward_rejected`; rankings `rewards` (one per completion), trajectory rankings `rewards` (one per
+    episode, scored where its last turn ends: `data.episode_tokens`). Every prompt + answer must fit in
     `max_length` tokens (default: the reward model's context), checked on characters before tokenising;
     one that does not is an error naming file:line:field. Returns the number of records."""
     if batch_size < 1 or (max_length is not None and max_length < 2):
@@ -298,27 +312,21 @@ def score_file(
         )
     path = resolve_data_path(data)
     rows = [row for _, row in read_rows(path)]
-    preference = any(key in rows[0] for key in ("chosen", "rejected", "completions"))
-    records: Sequence[SFTRecord | PreferenceRecord | RankingRecord] = (
+    preference = any(key in rows[0] for key in ("chosen", "rejected", "completions", "episodes"))
+    records: Sequence[Record] = (
         load_preferences(path) if preference else load_sft(path)
     )  # every record is validated before the model is loaded
     scorer = RewardModelScorer(reward, batch_size)
     limit = max_length or context_length(scorer.model)
-    answers = [_answers(rec) for rec in records]
-    sequences = []
-    for rec, group in zip(records, answers, strict=True):
-        for answer, name in group:
-            example = encode_answer(scorer.tokenizer, rec, answer, name, limit, truncation=False)
-            assert example is not None  # without truncation an answer that does not fit is a DataError
-            sequences.append(example.input_ids)
-    flat = scorer.score_token_ids(sequences).tolist()  # (sum of K,)
+    answers = [_sequences(scorer.tokenizer, rec, limit) for rec in records]
+    flat = scorer.score_token_ids([ids for group in answers for ids in group]).tolist()  # (sum of K,)
     lines, start = [], 0
     for row, rec, group in zip(rows, records, answers, strict=True):
         values = flat[start : start + len(group)]
         start += len(group)
         if isinstance(rec, SFTRecord):
             extra: dict[str, Any] = {"reward": values[0]}
-        elif isinstance(rec, RankingRecord):
+        elif isinstance(rec, RankingRecord | TrajectoryRecord):
             extra = {"rewards": values}
         else:
             extra = {"reward_chosen": values[0], "reward_rejected": values[1]}
