@@ -277,6 +277,13 @@ def load_preference_examples(
     from rlhfkit.console import console
 
     train_records, eval_records = data.split(load_preferences, seed, "preference")
+    episodes = next((r for r in train_records + eval_records if isinstance(r, TrajectoryRecord)), None)
+    if episodes is not None and stage != "rm":
+        raise DataError(
+            episodes.source.path, episodes.source.line, "episodes",
+            f"{stage} trains on answers; rankings of agent episodes train the reward model (rlhfkit rm), "
+            "whose scores multi-turn RL (grpo --env --reward) then optimises",
+        )  # fmt: skip
     train, dropped = encode_preferences(train_records, tokenizer, data.max_length, data.truncation)
     evals, dropped_eval = encode_preferences(eval_records, tokenizer, data.max_length, data.truncation)
     if dropped + dropped_eval:

@@ -103,6 +103,22 @@ def shared_sequence_rewards(model: Any, batch: SharedPromptBatch) -> torch.Tenso
     return head(last_token_hidden(last_prompt, answers, batch.answer_mask)).squeeze(-1)  # (N,)
 
 
+def shared_rewards_at(
+    model: Any, batch: SharedPromptBatch, rows: torch.Tensor, positions: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder pass, two reads: the raw rewards (N,) at each row's last real token, and (F,) at the
+    answer `positions` of `rows` (-1 = the row's last prompt token). A causal model's state at a position
+    sees only what came before, so the score read there is the score of the sequence cut there: the
+    per-turn scores of an agent episode come from the same pass as its final score."""
+    decoder, head = reward_parts(model)
+    last_prompt, answers = shared_prompt_forward(decoder, batch)  # (N, C), (N, T, C)
+    final = head(last_token_hidden(last_prompt, answers, batch.answer_mask)).squeeze(-1)  # (N,)
+    if not len(rows):
+        return final, final.new_zeros(0)
+    states = torch.cat([last_prompt[:, None], answers], dim=1)  # (N, 1 + T, C)
+    return final, head(states[rows.to(states.device), positions.to(states.device) + 1]).squeeze(-1)  # (F,)
+
+
 @torch.no_grad()
 def score_sequences(
     model: Any, sequences: Sequence[Sequence[int]], pad_token_id: int, batch_size: int = 16

@@ -61,7 +61,7 @@ from rlhfkit.models.loading import (
     set_normalization,
 )
 from rlhfkit.models.prefix import SharedPromptBatch
-from rlhfkit.rewards.mix import score_sequences, shared_sequence_rewards
+from rlhfkit.rewards.mix import score_sequences, shared_rewards_at, shared_sequence_rewards
 from rlhfkit.trainers.base import SupervisedTrainer
 from rlhfkit.training.settings import StageConfig, TrainConfig, set_seed
 
@@ -85,6 +85,10 @@ class RMConfig(StageConfig):
     calibration_data: str | None = None
     """Reference-policy samples (prompt/completion or messages) for the normalisation; default: every answer
     of the preference data (train and eval), which in the pipeline are samples of the reference policy."""
+    turn_flag_coef: float = setting(1.0, ge=0)
+    """Trajectory rankings with flagged turns: adds coef x the mean over flagged turns of
+    -log sigmoid(r(before the turn) - r(end of the turn)), the score read at the two positions of the same
+    pass, so the score drops at the turn where people said the episode went wrong (0: flags ignored)."""
     calibration_samples: int = setting(1024, ge=1)
     """Score at most this many calibration answers (a seeded random subset)."""
     train: TrainConfig = field(
@@ -181,19 +185,40 @@ class RMTrainer(SupervisedTrainer[PreferenceExample]):
         ranks = torch.tensor([r for ex in examples for r in ex.ranks])  # (N,)
         pairs = pairwise_from_rankings(group, ranks)
         margins = torch.tensor([ex.margin for ex in examples])[group[pairs.chosen_index]]  # (P,)
+        starts = [0]
+        for ex in examples:
+            starts.append(starts[-1] + len(ex.answers))
+        flags = [(starts[g] + a, b, e, g) for g, ex in enumerate(examples) for a, b, e in ex.flags]
+        columns = torch.tensor(flags, dtype=torch.long).view(-1, 4)  # (F, 4)
+        flag_rows, before, after, flag_group = columns.unbind(1)  # (F,) each
         return {
             "batch": shared,  # the N answers, each prompt (and the prefix all share) run once
             "chosen_index": pairs.chosen_index,  # (P,)
             "rejected_index": pairs.rejected_index,  # (P,)
             "weights": pairs.weights,  # (P,) 1 / n_pairs(prompt): each prompt's weights sum to 1
             "margin": margins,  # (P,)
+            "flag_rows": flag_rows,  # (F,) the row of each flagged turn
+            "flag_before": before,  # (F,) its position read before the turn (-1: the prompt's last token)
+            "flag_after": after,  # (F,) and at its end
+            "flag_weights": 1.0 / torch.bincount(flag_group)[flag_group] if flags else torch.zeros(0),  # (F,)
             "num_items": len(examples),  # prompts
             "num_tokens": shared.tokens_processed,
         }
 
     def loss(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        rewards = shared_sequence_rewards(model, batch["batch"])  # (N,)
-        return self.pairwise(rewards, batch)
+        flagged = self.stage.turn_flag_coef > 0 and len(batch["flag_rows"]) > 0
+        if not flagged:
+            return self.pairwise(shared_sequence_rewards(model, batch["batch"]), batch)  # (N,)
+        rows = torch.cat([batch["flag_rows"], batch["flag_rows"]])  # (2F,)
+        positions = torch.cat([batch["flag_before"], batch["flag_after"]])  # (2F,)
+        rewards, at = shared_rewards_at(model, batch["batch"], rows, positions)  # (N,), (2F,)
+        loss, sums = self.pairwise(rewards, batch)
+        before, after = at.chunk(2)  # (F,), (F,)
+        weights = batch["flag_weights"].to(at.dtype)  # (F,) each episode group's flags weigh 1 in all
+        turn = -(torch.nn.functional.logsigmoid(before - after) * weights).sum()
+        sums["turn_flag_loss"] = turn.detach()
+        sums["turn_flag_drop"] = ((before - after).detach() * weights).sum()
+        return loss + self.stage.turn_flag_coef * turn, sums
 
     def pairwise(
         self, rewards: torch.Tensor, batch: dict[str, Any]
