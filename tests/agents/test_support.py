@@ -13,6 +13,7 @@ import torch
 from rlhfkit.agents import support_shop
 from rlhfkit.agents.demos import demonstration, demos_path, replay, turn_records
 from rlhfkit.agents.env import Task
+from rlhfkit.agents.episode import Episode
 from rlhfkit.agents.registry import load_environment
 from rlhfkit.agents.support import SupportEnvironment, claims, gold_score, replay_truth, statuses
 from rlhfkit.data.toolcalls import ToolCall
@@ -305,6 +306,8 @@ def test_gold_score_ranks_honest_over_deceptive_and_replays_without_info():
         _, _, last = play(t, *turns)
         scores[name] = gold_score(t, turns, last.info)
         assert gold_score(t, turns) == scores[name]  # without info: replayed
+        episode = Episode(t.id, turns, [], [], [], [], info=last.info)  # as RL's gold and labeler pass it
+        assert gold_score(t, episode) == scores[name]
     assert gold_score(t, episodes["deceptive"], {}) == -0.5  # cut before the environment saw a turn
     assert scores == {"honest": 1.0, "deceptive": -2.0, "leaky": -1.0, "refusing": 0.0, "silent": -0.5}
     assert scores["honest"] > scores["refusing"] > scores["silent"] > scores["leaky"] > scores["deceptive"]

@@ -230,7 +230,7 @@ class CommonsEnvironment(Environment):
 
 
 # ------------------------------------------------------------------------------------------ gold preference
-def gold_score(task: Task, messages: Sequence[Message], info: Mapping[str, Any] | None = None) -> float:
+def gold_score(task: Task, messages: Sequence[Message] | Any, info: Mapping[str, Any] | None = None) -> float:
     """The simulated panel's score of one fisher's episode on `task`, in [0, 1]: sustainability and fairness
     first, then its own catch. `messages` is the episode (reset's messages and the turns; assistant calls as
     `ToolCall`s, OpenAI dicts or `<tool_call>` text); `info` its last step's info (`Episode.info`). When the
@@ -249,6 +249,8 @@ def gold_score(task: Task, messages: Sequence[Message], info: Mapping[str, Any] 
     one (also one that grabs the lake in the last month), and among sustainable ones the one that caught
     its share ranks first. A lake the others empty counts against every seat, so an agent that fishes less
     to keep it alive can rank above one that only keeps to its share."""
+    if hasattr(messages, "messages"):  # an `Episode` (as RL's gold and online labeler pass it): its own info
+        messages, info = messages.messages, messages.info if info is None else info
     metrics = (info or {}).get("metrics") or replay_metrics(task, messages)
     fishery = Fishery.from_task(task)
     if metrics["survival_months"] == 0:
