@@ -186,8 +186,17 @@ def test_resume_equals_uninterrupted(tiny_model: Path, tmp_path: Path):
 
 
 def test_env_settings_and_bad_env_configs(tiny_model: Path, tmp_path: Path):
-    with pytest.raises(ConfigError, match="gives the rewards"):
-        run_grpo(config(GRPOConfig, tiny_model, tmp_path / "x", "reward_fn=tests.helpers:constant"))
+    expected = r"reward_weights has 1 entries for 2 reward components \(.*, then the env's return\)"
+    with pytest.raises(ConfigError, match=expected):
+        run_grpo(
+            config(
+                GRPOConfig,
+                tiny_model,
+                tmp_path / "x",
+                "reward_fn=tests.helpers:constant",
+                "reward_weights=[1]",
+            )
+        )
     with pytest.raises(ConfigError, match="no train tasks"):
         run_grpo(config(GRPOConfig, tiny_model, tmp_path / "y", "env_settings.n=0"))
     with pytest.raises(ConfigError, match="exceeds the model's context"):

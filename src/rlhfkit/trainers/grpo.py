@@ -21,10 +21,13 @@ With beta = 0 no reference model is loaded and no reference pass is run.
 
 Multi-turn (`env`): the prompts are an environment's train tasks and a group is G episodes of one
 task (`agents.episode`: the model acts through tools over several turns); the reward is the episode's
-return. Advantages are as above, one per episode; the policy loss and the KL to the reference count only
-the model's own tokens (the loss mask), never the observations between its turns.
+return, or a mixture of it with reward models trained on people's rankings of episodes and functions of
+the episode (`reward_weights`, the return last: RLHF for agents). Advantages are as above, one per episode;
+the policy loss and the KL to the reference count only the model's own tokens (the loss mask), never the
+observations between its turns.
 
     rlhfkit grpo --policy runs/sft --env my_envs:Calculator --set agent.max_turns=4 --output runs/agent
+    rlhfkit grpo --policy runs/sft --env support --reward runs/episode-rm --set reward_weights=[1,0] ...
 
 Shapes: B = prompts x G rollouts, P prompt tokens, T answer tokens.
 """
@@ -47,10 +50,10 @@ from rlhfkit.device import resolve_runtime
 from rlhfkit.errors import ConfigError
 from rlhfkit.models.loading import context_length, save_model
 from rlhfkit.models.prefix import completion_logprobs
-from rlhfkit.rewards.mix import RewardMix, Scorer
+from rlhfkit.rewards.mix import RewardComponent, RewardMix, Scorer
 from rlhfkit.rewards.online import OnlineFeedbackConfig, OnlineRewardModel
 from rlhfkit.trainers.rl import RLConfig, RLTrainer, load_rl_prompts, reward_mix
-from rlhfkit.training.experience import EpisodeSampler, Experience, Sampler, Samples
+from rlhfkit.training.experience import EpisodeRecord, EpisodeSampler, Experience, Sampler, Samples
 from rlhfkit.training.settings import TrainConfig
 
 AGGREGATION: dict[str, losses.Aggregation] = {"grpo": "sequence", "dapo": "token", "dr_grpo": "constant"}
@@ -92,7 +95,9 @@ class GRPOConfig(RLConfig):
     """Drop groups whose rewards are all equal (DAPO)."""
     env: str | None = None
     """Multi-turn RL in an environment (a bundled name or `module:Class`): its train tasks are the prompts
-    and its episode returns the rewards (`prompts` and the reward settings are then not used)."""
+    (`prompts` is not used) and its episode return is the reward, alone or mixed with reward models over
+    episodes (trajectory reward models: `rlhfkit rm` on trajectory rankings) and functions of the episode,
+    weighted by `reward_weights` (the env's return last; weight 0 leaves it out of the reward)."""
     env_settings: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the environment (`--set env_settings.KEY=VALUE`)."""
     online_feedback: OnlineFeedbackConfig = field(default_factory=OnlineFeedbackConfig)
@@ -152,16 +157,7 @@ class GRPOTrainer(RLTrainer):
                 cfg.train.seed,
                 cfg.trust_remote_code,
             )
-            if cfg.reward_weights and len(cfg.reward_weights) != 1 + len(cfg.reward_fn):
-                raise ConfigError(
-                    f"reward_weights has {len(cfg.reward_weights)} entries for {1 + len(cfg.reward_fn)} "
-                    "reward components (the reward model first, then reward functions)"
-                )
-            functions = []  # reward functions beside it, if any
-            if cfg.reward_fn:
-                functions = RewardMix.from_specs([], cfg.reward_fn, cfg.reward_weights[1:]).components
-            weight = cfg.reward_weights[0] if cfg.reward_weights else 1.0
-            reward = RewardMix([self.online.component(weight), *functions])
+        reward = self.reward_mixture(cfg, reward)
         super().__init__(cfg, records, reward, need_reference=cfg.beta > 0)
         if self.online is not None and self.world > 1:
             raise ConfigError("online_feedback runs in one process (each would train its own reward model)")
@@ -173,6 +169,44 @@ class GRPOTrainer(RLTrainer):
         self.max_len = cfg.agent.max_tokens if cfg.env else cfg.sampling.max_new_tokens
         self.micro_batch = cfg.micro_batch or (EPISODE_MICRO_BATCH if cfg.env else 0)
         self.kl_in_reward = cfg.advantage == "rloo"  # RLOO: the KL penalty is part of each answer's reward
+
+    def reward_mixture(self, cfg: GRPOConfig, given: RewardMix | Scorer | None) -> RewardMix | Scorer | None:
+        """The reward: `given`, or the online reward model and reward functions, and with `env` its return as
+        the last component ("env", weighted like the others by `reward_weights`, possibly 0). None when the
+        environment's return alone is the reward (the sampler's own scores)."""
+        if not cfg.env and self.online is None:
+            return given
+        n = len(cfg.reward) + len(cfg.reward_fn) + (1 if cfg.env else 0)
+        if cfg.reward_weights and len(cfg.reward_weights) != n:
+            order = "reward models first, then reward functions" + (
+                ", then the env's return" if cfg.env else ""
+            )
+            raise ConfigError(
+                f"reward_weights has {len(cfg.reward_weights)} entries for {n} reward components ({order})"
+            )
+        weights = list(cfg.reward_weights) or [1.0] * n
+        components: list[RewardComponent] = []
+        if self.online is not None:  # the one reward model, learning as the run goes
+            components.append(self.online.component(weights[0]))
+            if cfg.reward_fn:
+                functions = RewardMix.from_specs([], cfg.reward_fn, weights[1 : 1 + len(cfg.reward_fn)])
+                components += functions.components
+        elif cfg.reward or cfg.reward_fn:  # with env (without, `given` is this mixture)
+            runtime = resolve_runtime(cfg.train)
+            models = RewardMix.from_specs(cfg.reward, cfg.reward_fn, weights[: n - 1], runtime)
+            components += models.components
+        if not cfg.env:
+            return RewardMix(components)
+        if not components and weights[-1] == 1.0:
+            return None
+
+        def env_return(
+            prompts: list[str], completions: list[str], rollout: Any, records: list[Any]
+        ) -> torch.Tensor:
+            return torch.tensor([r.episode.reward for r in records], dtype=torch.float32)  # (B,)
+
+        components.append(RewardComponent("env", weights[-1], env_return, source=f"env {cfg.env}"))
+        return RewardMix(components)
 
     def prompts_per_step(self) -> int:
         return self.stage.prompts_per_step
@@ -223,6 +257,10 @@ class GRPOTrainer(RLTrainer):
             t2 = time.perf_counter()
             # the pipeline's labeler is its watched gold: reuse those scores (an LLM judge is not cheap)
             known = samples.gold if cfg.online_feedback.labeler == self.stage.gold else None
+            if known is None and samples.records and isinstance(samples.records[0], EpisodeRecord):
+                known = [
+                    float(self.online.labeler(r.task, r.episode)) for r in samples.records
+                ]  # (task, episode)
             update = self.online.update(
                 self.step, samples.shared, samples.prompts, samples.completions, self.group, known
             )
@@ -306,19 +344,7 @@ class GRPOTrainer(RLTrainer):
 
 def run_grpo(cfg: GRPOConfig, reward: RewardMix | Scorer | None = None) -> dict[str, float]:
     """Validate the prompts and the reward before anything is written, then train (GRPO or RLOO); with
-    `env`, the environment's train tasks and episode returns instead."""
-    if cfg.env is not None:
-        if reward is not None or cfg.reward or cfg.reward_fn or cfg.gold or cfg.online_feedback.labeler:
-            raise ConfigError(
-                f"env {cfg.env} gives the rewards: drop reward, reward_fn, gold and online_feedback (or env)"
-            )
-        env = load_environment(cfg.env, **cfg.env_settings)
-        tasks = env.tasks("train")
-        env.close()
-        if not tasks:
-            raise ConfigError(f"env {cfg.env}: no train tasks")
-        return GRPOTrainer(cfg, tasks, None).run()  # type: ignore[arg-type] # a Task has a .prompt too
-    records = load_rl_prompts(cfg)
+    `env`, the environment's train tasks, its episode returns mixed with any reward models and functions."""
     if cfg.online_feedback.labeler:
         if reward is not None or len(cfg.reward) != 1:
             raise ConfigError(
@@ -328,6 +354,19 @@ def run_grpo(cfg: GRPOConfig, reward: RewardMix | Scorer | None = None) -> dict[
         from rlhfkit.rewards.panel import load_gold
 
         load_gold(cfg.online_feedback.labeler)  # a wrong labeler is an error before anything is loaded
+    if cfg.env is not None:
+        if reward is not None:
+            raise ConfigError(
+                f"env {cfg.env}: give reward models and functions as settings (reward, reward_fn)"
+            )
+        env = load_environment(cfg.env, **cfg.env_settings)
+        tasks = env.tasks("train")
+        env.close()
+        if not tasks:
+            raise ConfigError(f"env {cfg.env}: no train tasks")
+        return GRPOTrainer(cfg, tasks, None).run()  # type: ignore[arg-type] # a Task has a .prompt too
+    records = load_rl_prompts(cfg)
+    if cfg.online_feedback.labeler:
         return GRPOTrainer(cfg, records, None).run()
     return GRPOTrainer(cfg, records, reward or reward_mix(cfg)).run()
 

@@ -41,7 +41,7 @@ from rlhfkit.rewards.mix import RewardComponent, RewardMix, Scorer
 from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
 from rlhfkit.rollout.engine import SAMPLING_RENAMED
 from rlhfkit.training.checkpoint import latest_checkpoint
-from rlhfkit.training.experience import AnswerSampler, Sampler, Samples
+from rlhfkit.training.experience import AnswerSampler, EpisodeRecord, Generation, Sampler, Samples
 from rlhfkit.training.health import HEALTH_FILE, HealthMonitor, repeat_share
 from rlhfkit.training.loop import TrainLoop
 from rlhfkit.training.settings import EpochStream, StageConfig, TrainConfig, set_seed
@@ -56,9 +56,11 @@ class RLConfig(StageConfig):
     reward: list[str] = field(default_factory=list)
     """Reward model directories (from `rlhfkit rm`)."""
     reward_fn: list[str] = field(default_factory=list)
-    """Python reward functions `module:function(prompts, completions, **fields) -> list[float]`."""
+    """Python reward functions `module:function(prompts, completions, **fields) -> list[float]`; with an
+    environment the fields are `task` and `episode` (lists of `agents.env.Task`, `agents.episode.Episode`)."""
     reward_weights: list[float] = field(default_factory=list)
-    """One weight per reward component, reward models first, then functions (empty: all 1)."""
+    """One weight per reward component, reward models first, then functions, then (with an environment)
+    its return (empty: all 1)."""
     gold: str | None = None
     """Watch only: log the mean score of this `module:function` (or "default", the simulated annotators'
     gold preference) over each iteration's rollouts as `gold`. Never a training signal."""
@@ -246,11 +248,11 @@ class RLTrainer(TrainLoop):
         rollout, mask = self.to_device(gen.rollout), self.to_device(gen.completion_mask)  # (B, T) each
         t1 = time.perf_counter()
         parts: dict[str, torch.Tensor] = {}
-        if gen.rewards is not None:
-            raw = gen.rewards  # (B,)
-        else:
-            assert self.reward is not None, "a trainer without a reward mix needs a sampler that scores"
+        if self.reward is not None:  # with an environment, its return is one of the mixture's components
             raw, parts = self.score(gen.prompts, gen.completions, rollout, gen.records)  # (B,), {name: (B,)}
+        else:
+            assert gen.rewards is not None, "a trainer without a reward mix needs a sampler that scores"
+            raw = gen.rewards  # (B,)
         scores = raw.float().to(self.device)  # (B,)
         if self.stage.no_eos_score is not None:
             scores = torch.where(
@@ -271,7 +273,7 @@ class RLTrainer(TrainLoop):
             stats.update({f"reward_{name}": float(v.mean()) for name, v in parts.items()})
         gold = None
         if self.gold_fn is not None:
-            gold = [float(self.gold_fn(p, c)) for p, c in zip(gen.prompts, gen.completions, strict=True)]
+            gold = self.gold_scores(gen)
             stats["gold"] = sum(gold) / len(gold)
         stats["seconds_scoring"] = time.perf_counter() - t1
         self.tokens_seen += int(n_tokens)
@@ -279,6 +281,13 @@ class RLTrainer(TrainLoop):
             self.log_samples(gen.prompts, gen.completions, scores)
         shared = self.to_device(SharedPromptBatch.from_rollout(rollout, self.rollout_engine.pad_token_id))
         return Samples(rollout, shared, mask, gen.records, gen.prompts, gen.completions, scores, stats, gold)
+
+    def gold_scores(self, gen: Generation) -> list[float]:
+        """The watched gold of each row: `gold(prompt, answer)`, or for an episode `gold(task, episode)`."""
+        assert self.gold_fn is not None
+        if gen.records and isinstance(gen.records[0], EpisodeRecord):
+            return [float(self.gold_fn(r.task, r.episode)) for r in gen.records]
+        return [float(self.gold_fn(p, c)) for p, c in zip(gen.prompts, gen.completions, strict=True)]
 
     def score(
         self, prompts: list[str], completions: list[str], rollout: Rollout, records: list[PromptRecord]

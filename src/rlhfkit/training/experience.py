@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from rlhfkit.agents.env import Environment
-from rlhfkit.agents.episode import AgentLimits, episode_batch, run_episodes, transcript
+from rlhfkit.agents.episode import AgentLimits, Episode, episode_batch, run_episodes, transcript
 from rlhfkit.data.encoding import chat_prompt_text
 from rlhfkit.errors import NonFiniteRewardError
 from rlhfkit.models.prefix import SharedPromptBatch
@@ -46,7 +46,7 @@ class Generation:
     completion_mask: torch.Tensor  # (B, T) float: 1 on the tokens the policy is trained on
     prompts: list[str]  # display text of each row's prompt
     completions: list[str]  # decoded answers, or episode transcripts
-    records: list[Any]  # the prompt records reward functions read their fields from ([] for episodes)
+    records: list[Any]  # what reward functions read their fields from: prompt records, `EpisodeRecord`s
     stats: dict[str, float]  # what only this kind of sample has (turns, end reasons, answer length)
     rewards: torch.Tensor | None = None  # (B,) when the sampler scores its own samples (episode returns)
 
@@ -139,9 +139,27 @@ class AnswerSampler:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class EpisodeRecord:
+    """What a reward function, the watched gold and an online labeler see of one episode: its task and the
+    episode itself (`fields`, passed to a reward function as the keyword lists `task` and `episode`)."""
+
+    task: Any
+    episode: Episode
+
+    @property
+    def prompt(self) -> str:
+        return self.task.prompt
+
+    @property
+    def fields(self) -> dict[str, Any]:
+        return {"task": self.task, "episode": self.episode}
+
+
 @dataclass
 class EpisodeSampler:
-    """One multi-turn episode per row (`agents.episode`); its return is its reward."""
+    """One multi-turn episode per row (`agents.episode`); its return is its reward unless the trainer mixes
+    in reward models and functions (they read the episodes from the `EpisodeRecord`s)."""
 
     engine: RolloutEngine
     make_env: Callable[[], Environment]
@@ -168,4 +186,5 @@ class EpisodeSampler:
             stats[f"end_{reason}"] = sum(e.reason == reason for e in episodes) / n
         prompts = [t.prompt for t in tasks]
         completions = [transcript(e.messages) for e in episodes]
-        return Generation(rollout, loss_mask, prompts, completions, [], stats, rewards)
+        records = [EpisodeRecord(t, e) for t, e in zip(tasks, episodes, strict=True)]
+        return Generation(rollout, loss_mask, prompts, completions, records, stats, rewards)
