@@ -27,7 +27,8 @@ Security model:
 
 Answers are shown in a random order that is stable per (annotator, item), seeded with a per-project
 secret, and the model that wrote each one is never sent to the browser. The form names answers by their
-display slot; the server maps slots back to stored positions.
+display slot; the server maps slots back to stored positions. An episode item (`feedback.episodes`) is
+ranked the same way, its K episodes shown turn by turn, and its form also flags assistant turns.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from starlette.datastructures import FormData
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from rlhfkit.errors import RlhfkitError
-from rlhfkit.feedback import store
+from rlhfkit.feedback import episodes, store
 from rlhfkit.feedback.agreement import agreement_report, dense_levels
 from rlhfkit.feedback.export import FORMATS, export_rows, to_jsonl
 from rlhfkit.feedback.security import LoginThrottle, new_token, same_secret
@@ -106,8 +107,9 @@ def display_order(secret: str, user_id: int, item_id: int, k: int) -> list[int]:
     return order
 
 
-def parse_label(form: FormData, order: list[int]) -> tuple[str, list[int] | None]:
-    """(kind, levels per stored position) of a submitted form; ValueError with a message for the labeller."""
+def parse_label(form: FormData, order: list[int], noun: str = "answer") -> tuple[str, list[int] | None]:
+    """(kind, levels per stored position) of a submitted form; ValueError with a message for the labeller.
+    ``noun`` is what is ranked ("answer", "episode")."""
     action = form.get("action", "rank")
     if action in ("all_bad", "skip"):
         return str(action), None
@@ -119,12 +121,12 @@ def parse_label(form: FormData, order: list[int]) -> tuple[str, list[int] | None
         value = str(form.get(f"rank_{slot}", ""))
         if not value.isdigit() or not 1 <= int(value) <= k:
             raise ValueError(
-                f"give every answer a rank from 1 (best) to {k}; answer {LETTERS[slot].upper()} has none"
+                f"give every {noun} a rank from 1 (best) to {k}; {noun} {LETTERS[slot].upper()} has none"
             )
         given.append(int(value))
     levels = dense_levels(given)  # by display slot
     if len(set(levels)) < 2:
-        raise ValueError('you tied every answer; rank them, or choose "All bad" or "Skip"')
+        raise ValueError(f'you tied every {noun}; rank them, or choose "All bad" or "Skip"')
     by_position = [0] * k
     for slot, position in enumerate(order):
         by_position[position] = levels[slot]
@@ -318,6 +320,16 @@ def create_app(  # noqa: C901, PLR0915 - the routes are closures over the app's 
                 raise Forbidden("this item is not assigned to you")
             done, remaining = store.progress(conn, auth.user.id, lease)
             guidelines = store.get_meta(conn, "guidelines", "")
+            episode_item = episodes.load_episode_item(conn, item_id)
+        common = {"title": f"Item {item_id}", "item_id": item_id, "submission_id": new_token(), "done": done,
+                  "remaining": remaining, "guidelines": guidelines, "error": error}  # fmt: skip
+        if episode_item is not None:
+            order = display_order(secret, auth.user.id, item_id, len(episode_item.episodes))
+            return render(
+                "episodes.html", request, status, prompt=episode_item.prompt,
+                tools=episodes.tool_names(episode_item), episodes=episodes.page_episodes(episode_item, order),
+                **common,
+            )  # fmt: skip
         order = display_order(secret, auth.user.id, item_id, len(item.answers))
         answers = [
             {"slot": slot, "letter": LETTERS[slot].upper(), "text": item.answers[pos].text}
@@ -325,10 +337,8 @@ def create_app(  # noqa: C901, PLR0915 - the routes are closures over the app's 
         ]
         messages = item.prompt if isinstance(item.prompt, list) else None
         return render(
-            "item.html", request, status, title=f"Item {item_id}", item_id=item_id, prompt=item.prompt,
-            messages=messages, answers=answers, submission_id=new_token(), done=done, remaining=remaining,
-            guidelines=guidelines, error=error,
-        )  # fmt: skip
+            "item.html", request, status, prompt=item.prompt, messages=messages, answers=answers, **common
+        )
 
     @app.get("/label/{item_id}")
     def show_item(request: Request, item_id: int, auth: Auth = Depends(authenticated)) -> Response:
@@ -348,13 +358,17 @@ def create_app(  # noqa: C901, PLR0915 - the routes are closures over the app's 
             item = store.load_item(conn, item_id) if store.is_assigned(conn, auth.user.id, item_id) else None
             if item is None:
                 raise Forbidden("this item is not assigned to you")
+            episode_item = episodes.load_episode_item(conn, item_id)
+            k = len(episode_item.episodes) if episode_item is not None else len(item.answers)
+            order = display_order(secret, auth.user.id, item_id, k)
+            flags = None
             try:
-                kind, ranks = parse_label(
-                    form, display_order(secret, auth.user.id, item_id, len(item.answers))
-                )
+                kind, ranks = parse_label(form, order, "answer" if episode_item is None else "episode")
+                if episode_item is not None and kind != "skip":
+                    flags = episodes.parse_flags(form, order, episode_item)
             except ValueError as exc:
                 return item_page(request, auth, item_id, 400, str(exc))
-            outcome = store.submit(conn, auth.user.id, item_id, submission_id, kind, ranks)
+            outcome = store.submit(conn, auth.user.id, item_id, submission_id, kind, ranks, flags)
         if outcome in (store.Outcome.STORED, store.Outcome.REPLAYED):
             return RedirectResponse("/label", status_code=303)  # sent only after the COMMIT returned
         message = "You already labelled this item; your first answer is kept."

@@ -1,5 +1,8 @@
 """`rlhfkit feedback ...`: prepare a labelling project, add accounts, serve the web app, export labels.
 
+`prepare` makes a project of answers (``--model --prompts``: `feedback.prepare`) or of agent episodes
+(``--env`` with ``--policy`` or ``--endpoint``, other settings by ``--set``: `feedback.episode_prepare`).
+
 Accounts are plain name + password pairs (no invite tokens): the first admin is made with ``add-user`` on
 the command line, then admins add annotators on the admin page or with ``add-user``. Running ``add-user``
 for an existing name sets a new password and role and ends that user's sessions.
@@ -16,7 +19,7 @@ import typer
 
 feedback_app = typer.Typer(
     name="feedback",
-    help="People rank model answers in a browser; export the rankings as preference data.",
+    help="People rank model answers or agent episodes in a browser; export the rankings as preference data.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -26,35 +29,90 @@ PASSWORD_ENV = "RLHFKIT_FEEDBACK_PASSWORD"
 
 
 @feedback_app.command()
-def prepare(
-    model: Annotated[str, typer.Option(help="Model that writes the answers: name, local dir or hub id.")],
-    prompts: Annotated[str, typer.Option(help="Prompts file ({'prompt': ...} rows) or bundled:NAME.")],
+def prepare(  # noqa: PLR0913 - one option per setting, as the other commands
     db: DbOpt,
-    k: Annotated[int, typer.Option("--k", help="Answers per prompt (2 to 10).")] = 3,
-    overlap: Annotated[int, typer.Option(help="Annotators per item (N).")] = 2,
-    max_new_tokens: Annotated[int, typer.Option(help="Longest answer in tokens.")] = 64,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature (> 0).")] = 0.8,
-    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Sequences per sampling batch.")] = 16,
+    model: Annotated[
+        str | None, typer.Option(help="Answers: the model that writes them (name, local dir or hub id).")
+    ] = None,
+    prompts: Annotated[
+        str | None, typer.Option(help="Answers: prompts file ({'prompt': ...} rows) or bundled:NAME.")
+    ] = None,
+    env: Annotated[
+        str | None, typer.Option(help="Episodes: the environment (calc, support, ... or module:Class).")
+    ] = None,
+    policy: Annotated[str | None, typer.Option(help="Episodes: the local model that acts.")] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="Episodes: an OpenAI-compatible server (its /v1 URL) that acts.")
+    ] = None,
+    k: Annotated[
+        int | None, typer.Option("--k", help="Answers (default 3) or episodes (default 4) per item, 2 to 10.")
+    ] = None,
+    overlap: Annotated[int | None, typer.Option(help="Annotators per item (N; default 2).")] = None,
+    max_new_tokens: Annotated[
+        int | None, typer.Option(help="Longest answer, or agent turn, in tokens (default 64, 128).")
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="Sampling temperature (> 0; default 0.8).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed (default 0).")] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="Sequences (episodes) per sampling batch (default 16).")
+    ] = None,
     guidelines: Annotated[str | None, typer.Option(help="Text file with labelling guidelines.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Episodes: override a setting, e.g. --set limit=50 (repeatable)."),
+    ] = None,
 ) -> None:
-    """Sample K answers per prompt and store them as a labelling project."""
+    """Sample K answers per prompt (--model, --prompts), or K episodes per task of an environment (--env
+    with --policy or --endpoint), and store them as a labelling project."""
     from rlhfkit.console import console as err
     from rlhfkit.console import run_command
-    from rlhfkit.feedback.prepare import PrepareConfig, run_prepare
-    from rlhfkit.rollout import SamplingConfig
+    from rlhfkit.errors import RlhfkitError
 
-    def go() -> None:
+    def answers() -> None:
+        from rlhfkit.feedback.prepare import PrepareConfig, run_prepare
+        from rlhfkit.rollout import SamplingConfig
+
+        if model is None or prompts is None or policy or endpoint or set_:
+            raise RlhfkitError(
+                "feedback prepare takes --model and --prompts (answers), or --env with --policy or "
+                "--endpoint and any --set (episodes)"
+            )
         cfg = PrepareConfig(
-            model=model, prompts=prompts, db=str(db), k=k, overlap=overlap, seed=seed, batch_size=batch_size,
-            sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature),
+            model=model, prompts=prompts, db=str(db), k=3 if k is None else k,
+            overlap=2 if overlap is None else overlap, seed=seed or 0,
+            batch_size=16 if batch_size is None else batch_size,
+            sampling=SamplingConfig(
+                max_new_tokens=64 if max_new_tokens is None else max_new_tokens,
+                temperature=0.8 if temperature is None else temperature,
+            ),
             guidelines=guidelines,
         )  # fmt: skip
         n = run_prepare(cfg)
         dropped = f" ({n['dropped']} prompts dropped: fewer than 2 distinct answers)" if n["dropped"] else ""
         err.print(f"[bold]feedback[/]: {n['items']} items, {n['answers']} answers stored in {db}{dropped}")
 
-    run_command(go)
+    def episodes() -> None:
+        from rlhfkit.config import load_config
+        from rlhfkit.feedback.episode_prepare import EpisodePrepareConfig, run_episode_prepare
+
+        if model is not None or prompts is not None:
+            raise RlhfkitError(
+                "--env samples episodes of the environment's tasks: drop --model and --prompts"
+            )
+        given = {"policy": policy, "endpoint": endpoint, "k": k, "overlap": overlap, "seed": seed,
+                 "batch_size": batch_size, "guidelines": guidelines}  # fmt: skip
+        base: dict = {"env": env, "db": str(db), **{key: v for key, v in given.items() if v is not None}}
+        if temperature is not None:
+            base["sampling"] = {"temperature": temperature}
+        if max_new_tokens is not None:
+            base["agent"] = {"max_new_tokens": max_new_tokens}
+        n = run_episode_prepare(load_config(EpisodePrepareConfig, None, set_, base=base))
+        dropped = f" ({n['dropped']} tasks dropped: fewer than 2 distinct episodes)" if n["dropped"] else ""
+        err.print(f"[bold]feedback[/]: {n['items']} items, {n['episodes']} episodes stored in {db}{dropped}")
+
+    run_command(episodes if env is not None else answers)
 
 
 @feedback_app.command("add-user")

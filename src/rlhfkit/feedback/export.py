@@ -17,6 +17,13 @@ the export command, for whoever wants to use them (e.g. to drop prompts or as SF
 
 A prompt given as messages gets message answers (``[{"role": "assistant", "content": ...}]``), since the
 data format wants prompt and answers in the same form. The file is written atomically.
+
+Episode items (`feedback.episodes`) become trajectory rankings, the format of `rlhfkit.data.trajectories`:
+``{"prompt", "tools", "episodes", "ranking", "task_id", "env"}``, each episode with its messages, the tokens
+the sampler produced (when a local policy acted) and the annotator's ``flags``; provenance beside it as for
+answers (``item``, ``annotator``, ``models``) plus ``returns``, the environment's return of each episode.
+``rankings`` gives one row per (item, annotator); ``pairs`` one two-episode row per (better, worse) pair,
+ranked ``[0, 1]``. Either kind of row loads with `rlhfkit.data.records.load_preferences`.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhfkit.feedback.episodes import EpisodeItem, episode_items
 from rlhfkit.feedback.store import Item, Label, all_items, labels
 from rlhfkit.fileio import write_atomic
 
@@ -78,13 +86,49 @@ def pair_rows(item: Item, label: Label) -> list[dict[str, Any]]:
     ]
 
 
+def trajectory_row(item: EpisodeItem, label: Label, positions: Sequence[int] | None = None) -> dict[str, Any]:
+    """A trajectory ranking of the episodes at ``positions`` (default: all, in stored order) as ``label``
+    ranks and flags them."""
+    assert label.ranks is not None
+    positions = list(range(len(item.episodes))) if positions is None else list(positions)
+    flags = label.flags or tuple(() for _ in item.episodes)
+    episodes = [
+        {"messages": item.episodes[p].messages, **(item.episodes[p].tokens or {}), "flags": list(flags[p])}
+        for p in positions
+    ]
+    row: dict[str, Any] = {"prompt": item.prompt}
+    if item.tools:
+        row["tools"] = item.tools
+    return row | {
+        "episodes": episodes, "ranking": ranking_json([label.ranks[p] for p in positions]),
+        "task_id": item.task_id, "env": item.env, "item": item.id, "annotator": label.user,
+        "models": [item.episodes[p].model for p in positions],
+        "returns": [item.episodes[p].outcome.get("reward") for p in positions],
+    }  # fmt: skip
+
+
+def trajectory_pair_rows(item: EpisodeItem, label: Label) -> list[dict[str, Any]]:
+    """Every (better, worse) pair of one ranking of episodes as a two-episode trajectory row, better first."""
+    ranks = label.ranks
+    assert ranks is not None
+    n = len(ranks)
+    return [trajectory_row(item, label, (i, j)) for i in range(n) for j in range(n) if ranks[i] < ranks[j]]
+
+
 def export_rows(conn: sqlite3.Connection, fmt: Format) -> list[dict[str, Any]]:
     """The rows of an export, in item then annotator order."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r} (use {' or '.join(FORMATS)})")
-    items = all_items(conn)
+    items, episodes = all_items(conn), episode_items(conn)
     rows: list[dict[str, Any]] = []
     for label in labels(conn, kinds=("rank",)):
+        if label.item_id in episodes:
+            episode_item = episodes[label.item_id]
+            if fmt == "rankings":
+                rows.append(trajectory_row(episode_item, label))
+            else:
+                rows += trajectory_pair_rows(episode_item, label)
+            continue
         item = items[label.item_id]
         rows += [ranking_row(item, label)] if fmt == "rankings" else pair_rows(item, label)
     return rows

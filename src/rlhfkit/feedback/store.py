@@ -13,6 +13,13 @@ Idempotency. A label is unique per (annotator, item) and per (annotator, submiss
 submission (double click, retried request) finds the stored row with the same submission id and reports
 success without writing; a *different* submission for an already-labelled item is refused (first wins).
 
+Items are of two kinds: K answers to a prompt (table ``answers``), or K agent episodes of one task (tables
+``episode_items`` and ``episodes``, written and read by ``feedback.episodes``). A label holds the rank level
+of each answer or episode and, for episodes, the assistant turns flagged as where each one went wrong.
+
+Upgrades. A database made before episodes existed lacks their tables and the labels' ``flags`` column;
+``open_db`` adds them in place (``upgrade``), once. Both are additions an older reader ignores.
+
 Assignment. An annotator asks for work and gets, in id order, an item they have not labelled whose
 *active* count is below the overlap N: labels that count (rankings and "all bad"; a skip does not) plus
 assignments still open and younger than the lease. So every item ends with at least N labels, unless
@@ -88,12 +95,32 @@ CREATE TABLE IF NOT EXISTS labels (
     kind TEXT NOT NULL CHECK (kind IN ('rank', 'all_bad', 'skip')),
     ranks TEXT,  -- JSON: rank level per answer position, 0 = best, ties share a level; only for 'rank'
     created REAL NOT NULL,
+    flags TEXT,  -- JSON: per episode position, its flagged assistant turns; NULL for answers and skips
     UNIQUE (user_id, item_id),
     UNIQUE (user_id, submission_id)
 );
 CREATE INDEX IF NOT EXISTS labels_item ON labels (item_id);
 CREATE INDEX IF NOT EXISTS assignments_item ON assignments (item_id, done);
 """
+
+EPISODE_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS episode_items (
+    item_id INTEGER PRIMARY KEY REFERENCES items(id),  -- items.prompt holds the task's opening messages
+    tools TEXT,  -- JSON: the tool schemas the agent had, or NULL
+    task_id TEXT NOT NULL,
+    env TEXT NOT NULL
+)""",
+    """CREATE TABLE IF NOT EXISTS episodes (
+    id INTEGER PRIMARY KEY,
+    item_id INTEGER NOT NULL REFERENCES items(id),
+    position INTEGER NOT NULL,  -- index in the exported "episodes"
+    messages TEXT NOT NULL,  -- JSON: the messages after the prompt (assistant, tool and user turns)
+    tokens TEXT,  -- JSON: the sampler's prompt_ids, completion_ids, loss_mask; NULL from an endpoint
+    outcome TEXT NOT NULL,  -- JSON: the environment's return, the end reason, the turns
+    model TEXT NOT NULL,  -- who acted: never shown to annotators
+    UNIQUE (item_id, position)
+)""",
+)
 
 
 @dataclass(frozen=True)
@@ -124,6 +151,7 @@ class Label:
     user: str
     kind: str
     ranks: tuple[int, ...] | None  # level per answer position; None unless kind == "rank"
+    flags: tuple[tuple[int, ...], ...] | None = None  # per episode position, its flagged assistant turns
 
 
 class Outcome(Enum):
@@ -158,10 +186,31 @@ def open_db(path: str | Path, create: bool = False) -> sqlite3.Connection:
             conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA} COMMIT;")  # idempotent: IF NOT EXISTS
         if get_meta(conn, "secret") is None:
             raise sqlite3.DatabaseError("no project metadata")
+        upgrade(conn)
     except sqlite3.DatabaseError as exc:
         conn.close()
         raise RlhfkitError(f"{path}: not a labelling database ({exc})") from None
     return conn
+
+
+def upgrade(conn: sqlite3.Connection) -> None:
+    """Add the episode tables and the labels' ``flags`` column to a database made without them (checked
+    again under the write lock, so two processes opening one old file upgrade it once)."""
+
+    def current() -> bool:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        return {"episode_items", "episodes"} <= tables and "flags" in label_columns()
+
+    def label_columns() -> set[str]:
+        return {r[1] for r in conn.execute("PRAGMA table_info(labels)")}
+
+    if current():
+        return
+    with transaction(conn):
+        for statement in EPISODE_SCHEMA:
+            conn.execute(statement)
+        if "flags" not in label_columns():
+            conn.execute("ALTER TABLE labels ADD COLUMN flags TEXT")
 
 
 @contextmanager
@@ -202,21 +251,27 @@ def create_project(
 
     A database that already holds items is refused: its labels refer to those items.
     """
-    if n_overlap < 1:
-        raise RlhfkitError(f"overlap must be at least 1, got {n_overlap}")
     with transaction(conn):
-        if conn.execute("SELECT count(*) FROM items").fetchone()[0]:
-            raise RlhfkitError("this database already holds a labelling project; use a new --db file")
+        start_project(conn, n_overlap, guidelines)
         for prompt, answers in items:
             item_id = conn.execute("INSERT INTO items (prompt) VALUES (?)", (json.dumps(prompt),)).lastrowid
             conn.executemany(
                 "INSERT INTO answers (item_id, position, text, model) VALUES (?, ?, ?, ?)",
                 [(item_id, pos, text, model) for pos, (text, model) in enumerate(answers)],
             )
-        conn.executemany(
-            "INSERT OR REPLACE INTO meta VALUES (?, ?)",
-            [("overlap", str(n_overlap)), ("guidelines", guidelines), ("created", str(time.time()))],
-        )
+
+
+def start_project(conn: sqlite3.Connection, n_overlap: int, guidelines: str) -> None:
+    """Inside a project's first write transaction: refuse a database that already holds items (its labels
+    refer to them), and record the overlap and guidelines."""
+    if n_overlap < 1:
+        raise RlhfkitError(f"overlap must be at least 1, got {n_overlap}")
+    if conn.execute("SELECT count(*) FROM items").fetchone()[0]:
+        raise RlhfkitError("this database already holds a labelling project; use a new --db file")
+    conn.executemany(
+        "INSERT OR REPLACE INTO meta VALUES (?, ?)",
+        [("overlap", str(n_overlap)), ("guidelines", guidelines), ("created", str(time.time()))],
+    )
 
 
 def load_item(conn: sqlite3.Connection, item_id: int) -> Item | None:
@@ -344,12 +399,17 @@ def submit(
     submission_id: str,
     kind: str,
     ranks: Sequence[int] | None = None,
+    flags: Sequence[Sequence[int]] | None = None,
 ) -> Outcome:
-    """Store one label in one transaction (see the module docstring for replays and conflicts)."""
+    """Store one label in one transaction (see the module docstring for replays and conflicts). ``flags``
+    (episode items: the flagged assistant turns of each episode position) go with a ranking or "all bad"."""
     if kind not in KINDS:
         raise ValueError(f"unknown label kind {kind!r}")
     if (ranks is not None) != (kind == "rank"):
         raise ValueError("ranks are given exactly for kind 'rank'")
+    if flags is not None and kind == "skip":
+        raise ValueError("a skip flags no turn")
+    flags_json = None if flags is None else json.dumps([sorted(set(f)) for f in flags])
     with transaction(conn):
         stored = conn.execute(
             "SELECT submission_id FROM labels WHERE user_id = ? AND (item_id = ? OR submission_id = ?)",
@@ -360,10 +420,11 @@ def submit(
         if not is_assigned(conn, user_id, item_id):
             return Outcome.NOT_ASSIGNED
         conn.execute(
-            "INSERT INTO labels (user_id, item_id, submission_id, kind, ranks, created) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (user_id, item_id, submission_id, kind, json.dumps(list(ranks)) if ranks else None, time.time()),
-        )
+            "INSERT INTO labels (user_id, item_id, submission_id, kind, ranks, created, flags) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (user_id, item_id, submission_id, kind, json.dumps(list(ranks)) if ranks else None, time.time(),
+             flags_json),
+        )  # fmt: skip
         conn.execute("UPDATE assignments SET done = 1 WHERE user_id = ? AND item_id = ?", (user_id, item_id))
     return Outcome.STORED
 
@@ -387,11 +448,15 @@ def labels(conn: sqlite3.Connection, kinds: Sequence[str] = KINDS) -> list[Label
     """Every stored label of the given kinds, in item then annotator order."""
     marks = ", ".join("?" for _ in kinds)
     rows = conn.execute(
-        f"SELECT l.item_id, u.name, l.kind, l.ranks FROM labels l JOIN users u ON u.id = l.user_id "
+        f"SELECT l.item_id, u.name, l.kind, l.ranks, l.flags FROM labels l JOIN users u ON u.id = l.user_id "
         f"WHERE l.kind IN ({marks}) ORDER BY l.item_id, u.name",
         tuple(kinds),
     )
-    return [Label(i, name, kind, tuple(json.loads(r)) if r else None) for i, name, kind, r in rows]
+    return [
+        Label(i, name, kind, tuple(json.loads(r)) if r else None,
+              tuple(tuple(turns) for turns in json.loads(f)) if f else None)
+        for i, name, kind, r, f in rows
+    ]  # fmt: skip
 
 
 def counts(conn: sqlite3.Connection) -> dict[str, int]:

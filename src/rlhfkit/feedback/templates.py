@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import jinja2
 
+from rlhfkit.feedback.episode_templates import EPISODES
+
 BASE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -89,7 +91,9 @@ id="rank-{{ a.slot }}-{{ r }}"> {{ r }}</label>
 <button type="submit" name="action" value="all_bad" id="submit-all-bad">All bad</button>
 <button type="submit" name="action" value="skip" id="submit-skip">Skip</button>
 </p></form>{% endblock %}
-{% block script %}<script nonce="{{ nonce }}">
+{% block script %}{% include "rank_script.html" %}{% endblock %}"""
+
+RANK_SCRIPT = """<script nonce="{{ nonce }}">
 (function () {
   var form = document.getElementById("label-form");
   var k = Number(form.dataset.k), letters = "abcdefghij", level = 0, tie = false, order = [];
@@ -97,7 +101,7 @@ id="rank-{{ a.slot }}-{{ r }}"> {{ r }}</label>
     document.getElementById("order").textContent = order.length ? "Order: " + order.join(" ") : "";
     for (var s = 0; s < k; s++) {
       var ranked = form.querySelector('input[name="rank_' + s + '"]:checked') !== null;
-      document.getElementById("answer-" + s).classList.toggle("ranked", ranked);
+      form.querySelector('[data-slot="' + s + '"]').classList.toggle("ranked", ranked);
     }
   }
   function rank(slot) {
@@ -130,7 +134,9 @@ id="rank-{{ a.slot }}-{{ r }}"> {{ r }}</label>
   });
   show();
 })();
-</script>{% endblock %}"""
+</script>"""
+"""The ranking interaction of the answers and the episodes pages: radio buttons `rank_{slot}` in cards
+with `data-slot`, or the keys (letters best to worst, `=` ties, Backspace, Enter, x, s)."""
 
 MESSAGE = """{% extends "base.html" %}{% block main %}
 <h1>{{ title }}</h1><p class="{{ 'error' if error else '' }}">{{ message }}</p>
@@ -179,6 +185,8 @@ TEMPLATES = {
     "progress.html": PROGRESS,
     "done.html": DONE,
     "item.html": ITEM,
+    "rank_script.html": RANK_SCRIPT,
+    "episodes.html": EPISODES,
     "message.html": MESSAGE,
     "admin.html": ADMIN,
 }
