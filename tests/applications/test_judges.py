@@ -113,3 +113,43 @@ def test_agreement_with_people_is_the_hand_computed_share():
     assert report["judge_vs_people"] == pytest.approx(3 / 8)
     assert report["per_annotator"] == {"ann": pytest.approx(3 / 5), "bob": 0.0}
     assert report["people_vs_people"] == 0.0 and report["people_items"] == 1  # ann and bob on item 1
+
+
+def test_a_judge_is_measured_on_a_hand_built_database(tmp_path):
+    """Two items of answers ranked by two people; the biased judge in both orders ranks by the count of
+    "good" (ties within 1): figures equal the hand computation, and the CLI prints the people's own."""
+    import json
+
+    from tests.helpers import PASSWORD, make_project
+    from typer.testing import CliRunner
+
+    from rlhfkit.cli import app
+    from rlhfkit.feedback import store
+    from rlhfkit.feedback.judges import judge_database
+
+    db = tmp_path / "fb.sqlite"
+    items = [("Q1", ["good good good", "meh", "good"]), ("Q2", ["good good good good", "good"])]
+    conn = make_project(db, items, overlap=2, users={"ann": "annotator", "bob": "annotator"})
+    ann, bob = (store.authenticate(conn, name, PASSWORD).id for name in ("ann", "bob"))
+    for user, item, ranks in ((ann, 1, [0, 2, 1]), (bob, 1, [2, 0, 1]), (ann, 2, [1, 0])):
+        assert store.next_item(conn, user) == item  # assigned in id order
+        assert store.submit(conn, user, item, f"s{user}-{item}", "rank", ranks) == store.Outcome.STORED
+    report = judge_database(conn, EpisodeJudge(BiasedJudge(), mode="pairwise"))
+    conn.close()
+    # the judge, item 1 (3, 0 and 1 "good"): answer 0 wins its pairs in both orders (by >= 2); 1 and 2 are
+    # within 1, so each is picked when shown first: a tie -> levels (0, 1, 1); item 2 (4 vs 1) -> (0, 1).
+    # Compared pairs (the judge's tie 1-2 left out): ann, item 1: 0 > 1 and 0 > 2 agree; item 2: 1 > 0
+    # against the judge -> 2 of 3. bob, item 1: 1 > 0 and 2 > 0, both against -> 0 of 2. In all 2 of 5.
+    assert report["items"] == 2 and report["pairs"] == 5
+    assert report["judge_vs_people"] == pytest.approx(2 / 5)
+    assert report["per_annotator"] == {"ann": pytest.approx(2 / 3), "bob": 0.0}
+    assert report["asked"] == 6 + 2 and report["unreadable"] == 0
+
+    result = CliRunner().invoke(app, ["feedback", "agreement", "--db", str(db)])
+    assert result.exit_code == 0, result.output
+    people = json.loads(result.output)
+    assert people["items"] == 1 and people["pairwise"] == 0.0  # ann and bob disagree on all 3 pairs
+    bad = CliRunner().invoke(
+        app, ["feedback", "agreement", "--db", str(db), "--judge", "x", "--mode", "both"]
+    )
+    assert bad.exit_code == 2 and "--mode must be pairwise or group, got 'both'" in bad.output

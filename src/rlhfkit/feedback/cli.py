@@ -233,3 +233,54 @@ def export(
         )
 
     run_command(go)
+
+
+@feedback_app.command()
+def agreement(
+    db: DbOpt,
+    judge: Annotated[
+        str | None,
+        typer.Option(
+            help="An LLM judge to measure against the people: a model directory or an endpoint URL."
+        ),
+    ] = None,
+    mode: Annotated[str, typer.Option(help="pairwise (both orders) or group (over rotations).")] = "pairwise",
+    rubric: Annotated[Path | None, typer.Option(help="Text file with the judge's rubric.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Judge at most this many labelled items.", min=1)] = None,
+) -> None:
+    """How much the annotators agree, and with --judge how much an LLM judge agrees with them."""
+    import json
+
+    from rlhfkit.console import run_command
+    from rlhfkit.errors import RlhfkitError
+    from rlhfkit.feedback.agreement import agreement_report
+    from rlhfkit.feedback.store import labels, open_db
+
+    def go() -> None:
+        if mode not in ("pairwise", "group"):
+            raise RlhfkitError(f"--mode must be pairwise or group, got '{mode}'")
+        if rubric is not None and not rubric.is_file():
+            raise RlhfkitError(f"--rubric {rubric}: no such file")
+        conn = open_db(db)
+        try:
+            rankings: dict[int, list[tuple[str, tuple[int, ...]]]] = {}
+            for label in labels(conn, kinds=("rank",)):
+                assert label.ranks is not None
+                rankings.setdefault(label.item_id, []).append((label.user, label.ranks))
+            people = agreement_report(rankings)
+            out: dict[str, object] = {
+                "items": people.items, "pairwise": people.pairwise.value,
+                "leave_one_out": people.leave_one_out.value, "alpha_ordinal": people.alpha_ordinal,
+            }  # fmt: skip
+            if judge is not None:
+                from rlhfkit.chat.llm import load_llm
+                from rlhfkit.feedback.judges import DEFAULT_RUBRIC, EpisodeJudge, judge_database
+
+                text = rubric.read_text(encoding="utf-8") if rubric is not None else DEFAULT_RUBRIC
+                llm_judge = EpisodeJudge(load_llm(judge), text, mode)  # type: ignore[arg-type]
+                out["judge"] = judge_database(conn, llm_judge, limit)
+        finally:
+            conn.close()
+        typer.echo(json.dumps(out, indent=1))
+
+    run_command(go)

@@ -165,3 +165,34 @@ def judge_agreement(
         "people_vs_people": people_report.pairwise.value,
         "people_items": people_report.items,
     }
+
+
+def database_groups(conn: Any) -> dict[int, Group]:
+    """Every item of a labelling database as a group to judge, candidates in stored position order (the
+    order labels' rank levels refer to): answers as one assistant turn each, episodes as their messages."""
+    from rlhfkit.feedback import store
+    from rlhfkit.feedback.episodes import episode_items
+
+    groups: dict[int, Group] = {}
+    for item_id, item in store.all_items(conn).items():
+        prompt = item.prompt if isinstance(item.prompt, list) else [{"role": "user", "content": item.prompt}]
+        groups[item_id] = (prompt, [[{"role": "assistant", "content": a.text}] for a in item.answers])
+    for item_id, episodes in episode_items(conn).items():
+        groups[item_id] = (episodes.prompt, [e.messages for e in episodes.episodes])
+    return groups
+
+
+def judge_database(conn: Any, judge: EpisodeJudge, limit: int | None = None) -> dict[str, Any]:
+    """The judge ranks every item people ranked (at most `limit`, in id order) and is measured against
+    their labels (`judge_agreement`); the report adds the judge's unreadable replies."""
+    from rlhfkit.feedback import store
+
+    labels: dict[int, list[tuple[str, Sequence[int]]]] = {}
+    for label in store.labels(conn, kinds=("rank",)):
+        assert label.ranks is not None
+        labels.setdefault(label.item_id, []).append((label.user, label.ranks))
+    groups = database_groups(conn)
+    ids = sorted(i for i in labels if i in groups)[:limit]
+    judged = dict(zip(ids, judge.rank([groups[i] for i in ids]), strict=True))
+    report = judge_agreement(judged, {i: labels[i] for i in ids})
+    return {**report, "mode": judge.mode, "asked": judge.asked, "unreadable": judge.unreadable}
