@@ -68,8 +68,10 @@ class HealthConfig:
     """The share of samples that never reach EOS rising this much above its start."""
     length_factor: float = setting(3.0, gt=1)
     """Mean answer length more than this factor above or below its start."""
-    window: int = setting(4, ge=2)
-    """Reward hacking: iterations compared (first half against second half)."""
+    window: int = setting(8, ge=2)
+    """Reward hacking: iterations compared (first half against second half). The agreement of one
+    iteration's few groups is noisy (sd about 0.1 on the pipeline's 8 groups), so halves of 4 iterations
+    keep a 0.15 drop about two standard deviations from chance (replayed on logged runs: bench/RESULTS.md)."""
     agreement_drop: float = setting(0.15, gt=0, le=1)
     """Reward hacking: the reward model's agreement with fresh labels falling this much over the window
     while the reward rises."""
