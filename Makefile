@@ -27,9 +27,9 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q
 
-# the suite without the slow and browser tests (under a minute)
+# the suite without the slow, browser and multi-process tests (under a minute)
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow and not browser"
+	$(PY) -m pytest -q -m "not slow and not browser and not distributed"
 
 format: setup
 	$(VENV)/bin/ruff check --fix src tests bench

@@ -273,14 +273,16 @@ def check_sharded(accelerator: Any, cfg: Any, run_config: Any, supported: bool) 
         raise ConfigError(f"train.optimizer=adamw_8bit does not run under {engine} (bitsandbytes' AdamW "
                           "cannot take sharded parameters); use train.optimizer=adamw")  # fmt: skip
     if not supported:
-        raise ConfigError(f"{type(run_config).__name__} cannot run under {engine} yet (the rollout engine "
-                          "and the reward-model calibration need whole weights on every rank); launch it "
-                          "with examples/accelerate/ddp.yaml")  # fmt: skip
+        raise ConfigError(f"{type(run_config).__name__} cannot run under accelerate's {engine} (the "
+                          "rollout engine and the reward-model calibration need whole weights on every "
+                          "rank); shard it with torchrun and --set train.sharding=fsdp2, or use "
+                          "ddp.yaml")  # fmt: skip
     if getattr(getattr(run_config, "lora", None), "enabled", False):
         raise ConfigError(f"LoRA under {engine} is not supported (the adapters are small: use ddp.yaml)")
     if cfg.save_every:
-        raise ConfigError(f"mid-run checkpoints of sharded optimizer state are not written under {engine} "
-                          f"yet; set train.save_every=0 (the final model is saved in full)")  # fmt: skip
+        raise ConfigError(f"mid-run checkpoints of sharded optimizer state are not written under "
+                          f"accelerate's {engine}; set train.save_every=0, or shard with torchrun and --set "
+                          "train.sharding=fsdp2, which writes them")  # fmt: skip
     if kind == "DEEPSPEED":
         ds = accelerator.state.deepspeed_plugin.deepspeed_config
         ds["train_micro_batch_size_per_gpu"] = cfg.batch_size // (cfg.grad_accum * accelerator.num_processes)

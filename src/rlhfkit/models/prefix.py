@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from rlhfkit.data.encoding import SequenceExample, common_prefix_len, pad
 from rlhfkit.device import to_device
@@ -153,7 +154,11 @@ def shared_prompt_forward(
     embed = cast("PreTrainedModel", decoder).get_input_embeddings()  # nn.Module does not declare it
     device = cast(torch.Tensor, embed.weight).device
     batch = to_device(batch, device)  # rollouts and collated batches are built on the CPU
-    if getattr(decoder, "gradient_checkpointing", False) and decoder.training and torch.is_grad_enabled():
+    checkpointed = getattr(decoder, "gradient_checkpointing", False) and decoder.training
+    # FSDP2 re-gathers a sharded layer's weights for the backward of its output; a KV cache shared between
+    # calls would reach back into a call whose weights are already freed: one call per layer then
+    sharded = any(isinstance(p, DTensor) for p in decoder.parameters())
+    if (checkpointed or sharded) and torch.is_grad_enabled():
         return _unshared_forward(decoder, batch)
     config = getattr(decoder, "config", None)
     cache = DynamicCache(config=config) if config is not None else DynamicCache()

@@ -303,8 +303,9 @@ class GRPOTrainer(RLTrainer):
 
     def iteration(self, step: int) -> dict[str, float]:
         """sample -> experience -> `num_iterations` passes over its micro-batches -> metrics."""
-        samples = self.sample(self.batch_indices(step))
-        experience, stats = self.make_experience(samples)
+        with self.full_weights():  # sharded: gathered once for sampling and the reference pass
+            samples = self.sample(self.batch_indices(step))
+            experience, stats = self.make_experience(samples)
         t0 = time.perf_counter()
         out: dict[str, float] = {"skipped": 0.0}
         if experience is None:  # every group had equal rewards: nothing to learn from
@@ -337,7 +338,7 @@ class GRPOTrainer(RLTrainer):
             self.online.load_state_dict(state["online_rm"])
 
     def save_final(self) -> None:
-        save_model(self.policy, self.tokenizer, self.output_dir)
+        save_model(self.policy, self.tokenizer, self.output_dir, self.final_state())
         if self.online is not None:
             self.online.save(self.output_dir / ONLINE_RM_DIR)
 

@@ -214,8 +214,9 @@ class PPOTrainer(RLTrainer):
 
     def iteration(self, step: int) -> dict[str, float]:
         """sample -> experience -> `ppo_epochs` x shuffled minibatches, one optimizer step each -> metrics."""
-        samples = self.sample(self.batch_indices(step))
-        experience, stats = self.make_experience(samples)
+        with self.full_weights():  # sharded: gathered once for sampling, reference and value passes
+            samples = self.sample(self.batch_indices(step))
+            experience, stats = self.make_experience(samples)
         t0 = time.perf_counter()
         self.policy.train()
         size = max(1, experience.rows // self.stage.minibatches)
@@ -241,12 +242,12 @@ class PPOTrainer(RLTrainer):
             )
         out.update(stats)
         out["seconds_training"] = time.perf_counter() - t0
-        self.kl_ctl.update(stats["kl"], experience.rows * self.world)
+        self.kl_ctl.update(stats["kl"], experience.rows * self.sampling_ranks)
         return out
 
     def save_final(self) -> None:
-        save_model(self.policy, self.tokenizer, self.output_dir)
-        save_model(self.value, self.tokenizer, self.output_dir / "value")
+        save_model(self.policy, self.tokenizer, self.output_dir, self.final_state("policy."))
+        save_model(self.value, self.tokenizer, self.output_dir / "value", self.final_state("value."))
 
 
 def run_ppo(cfg: PPOConfig, reward: RewardMix | Scorer | None = None) -> dict[str, float]:

@@ -153,9 +153,12 @@ class RLTrainer(TrainLoop):
         mode = cfg.old_logprobs
         exact = self.runtime.precision == "fp32" and self.runtime.device.type == "cpu"
         self.recompute_old = mode == "trainer" or (mode == "auto" and not exact)
+        # sharded (FSDP2), every process samples the whole batch alike and trains on its share of each update
+        self.sampling_rank: int = 0 if self.fsdp2 else self.rank
+        self.sampling_ranks: int = 1 if self.fsdp2 else self.world
         # a CPU generator whatever the device: its state checkpoints the same everywhere (the engine draws
         # its uniforms from it and moves them to the logits' device)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * self.rank)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed + 1_000_003 * self.sampling_rank)
         self.gold_fn = None
         if cfg.gold:
             from rlhfkit.rewards.panel import load_gold
@@ -229,7 +232,7 @@ class RLTrainer(TrainLoop):
         """Prompt indices of iteration `step`, this process's share."""
         if not hasattr(self, "_stream"):
             self._stream = self.make_stream()
-        return self._stream.batch(step)[self.rank :: self.world]
+        return self._stream.batch(step)[self.sampling_rank :: self.sampling_ranks]
 
     def make_sampler(self) -> Sampler:
         """What samples an iteration's rows: one answer each (episodes: `GRPOTrainer` with `env`)."""

@@ -288,7 +288,7 @@ class RMTrainer(SupervisedTrainer[PreferenceExample]):
                 self.log("calibration", row)
             print_calibration(self._calibration_rows)
         self.log("normalization", self.normalize())
-        save_model(self.model, self.tokenizer, self.output_dir)
+        save_model(self.model, self.tokenizer, self.output_dir, self.final_state())
 
 
 def print_calibration(rows: list[dict[str, Any]]) -> None:

@@ -5,7 +5,9 @@ A checkpoint is a directory `checkpoints/step-00000042/` holding:
   state.safetensors    every other tensor of the training state (optimizer moments, RNG states, ...)
   state.json           everything else (step, scheduler, controller, RNG of Python/NumPy, ...), with
                        {"__tensor__": key} placeholders pointing into state.safetensors
-Rank 0 writes it; the RNG and trainer state of every process go in (`rank_state`).
+Rank 0 writes it; the RNG and trainer state of every process go in (`rank_state`). A sharded run
+(`train.sharding=fsdp2`) writes `sharded/` instead of model.safetensors: every process's shards of the
+model and the optimizer state, through torch.distributed.checkpoint (`write_sharded_checkpoint`).
 It is written into a temporary directory, every file and the directory are fsynced, and only then is it
 renamed into place: a rename is atomic, so a crash leaves either the old set of checkpoints or the new
 one, never a half-written checkpoint. Loading uses safetensors and json only (no pickle).
@@ -17,14 +19,18 @@ import json
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed
 from safetensors.torch import load_file, save_file
 
 from rlhfkit.fileio import fsync_dir, fsync_tree, saving
 
+SHARDED_DIR = "sharded"
+"""The folder of a sharded run's checkpoint that holds each process's shards (DCP) of model and optimizer."""
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -81,22 +87,54 @@ def write_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep` checkpoints."""
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    with saving(f"checkpoint {final}"):
+    with saving(f"checkpoint {root / f'step-{step:08d}'}"):
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
         try:
-            data, tensors = flatten_state(state)
             save_file({k: v.detach().cpu().contiguous() for k, v in model_tensors.items()},
                       str(tmp / "model.safetensors"))  # fmt: skip
-            save_file(tensors, str(tmp / "state.safetensors"))
-            (tmp / "state.json").write_text(json.dumps(data), encoding="utf-8")
-            fsync_tree(tmp)
-            if final.exists():  # a leftover from a run that crashed after this step: replace it
-                shutil.rmtree(final)
-            tmp.rename(final)
-            fsync_dir(root)
+            return _commit(tmp, root, step, state, keep)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_sharded_checkpoint(
+    root: Path,
+    step: int,
+    state: dict[str, Any],
+    keep: int,
+    is_main: bool,
+    write_shards: Callable[[Path], None],
+) -> None:
+    """Checkpoint `step` of a sharded run, as atomic as `write_checkpoint`: every process writes its shards
+    (`write_shards(folder)`, a collective: DCP) into one temporary directory; after a barrier rank 0 adds
+    the training state, fsyncs, and renames the directory into place. Every process calls it."""
+    tmp = root / f".tmp-step-{step:08d}-sharded"
+    with saving(f"checkpoint {root / f'step-{step:08d}'}"):
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        torch.distributed.barrier()
+        write_shards(tmp / SHARDED_DIR)
+        torch.distributed.barrier()
+        if is_main:
+            try:
+                _commit(tmp, root, step, state, keep)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    torch.distributed.barrier()
+
+
+def _commit(tmp: Path, root: Path, step: int, state: dict[str, Any], keep: int) -> Path:
+    """Add the training state to the checkpoint in `tmp`, fsync it, rename it into place, drop old ones."""
+    final = root / f"step-{step:08d}"
+    data, tensors = flatten_state(state)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "state.json").write_text(json.dumps(data), encoding="utf-8")
+    fsync_tree(tmp)
+    if final.exists():  # a leftover from a run that crashed after this step: replace it
+        shutil.rmtree(final)
+    tmp.rename(final)
+    fsync_dir(root)
     for _, old in list_checkpoints(root)[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -123,8 +161,10 @@ def rank_state(state: dict[str, Any], rank: int) -> dict[str, Any] | None:
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(model tensors, training state) of a checkpoint directory."""
-    model_tensors = load_file(str(path / "model.safetensors"))
+    """(model tensors, training state) of a checkpoint directory (no model tensors in a sharded one: its
+    shards are in `SHARDED_DIR`, read by `training.sharding.load_shards`)."""
+    sharded = (path / SHARDED_DIR).is_dir()
+    model_tensors = {} if sharded else load_file(str(path / "model.safetensors"))
     tensors = load_file(str(path / "state.safetensors"))
     state = unflatten_state(json.loads((path / "state.json").read_text(encoding="utf-8")), tensors)
     return model_tensors, state

@@ -33,7 +33,7 @@ import torch
 from rlhfkit.agents.env import Environment
 from rlhfkit.agents.episode import AgentLimits, Episode, episode_batch, run_episodes, transcript
 from rlhfkit.data.encoding import chat_prompt_text
-from rlhfkit.errors import NonFiniteRewardError
+from rlhfkit.errors import ConfigError, NonFiniteRewardError
 from rlhfkit.models.prefix import SharedPromptBatch
 from rlhfkit.rollout import Rollout, RolloutEngine, SamplingConfig
 
@@ -86,6 +86,7 @@ class Experience:
     returns: torch.Tensor | None = None  # (B, T) the critic's targets (PPO)
     is_weights: torch.Tensor | None = None  # (B, T) truncated importance weights pi_old / pi_sampler
     num_items: float = 0.0
+    per_token: bool = False  # the loss normaliser counts tokens (else rows)
 
     @property
     def rows(self) -> int:
@@ -112,12 +113,22 @@ class Experience:
             ]
         else:
             parts = [self.select(order[lo : lo + size]) for lo in range(0, len(order), size)]
-        return [
-            dataclasses.replace(
-                mb, num_items=float(mb.completion_mask.sum()) if per_token else float(mb.rows)
+        count = (lambda mb: float(mb.completion_mask.sum())) if per_token else (lambda mb: float(mb.rows))
+        return [dataclasses.replace(mb, num_items=count(mb), per_token=per_token) for mb in parts]
+
+    def shard(self, rank: int, world: int) -> Experience:
+        """Process `rank`'s contiguous share of the rows of a minibatch that every one of `world` processes
+        holds whole (sharded training samples the iteration alike everywhere and splits only the update, so
+        the run is the same on any number of processes), with its share of the loss normaliser."""
+        lo, hi = rank * self.rows // world, (rank + 1) * self.rows // world
+        if hi <= lo:
+            raise ConfigError(
+                f"a minibatch of {self.rows} rows cannot be split over {world} processes: raise the rows of "
+                "each update (prompts_per_step, rollout_batch, micro_batch)"
             )
-            for mb in parts
-        ]
+        part = self.select(torch.arange(lo, hi))
+        items = float(part.completion_mask.sum()) if self.per_token else float(part.rows)
+        return dataclasses.replace(part, num_items=items)
 
 
 @dataclass

@@ -27,7 +27,8 @@ ClipFn = Callable[[Sequence[torch.nn.Parameter], float], torch.Tensor | None]
 
 
 def clip_norm(params: Sequence[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
-    """torch's global-norm clip (the loop uses accelerate's, which also gathers sharded gradients)."""
+    """torch's global-norm clip (the loop uses accelerate's, which also gathers sharded gradients); over
+    FSDP2's DTensor gradients it is the global norm too, as a DTensor (`checked_update` reads it whole)."""
     return torch.nn.utils.clip_grad_norm_(list(params), max_norm)
 
 
@@ -49,6 +50,8 @@ def checked_update(
     what to do). `before_step(loss, grad_norm)` may raise to refuse the update (the divergence guard).
     `bump`: the parameters whose version counters the step bumps (default `params`; none when sharded)."""
     norm = clip(params, max_grad_norm if max_grad_norm > 0 else math.inf)
+    if norm is not None and hasattr(norm, "full_tensor"):  # the norm of FSDP2's sharded gradients (DTensor)
+        norm = norm.full_tensor()
     grad_norm = math.nan if norm is None else float(norm)
     if not (math.isfinite(loss) and (math.isfinite(grad_norm) or norm is None)):
         optimizer.zero_grad(set_to_none=True)

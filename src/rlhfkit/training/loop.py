@@ -19,6 +19,7 @@ summation order). DDP averages gradients over W processes, hence the factor W in
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import time
@@ -35,7 +36,9 @@ from rlhfkit.console import console, progress
 from rlhfkit.device import check_sharded, make_accelerator, make_optimizer, resolve_runtime, to_device
 from rlhfkit.errors import ConfigError, DivergenceError, SaveError
 from rlhfkit.fileio import io_error_message, write_atomic
+from rlhfkit.training import sharding
 from rlhfkit.training.checkpoint import (
+    SHARDED_DIR,
     clean_partial,
     gather_ranks,
     latest_checkpoint,
@@ -43,8 +46,9 @@ from rlhfkit.training.checkpoint import (
     read_checkpoint,
     set_aside,
     write_checkpoint,
+    write_sharded_checkpoint,
 )
-from rlhfkit.training.guard import DivergenceGuard, checked_update
+from rlhfkit.training.guard import DivergenceGuard, checked_update, clip_norm
 from rlhfkit.training.settings import TrainConfig, lr_lambda, rng_state, set_rng_state, set_seed
 
 Batch = Any
@@ -104,11 +108,18 @@ class TrainLoop:
             )
         self.sharded = check_sharded(self.accelerator, cfg, run_config, self.supports_sharding)
         self.deepspeed = self.accelerator.distributed_type.value == "DEEPSPEED"
+        self.fsdp2 = cfg.sharding == "fsdp2"  # torch's FSDP2 shards the model (`training.sharding`)
+        engine: Any = _Forward(model)
+        if self.fsdp2:
+            sharding.check_fsdp2(cfg, run_config, self.runtime, self.sharded)
+            sharding.init_distributed(self.runtime)
+            self.sharded, engine = True, sharding.shard(engine, self.runtime, cfg)  # before the optimizer
         # The fused AdamW writes the parameters without bumping their version counters, which
         # `step_optimizer` does, so caches keyed on them (the rollout engine's derived weights) see updates.
         optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad], self.device)
-        # model and optimizer in one call: FSDP2 shards the parameters in place and remaps the optimizer's
-        self.engine, self.optimizer = self.accelerator.prepare(_Forward(model), optimizer)
+        # model and optimizer in one call: accelerate's FSDP2 shards in place and remaps the optimizer's
+        prepared = (engine, self.accelerator.prepare(optimizer)) if self.fsdp2 else None
+        self.engine, self.optimizer = prepared or self.accelerator.prepare(engine, optimizer)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.step = 0
         self.tokens_seen = 0
@@ -171,9 +182,19 @@ class TrainLoop:
         module where the weights are sharded (FSDP2, ZeRO-3), whose hooks gather them."""
         batch = self.to_device(batch)
         if self.sharded:
-            return self.engine(fn, batch)
+            return self._call(fn, batch)
         with self.autocast():
             return fn(self.model, batch)
+
+    def _call(self, fn: LossFn, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The prepared module's forward; under FSDP2 in the run's autocast (accelerate's has it built in)."""
+        with self.autocast() if self.fsdp2 else contextlib.nullcontext():
+            return self.engine(fn, batch)
+
+    def full_weights(self) -> contextlib.AbstractContextManager:
+        """Whole weights inside, on every process (FSDP2: gathered; each process enters), for what runs
+        outside the loss: sampling, reference and value passes, evaluation, the final save."""
+        return sharding.full_weights(self.engine if self.fsdp2 else None)
 
     def final_state(self, prefix: str = "") -> dict[str, torch.Tensor] | None:
         """The full state dict of the trained module's `prefix` part, gathered before `save_final` under
@@ -216,18 +237,20 @@ class TrainLoop:
         """Accumulate gradients over `batches` (this process's share of a global batch), then step.
 
         Every batch's loss is a sum over items; dividing by the global item count makes the update
-        independent of how the global batch is split into micro-batches and processes."""
+        independent of how the global batch is split into micro-batches and processes. Under FSDP2 an RL
+        trainer hands in minibatches every process holds whole; each trains on its share (`shard`)."""
+        if self.fsdp2:
+            batches = [b.shard(self.rank, self.world) if hasattr(b, "shard") else b for b in batches]
         n_global = self._reduce(float(sum(float(batch_field(b, "num_items")) for b in batches)))
         scale = self.world / max(n_global, 1.0)
         sums: dict[str, float] = defaultdict(float)
         loss_total = 0.0
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
-            sync = (
-                contextlib.nullcontext() if last or self.world == 1 else self.accelerator.no_sync(self.engine)
-            )
+            no_sync = sharding.no_sync if self.fsdp2 else self.accelerator.no_sync
+            sync = contextlib.nullcontext() if last or self.world == 1 else no_sync(self.engine)
             with sync:
-                loss_sum, metric_sums = self.engine(loss_fn, self.to_device(batch))
+                loss_sum, metric_sums = self._call(loss_fn, self.to_device(batch))
                 if self.deepspeed:  # its engine divides by its accumulation steps and steps at the last
                     self.accelerator.deepspeed_engine_wrapped.backward(
                         loss_sum * scale * len(batches), sync_gradients=last
@@ -244,13 +267,15 @@ class TrainLoop:
         # its engine and returns no norm. Sharded parameters (DTensors, partitions) feed no rollout cache.
         grad_norm = checked_update(
             self.optimizer, self.params, loss_value, self.cfg.max_grad_norm, f"at step {self.step + 1}",
-            clip=self.accelerator.clip_grad_norm_, before_step=self.check_divergence,
-            bump=[] if self.sharded else self.params, then=self._kept_note,
+            clip=clip_norm if self.fsdp2 else self.accelerator.clip_grad_norm_,
+            before_step=self.check_divergence, bump=[] if self.sharded else self.params, then=self._kept_note,
         )  # fmt: skip
         self._scheduler_step()
         metrics = {"loss": loss_value, "grad_norm": grad_norm, "lr": lr}
-        for key, value in sums.items():
-            metrics[key] = self._reduce(value) / max(n_global, 1.0)
+        if self.fsdp2:  # this process's parameters + gradients + optimizer state: 1/W of them when sharded
+            metrics["state_mib"] = sharding.state_bytes(self.params, self.optimizer.optimizer) / 2**20
+        for key, total in sums.items():
+            metrics[key] = self._reduce(total) / max(n_global, 1.0)
         return metrics
 
     def _kept_note(self) -> str:
@@ -294,30 +319,31 @@ class TrainLoop:
         """Rank 0 writes it, with every rank's RNG and trainer state (`checkpoint.rank_state`): each process
         draws from its own streams (seeded `seed + rank`, an RL trainer's sampling generator)."""
         ranks = gather_ranks({"rng": rng_state(), "extra": self.extra_state()}, self.world)
-        if self.is_main:
-            state = {
-                "step": self.step,
-                "tokens_seen": self.tokens_seen,
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                **ranks[0],
-                "ranks": ranks[1:],
-            }
-            root = self.output_dir / "checkpoints"
-            write_checkpoint(root, self.step, self.trainable_state(), state, self.cfg.keep_checkpoints)
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "scheduler": self.scheduler.state_dict(),
+                 **ranks[0], "ranks": ranks[1:]}  # fmt: skip
+        root, keep = self.output_dir / "checkpoints", self.cfg.keep_checkpoints
+        if self.fsdp2:  # every process writes its shards of the model and the optimizer (DCP)
+            shards = functools.partial(sharding.save_shards, self.engine, self.optimizer.optimizer)
+            write_sharded_checkpoint(root, self.step, state, keep, self.is_main, shards)
+        elif self.is_main:
+            state["optimizer"] = self.optimizer.state_dict()
+            write_checkpoint(root, self.step, self.trainable_state(), state, keep)
         self.accelerator.wait_for_everyone()
 
     def load_checkpoint(self, path: Path) -> None:
         tensors, state = read_checkpoint(path)
-        params = dict(self.model.named_parameters())
-        expected = {n for n, p in params.items() if p.requires_grad}
-        if set(tensors) != expected:
-            missing = sorted(expected - set(tensors))[:3]
-            raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing})")
-        with torch.no_grad():
-            for name, tensor in tensors.items():
-                params[name].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.fsdp2:  # DCP re-shards what any number of processes wrote
+            sharding.load_shards(self.engine, self.optimizer.optimizer, path / SHARDED_DIR)
+        else:
+            params = dict(self.model.named_parameters())
+            expected = {n for n, p in params.items() if p.requires_grad}
+            if set(tensors) != expected:
+                missing = sorted(expected - set(tensors))[:3]
+                raise ConfigError(f"{path}: checkpoint does not match the model (missing {missing})")
+            with torch.no_grad():
+                for name, tensor in tensors.items():
+                    params[name].copy_(tensor)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         # the learning rate and schedule come from this run's config (`--resume-with-changes` may have
         # changed them): the same product base_lr x lambda(step) LambdaLR computes, so an unchanged run
@@ -328,7 +354,7 @@ class TrainLoop:
         ):
             group["initial_lr"] = base
             group["lr"] = base * fn(self.scheduler.last_epoch)
-        own = rank_state(state, self.rank)
+        own = rank_state(state, 0 if self.fsdp2 else self.rank)  # FSDP2: every process's state is alike
         if own is None:  # written by fewer processes: fresh RNG streams, rank 0's trainer state
             console.print(
                 f"[yellow]warning[/]: {path} holds no state of process {self.rank}; not an exact resume"
@@ -364,8 +390,10 @@ class TrainLoop:
     # ---- run ---------------------------------------------------------------------------------------
     def prepare_output(self) -> bool:
         """Create the output directory (or check it belongs to this run). False when already finished."""
-        claim_run_dir(self.stage, self.output_dir, write=self.is_main)
-        self.accelerator.wait_for_everyone()
+        for first in (True, False):  # rank 0 writes config.yaml before the others read it (no torn read)
+            if self.is_main == first:
+                claim_run_dir(self.stage, self.output_dir, write=self.is_main)
+            self.accelerator.wait_for_everyone()
         state = self.output_dir / "trainer_state.json"
         return not (state.is_file() and json.loads(state.read_text(encoding="utf-8")).get("finished"))
 
@@ -397,7 +425,7 @@ class TrainLoop:
         if self.is_main:
             clean_partial(ckpt_root)
         self.accelerator.wait_for_everyone()
-        set_seed(self.cfg.seed + self.rank)
+        set_seed(self.cfg.seed + (0 if self.fsdp2 else self.rank))
         _ = self.scheduler  # created before the first optimizer step (it counts them)
         latest = latest_checkpoint(ckpt_root)
         if latest is not None:
@@ -424,22 +452,27 @@ class TrainLoop:
                 if bar.disable and self.is_main and (self.step % plain_every == 0 or self.step == total):
                     console.print(f"{self.name} step {self.step}/{total} {status} ({elapsed:.0f}s)")
                 if self.cfg.eval_every and self.step % self.cfg.eval_every == 0 and self.step < total:
-                    self.log("eval", self.evaluate())
+                    with self.full_weights():
+                        self.log("eval", self.evaluate())
                 if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < total:
                     self.save_checkpoint()
                 for callback in self.callbacks:
                     callback(self, metrics)
-        eval_metrics = self.evaluate()
+        with self.full_weights():
+            eval_metrics = self.evaluate()
         if eval_metrics:
             self.log("eval", eval_metrics)
         if self.sharded:  # every rank takes part in the gather; rank 0 gets the full weights
-            self._full_state = self.accelerator.get_state_dict(self.engine)
-        if self.is_main:
-            self.save_final()
-            seconds = time.perf_counter() - start_time
-            summary = {"finished": True, "step": self.step, "seconds_this_run": round(seconds, 2),
-                       "steps_this_run": self.step - start_step, "tokens_seen": self.tokens_seen}  # fmt: skip
-            (self.output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
+            get = sharding.full_state_dict if self.fsdp2 else self.accelerator.get_state_dict
+            self._full_state = get(self.engine)
+        with self.full_weights():  # a trainer that saves its models (not `final_state`) finds them whole
+            if self.is_main:
+                self.save_final()
+                seconds = time.perf_counter() - start_time
+                summary = {"finished": True, "step": self.step, "seconds_this_run": round(seconds, 2),
+                           "steps_this_run": self.step - start_step,
+                           "tokens_seen": self.tokens_seen}  # fmt: skip
+                (self.output_dir / "trainer_state.json").write_text(json.dumps(summary, indent=2))
         if self._tb is not None:
             self._tb.close()
         self.accelerator.wait_for_everyone()

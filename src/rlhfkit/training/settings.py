@@ -93,6 +93,13 @@ class TrainConfig:
     models in bf16); "fp32"; "auto": bf16 on a GPU that supports it, fp32 elsewhere (works on the CPU too)."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass: less memory, about 30% more compute."""
+    sharding: Literal["none", "fsdp2"] = "none"
+    """"fsdp2": shard the trainable models' parameters, gradients and optimizer state over the processes of a
+    `torchrun` launch with torch's FSDP2 (`rlhfkit.training.sharding`); "none": each process holds them whole
+    (DDP under a launcher)."""
+    offload: bool = False
+    """With sharding fsdp2 on GPUs: keep the shards in host memory (FSDP2's CPU offload): slower, for
+    models whose state does not fit in GPU memory even when sharded."""
     optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
     """AdamW, or AdamW with 8-bit moments (bitsandbytes, CUDA only: about 3/4 less optimizer memory)."""
     guard: GuardConfig = field(default_factory=GuardConfig)
