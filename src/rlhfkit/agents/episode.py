@@ -27,8 +27,13 @@ when `env.reset` / `env.step` raises ("env_error", the error text in `Episode.er
 with `toolcalls.parse_tool_calls` (a malformed call stays in the content) and given to `env.step` as
 {"role": "assistant", "content": ..., "tool_calls": [ToolCall, ...]}.
 
-Each turn re-runs the whole history through the model (no KV cache is kept across turns): simple and
-exactly the trainer's forward, at the cost of prefilling long histories again each turn.
+Each episode keeps its KV cache across turns (`rollout.turns.TurnCaches`): a turn prefills only the tokens
+its cache does not hold (the last sampled token and the observation), the turn's newcomers of every episode
+together in one batched forward, and decodes on, so a turn costs what its new tokens cost, not its whole
+history. The tokens are those of prefilling the whole history each turn (the same uniforms drawn the same
+way) and the log-probs equal up to float rounding; the trainer's forward recomputes them over the whole
+episode anyway. Engines whose backend cannot keep a cache (the static-cache GPU backends), or
+``keep_cache=False``, prefill the whole history every turn (`RolloutEngine.generate`).
 
 Shapes: B episodes, P prompt tokens (left-padded), T episode tokens after the first prompt (right-padded).
 """
@@ -49,6 +54,7 @@ from rlhfkit.data.encoding import left_pad
 from rlhfkit.data.toolcalls import ToolCall, parse_tool_calls
 from rlhfkit.errors import ConfigError
 from rlhfkit.rollout.engine import Rollout, RolloutEngine, SamplingConfig
+from rlhfkit.rollout.turns import TurnCaches
 
 TRUNCATED = ("max_turns", "max_tokens")
 """End reasons of an episode the limits cut short (it did not end on its own)."""
@@ -196,10 +202,11 @@ class EpisodeState:
 class EpisodeRunner:
     """Runs batches of episodes with one rollout engine (see the module docstring)."""
 
-    def __init__(self, engine: RolloutEngine, limits: AgentLimits) -> None:
+    def __init__(self, engine: RolloutEngine, limits: AgentLimits, keep_cache: bool = True) -> None:
         if engine.tokenizer is None:
             raise ValueError("episodes need a rollout engine with a tokenizer")
         self.engine, self.tokenizer, self.limits = engine, engine.tokenizer, limits
+        self.keep_cache = keep_cache  # False: prefill each episode's whole history every turn
         self.end_texts = {
             t: i for i in engine.eos_token_ids if (t := self.tokenizer.convert_ids_to_tokens(i))
         }
@@ -213,22 +220,25 @@ class EpisodeRunner:
     ) -> list[Episode]:
         """One episode per task (a task may repeat: a GRPO group), each in its own environment object."""
         runs: list[EpisodeState] = []
+        caches = TurnCaches(self.engine, keep=self.keep_cache)  # each episode's KV cache, by its index
         try:
             for task in tasks:
                 runs.append(EpisodeState(make_env(), task))
                 self.start(runs[-1])
             for _ in range(self.limits.max_turns):
-                active = [r for r in runs if r.reason is None]
-                if not active:
+                keys = [i for i, r in enumerate(runs) if r.reason is None]
+                if not keys:
                     break
+                active = [runs[i] for i in keys]
                 budgets = [min(self.limits.max_new_tokens, self.limits.max_tokens - r.length) for r in active]
                 config = replace(sampling, max_new_tokens=max(budgets), stop_at_eos=True)
-                rollout = self.engine.generate([r.prompt + r.ids for r in active], config, generator)
+                rollout = caches.generate(keys, [r.prompt + r.ids for r in active], config, generator)
                 for k, (run, budget) in enumerate(zip(active, budgets, strict=True)):
                     n = min(int(rollout.lengths[k]), budget)
                     ended = bool(rollout.ended[k]) and int(rollout.lengths[k]) <= budget
                     ids, logprobs = rollout.completion_ids[k, :n].tolist(), rollout.logprobs[k, :n].tolist()
                     self.turn(run, ids, logprobs, ended)
+                caches.drop([i for i in keys if runs[i].reason is not None])
         finally:
             for run in runs:
                 try:
@@ -293,9 +303,11 @@ def run_episodes(
     sampling: SamplingConfig,
     limits: AgentLimits,
     generator: torch.Generator | None = None,
+    keep_cache: bool = True,
 ) -> list[Episode]:
-    """Run one episode per task, batched per turn; see the module docstring."""
-    return EpisodeRunner(engine, limits).run(make_env, tasks, sampling, generator)
+    """Run one episode per task, batched per turn; see the module docstring (`keep_cache=False`: prefill each
+    episode's whole history every turn)."""
+    return EpisodeRunner(engine, limits, keep_cache).run(make_env, tasks, sampling, generator)
 
 
 def episode_batch(episodes: Sequence[Episode], pad_id: int) -> tuple[Rollout, torch.Tensor]:

@@ -1,8 +1,9 @@
 """Batched sampling with a KV cache and per-token log-probs: the hot path of RL.
 
-`engine` holds the `RolloutEngine` (sampling, the generic HF backend, `sample_texts`, `choose_backend`); each
-backend that is more than the HF forward has a module of its own beside it (`llama_cpu`: the float32 Llama
-fast path on the CPU; `cuda`: the static-cache CUDA-graph path; `hf_static`: the HF StaticCache fallback).
+`engine` holds the `RolloutEngine` (sampling, `sample_texts`, `choose_backend`); each backend has a module of
+its own beside it (`generic`: the HF forward with a DynamicCache; `llama_cpu`: the float32 Llama fast path on
+the CPU; `cuda`: the static-cache CUDA-graph path; `hf_static`: the HF StaticCache fallback). `continuous`
+joins rows to a running batch (the server); `turns` keeps rows' caches between calls (multi-turn episodes).
 """
 
 from rlhfkit.data.encoding import left_pad, position_ids_from_mask

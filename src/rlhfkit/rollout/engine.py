@@ -21,11 +21,13 @@ Where this departs from ``model.generate`` and why:
 * Backends, one module each: the Llama fast path for float32 models on the CPU (``llama_cpu``, see its
   docstring), the static-cache CUDA-graph path for Llama / Qwen2 / Qwen3 models on a GPU (``cuda``), the
   HF forward over a ``StaticCache`` for other models on a GPU (``hf_static``), and the generic path, the
-  HF forward with a ``DynamicCache`` (any other model on the CPU). `RolloutEngine` picks one
+  HF forward with a ``DynamicCache`` (any other model on the CPU: ``generic``). `RolloutEngine` picks one
   (``choose_backend``); ``backend=`` or the environment variable ``RLHFKIT_ROLLOUT_BACKEND`` forces one
   (``cuda_static`` runs on the CPU too, graphs off: that is how its math is tested).
-  Each has ``start`` / ``step`` / ``select``, and ``extend`` / ``trim`` / ``release`` for callers that keep
-  a batch running while rows come and go (``rollout.continuous``, the server); ``generate`` uses neither.
+  Each has ``start`` / ``step`` / ``select`` / ``release``; ``extend`` / ``trim`` for callers that keep
+  a batch running while rows come and go (``rollout.continuous``, the server); and, on the CPU backends,
+  ``export`` / ``resume`` for rows that keep their cache between calls (``rollout.turns``: multi-turn
+  episodes). ``generate`` uses none of these; ``sample`` is its decode loop, for a caller's own first step.
 * On a GPU a decode step waits for the GPU once at most: a rollout's uniforms are drawn in one call and
   copied once, the tokens, log-probs and masks are written into device buffers (copied back when the rollout
   ends), and the one read-back of a step is which rows ended (none with ``stop_at_eos=False``). Each
@@ -34,8 +36,8 @@ Where this departs from ``model.generate`` and why:
 
 from __future__ import annotations
 
-import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,10 +47,10 @@ from rlhfkit.config import setting
 from rlhfkit.console import progress
 from rlhfkit.data.encoding import checked_prompt_ids, left_pad, position_ids_from_mask
 from rlhfkit.models import loading as models
-from rlhfkit.models.compat import cache_keyword
 from rlhfkit.rollout.cuda import StaticCacheBackend, static_backend_supported
+from rlhfkit.rollout.generic import GenericBackend
 from rlhfkit.rollout.hf_static import HFStaticBackend
-from rlhfkit.rollout.llama_cpu import LlamaCPUBackend, llama_fast_path_supported, place_slots
+from rlhfkit.rollout.llama_cpu import LlamaCPUBackend, llama_fast_path_supported
 
 BACKENDS = ("llama_cpu", "cuda_static", "hf_static", "generic")
 
@@ -131,13 +133,6 @@ class Generation:
         return self.rollouts[0]
 
 
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
 def draw_uniforms(
     steps: int, rows: int, generator: torch.Generator | None, device: torch.device
 ) -> torch.Tensor:
@@ -205,108 +200,6 @@ def sample_tokens(
         tokens, total = _draw(torch.exp(scaled - peak), generator, uniform)  # (b,), (b,)
         logz = peak.squeeze(1) + total.log()  # (b,)
     return tokens, scaled.gather(1, tokens[:, None]).squeeze(1) - logz
-
-
-class _GenericBackend:
-    """Any HF causal LM: its own forward with a ``DynamicCache`` and a growing attention mask."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.keep_arg = _accepts(model, "logits_to_keep")
-        self.cache_key = cache_keyword(model)
-
-    def start(
-        self, prompts: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, n_new: int
-    ) -> torch.Tensor:
-        from transformers import DynamicCache
-
-        b, p = ids.shape
-        device = next(self.model.parameters()).device
-        ids, mask = ids.to(device), mask.to(device)
-        self.mask = torch.cat([mask, mask.new_ones(b, n_new)], dim=1)  # (B, P + T), sliced per step
-        self.pos = position_ids_from_mask(mask)[:, -1:]  # (B, 1) position of the last prompt token
-        self.cur = p
-        config: Any = self.model.config  # the transformers model's PretrainedConfig
-        self.cache: Any = DynamicCache(config=config)
-        kw = {"logits_to_keep": 1} if self.keep_arg else {}
-        out = self.model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            use_cache=True,
-            **{self.cache_key: self.cache},
-            **kw,
-        )  # the cache object is filled in place
-        return out.logits[:, -1].float()  # (B, V)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.pos = self.pos + 1
-        self.cur += 1
-        out = self.model(
-            input_ids=tokens[:, None].to(self.mask.device),
-            attention_mask=self.mask[:, : self.cur],
-            position_ids=self.pos,
-            use_cache=True,
-            **{self.cache_key: self.cache},
-        )
-        return out.logits[:, -1].float()  # (b, V)
-
-    def select(self, keep: torch.Tensor) -> bool:
-        """Keep only rows ``keep`` of the running batch; False if the cache cannot do it."""
-        if not hasattr(self.cache, "reorder_cache"):
-            return False
-        keep = keep.to(self.mask.device)
-        self.cache.reorder_cache(keep)
-        self.mask, self.pos = self.mask[keep], self.pos[keep]
-        return True
-
-    def _plain_layers(self) -> list[Any] | None:
-        """The cache's layers if every one is a plain ``DynamicLayer`` (keys, values (b, Hk, S, hd))."""
-        from transformers.cache_utils import DynamicLayer
-
-        layers = getattr(self.cache, "layers", None)
-        return layers if layers is not None and all(type(x) is DynamicLayer for x in layers) else None
-
-    def extend(
-        self, prompts: list[list[int]], ids: torch.Tensor, mask: torch.Tensor, n_new: int
-    ) -> torch.Tensor | None:
-        """``start`` for more rows while others run: the new rows are prefilled alone, then both batches are
-        right-aligned on the next slot (the shorter padded on the left, masked) and stacked. Returns the new
-        rows' logits (b_new, V); None, changing nothing, when the cache is not plain (sliding windows)."""
-        old_layers = self._plain_layers()
-        if old_layers is None:
-            return None
-        old_mask, old_pos, old_cur = self.mask, self.pos, self.cur
-        logits = self.start(prompts, ids, mask, n_new)
-        cur = max(old_cur, self.cur)
-        size = cur + max(old_mask.shape[1] - old_cur, self.mask.shape[1] - self.cur)  # keep every row's room
-        for a, b in zip(old_layers, self._plain_layers() or [], strict=True):
-            for name in ("keys", "values"):
-                x, y = getattr(a, name), getattr(b, name)  # (b, Hk, c, hd)
-                x = place_slots(x, 2, old_cur, cur - old_cur, cur, 0.0, None)
-                setattr(b, name, torch.cat([x, place_slots(y, 2, self.cur, cur - self.cur, cur, 0.0, None)]))
-        self.mask = torch.cat(
-            [
-                place_slots(old_mask, 1, old_cur, cur - old_cur, size, 0, 1),
-                place_slots(self.mask, 1, self.cur, cur - self.cur, size, 0, 1),
-            ]
-        )  # (b + b_new, S)
-        self.pos, self.cur = torch.cat([old_pos, self.pos]), cur
-        return logits
-
-    def trim(self) -> None:
-        """Drop the leading slots no running row attends to (after long rows left)."""
-        layers = self._plain_layers()
-        seen = self.mask[:, : self.cur].bool().any(0)  # (S,)
-        first = int(seen.float().argmax()) if bool(seen.any()) else 0
-        if layers is None or first == 0:
-            return
-        for layer in layers:
-            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-        self.mask, self.cur = self.mask[:, first:], self.cur - first
-
-    def release(self) -> None:
-        self.cache = None
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
@@ -404,15 +297,13 @@ class RolloutEngine:
         the server): the Llama fast path (one per engine: it holds the derived weights), else a new generic
         one (on a GPU too: the static caches cannot take rows into a running batch). Not to be used while
         `generate` runs on the same engine."""
-        return self._kept if self.fast_path else _GenericBackend(self.model)
+        return self._kept if self.fast_path else GenericBackend(self.model)
 
     def _generate_backend(self) -> Any:
         """The backend `generate` samples with: `backend_name`'s."""
         if self._kept is not None:
             return self._kept
-        return (
-            HFStaticBackend(self.model) if self.backend_name == "hf_static" else _GenericBackend(self.model)
-        )
+        return HFStaticBackend(self.model) if self.backend_name == "hf_static" else GenericBackend(self.model)
 
     def sample_texts(
         self,
@@ -439,19 +330,39 @@ class RolloutEngine:
     def generate(
         self, prompt_ids: list[list[int]], config: SamplingConfig, generator: torch.Generator | None = None
     ) -> Rollout:
+        """One completion per token-id prompt (prompts need not share a length: they are left-padded)."""
         if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
             raise ValueError("generate needs at least one prompt and every prompt needs a token")
         ids, mask = left_pad(prompt_ids, self.pad_token_id)  # (B, P)
-        b, t, pad = ids.shape[0], config.max_new_tokens, self.pad_token_id
+        t = config.max_new_tokens
+
+        def begin(backend: Any) -> torch.Tensor:
+            return backend.start(prompt_ids, ids, mask, t)  # (B, V)
+
+        out = self.sample(self._generate_backend(), begin, len(prompt_ids), config, generator)
+        return Rollout(ids, mask, *out)  # completion ids, mask, log-probs, ended
+
+    def sample(
+        self,
+        backend: Any,
+        begin: Callable[[Any], torch.Tensor],
+        rows: int,
+        config: SamplingConfig,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The decode loop of `generate` over `backend`, from the first logits (B, V) that `begin(backend)`
+        gives (its ``start``, or ``resume`` for rows that go on from kept caches: `rollout.turns`); the
+        backend is released at the end. Returns the completion ids, mask, log-probs (B, T) and ended (B,),
+        on the CPU."""
+        b, t, pad = rows, config.max_new_tokens, self.pad_token_id
         if t == 0:
             empty = torch.zeros((b, 0), dtype=torch.long)  # (B, 0)
-            return Rollout(ids, mask, empty, empty, empty.float(), torch.zeros(b, dtype=torch.bool))
+            return empty, empty, empty.float(), torch.zeros(b, dtype=torch.bool)
         was_training = self.model.training
         self.model.eval()
-        try:
-            with torch.inference_mode():
-                backend = self._generate_backend()
-                logits = backend.start(prompt_ids, ids, mask, t)  # (B, V)
+        with torch.inference_mode():
+            try:
+                logits = begin(backend)  # (B, V)
                 dev = logits.device  # every buffer of the loop lives there: no copy a step but one
                 greedy, compacts = config.temperature <= 0, True  # compacts: until a backend cannot
                 uniforms = None if greedy else draw_uniforms(t, b, generator, dev)  # (T, B)
@@ -460,19 +371,19 @@ class RolloutEngine:
                 out_mask = torch.zeros((b, t), dtype=torch.long, device=dev)  # (B, T)
                 out_lp = torch.zeros((b, t), dtype=torch.float32, device=dev)  # (B, T)
                 ended = torch.zeros(b, dtype=torch.bool, device=dev)  # (B,)
-                rows = torch.arange(b, device=dev)  # (b,) original row of each running row
+                rows_at = torch.arange(b, device=dev)  # (b,) original row of each running row
                 done = torch.zeros(b, dtype=torch.bool, device=dev)  # (b,) running rows that have ended
                 step = 0
                 for step in range(t):
                     u = None if uniforms is None else uniforms[step]  # (b,)
                     tokens, lp = sample_tokens(logits, config, generator, u)  # (b,), (b,)
                     live = ~done  # (b,)
-                    # equivalent to: out_ids[rows[live], step] = tokens[live] (and the same for mask, lp)
-                    out_ids[rows, step] = tokens.masked_fill(done, pad)
-                    out_mask[rows, step] = live.long()
-                    out_lp[rows, step] = lp.masked_fill(done, 0.0)
+                    # equivalent to: out_ids[rows_at[live], step] = tokens[live] (and the same for mask, lp)
+                    out_ids[rows_at, step] = tokens.masked_fill(done, pad)
+                    out_mask[rows_at, step] = live.long()
+                    out_lp[rows_at, step] = lp.masked_fill(done, 0.0)
                     hit_eos = torch.isin(tokens, eos) & live  # (b,)
-                    ended[rows] |= hit_eos
+                    ended[rows_at] |= hit_eos
                     if step == t - 1:
                         break
                     if config.stop_at_eos:
@@ -483,14 +394,12 @@ class RolloutEngine:
                         if compacts and int(flags.sum()) * 4 >= flags.numel():  # once a quarter ended
                             keep = (~flags).nonzero().squeeze(1).to(dev)  # (b',) the rows that go on
                             if compacts := backend.select(keep):
-                                rows, done, tokens = rows[keep], done[keep], tokens[keep]
+                                rows_at, done, tokens = rows_at[keep], done[keep], tokens[keep]
                                 uniforms = None if uniforms is None else uniforms[:, keep]  # (T, b')
                     logits = backend.step(tokens.masked_fill(done, pad))  # (b, V)
                 n = step + 1  # steps run: trim the columns no row reached
                 out = [x[:, :n].cpu() for x in (out_ids, out_mask, out_lp)]  # (B, n) each
-                ended = ended.cpu()
-        finally:
-            self.model.train(was_training)
-            if self._kept is not None:
-                self._kept.release()
-        return Rollout(ids, mask, out[0], out[1], out[2], ended)  # completion ids, mask, log-probs
+            finally:
+                self.model.train(was_training)
+                backend.release()
+        return out[0], out[1], out[2], ended.cpu()

@@ -10,7 +10,9 @@ x.T`` with activations kept (features, rows): with 32 rows MKL on this CPU is ~1
 round than ``x @ W.T``. The lm_head uses a oneDNN-packed copy (1.4x faster than MKL on a cold 113 MB
 weight). The prefill runs each distinct prompt once and the prefix all prompts share (chat template,
 system prompt) once at batch 1, then copies the cache rows; the lm_head runs only on the last prompt
-position. Extra memory: the fused copies (~80% of the decoder weights) plus the lm_head copy. Everything
+position. A row can leave a batch with its cache (``export``) and go on from it in a later batch (``resume``,
+the new tokens of all rows prefilled in one forward): multi-turn episodes (`rlhfkit.rollout.turns`).
+Extra memory: the fused copies (~80% of the decoder weights) plus the lm_head copy. Everything
 else (GPT-2, Qwen2, ..., DoRA or other peft variants) goes through the generic path: the HF forward with
 a ``DynamicCache``.
 
@@ -344,6 +346,49 @@ class LlamaCPUBackend:
         self.v = [stack(a, b, 0.0, None) for a, b in zip(v, self.v, strict=True)]
         self.bias = stack(bias, self.bias, float("-inf"), 0.0)  # (b + b_new, 1, S)
         self.pos, self.cur = torch.cat([pos, self.pos]), cur
+        return logits
+
+    def export(self, rows: list[int]) -> list[torch.Tensor]:
+        """The cache of each of `rows` (positions in the running batch): the keys and values of its real
+        slots so far, in order, as one tensor (2, layers, Hk, n, hd) for `resume`. A row that ended is fed pad
+        tokens while others run, so its real tokens come first and the caller cuts the rest."""
+        out = []
+        for r in rows:
+            slots = torch.isfinite(self.bias[r, 0, : self.cur]).nonzero().squeeze(1)  # (n,) real slots
+            kv = torch.empty(2, len(self.layers), self.n_kv, len(slots), self.head_dim)
+            for i, (kc, vc) in enumerate(zip(self.k, self.v, strict=True)):
+                torch.index_select(kc[r], 1, slots, out=kv[0, i])  # (Hk, n, hd)
+                torch.index_select(vc[r], 1, slots, out=kv[1, i])
+            out.append(kv)
+        return out
+
+    def resume(self, caches: list[torch.Tensor | None], new_ids: list[list[int]], n_new: int) -> torch.Tensor:
+        """Rows that go on from kept caches (`export`; None: a row without one): each cache is right-aligned
+        before slot A (the longest cache's length), the rows' new tokens, left-padded to the longest (L), are
+        prefilled together in one forward over slots [A, A + L), and the batch decodes on from there as after
+        ``start``. Positions go on from each row's cache length. Returns the next-token logits (B, V)."""
+        self._refresh()
+        kept = [0 if c is None else c.shape[3] for c in caches]
+        a, b = max(kept), len(caches)
+        ids, new_mask = left_pad(new_ids, 0)  # (B, L)
+        s_total = a + ids.shape[1] + n_new
+        shape = (2, len(self.layers), b, self.n_kv, s_total, self.head_dim)
+        kv = torch.empty(shape)  # (2, layers, B, Hk, S, hd): the batch's keys and values, one allocation
+        key_mask = torch.zeros(b, a, dtype=torch.long)  # (B, A)
+        for r, c in enumerate(caches):
+            kv[:, :, r, :, : a - kept[r]] = 0.0  # masked slots are read (times 0): never NaN
+            if c is not None:
+                kv[:, :, r, :, a - kept[r] : a] = c
+                key_mask[r, a - kept[r] :] = 1
+        self.k, self.v = list(kv[0].unbind(0)), list(kv[1].unbind(0))  # layers x (B, Hk, S, hd)
+        key_mask = torch.cat([key_mask, new_mask], dim=1)  # (B, A + L)
+        pos = (torch.tensor(kept)[:, None] + new_mask.cumsum(1) - 1).clamp(min=0)  # (B, L)
+        y = self._prefill(ids, pos, a, self._prefill_bias(key_mask, a))  # (B, L, D)
+        logits = self._head(y[:, -1].contiguous())  # (B, V)
+        self.cur = key_mask.shape[1]  # next cache slot
+        self.pos = pos[:, -1] + 1  # (B,) position of the next token
+        self.bias = torch.zeros(b, 1, s_total)  # (B, 1, S) additive key mask for decode
+        self.bias[:, 0, : self.cur].masked_fill_(key_mask == 0, float("-inf"))
         return logits
 
     def trim(self) -> None:
