@@ -58,14 +58,6 @@ id="flag-{{ e.slot }}-{{ t.turn }}"> went wrong here</label>
 {% else %}<div class="text output">{{ t.content }}</div>{% endif %}{% endif %}
 </div>{% endfor %}
 {% if e.stopped %}<p class="muted stopped">The episode was stopped here by {{ e.stopped }}.</p>{% endif %}
-<div class="ranks">Rank: {% for r in range(1, episodes|length + 1) %}
-<label><input type="radio" name="rank_{{ e.slot }}" value="{{ r }}"
-id="rank-{{ e.slot }}-{{ r }}"> {{ r }}</label>
-{% endfor %}</div></div>{% endfor %}
-<p class="muted" id="order"></p>
-<p class="actions">
-<button type="submit" name="action" value="rank" id="submit-rank">Submit ranking</button>
-<button type="submit" name="action" value="all_bad" id="submit-all-bad">All bad</button>
-<button type="submit" name="action" value="skip" id="submit-skip">Skip</button>
-</p></form>{% endblock %}
+{% with slot = e.slot, k = episodes|length %}{% include "rank_radios.html" %}{% endwith %}</div>{% endfor %}
+{% include "rank_actions.html" %}{% endblock %}
 {% block script %}{% include "rank_script.html" %}{% endblock %}"""

@@ -81,17 +81,22 @@ before a letter to tie it with the previous one; <span class="key">Backspace</sp
 {% for a in answers %}<div class="card answer" id="answer-{{ a.slot }}" data-slot="{{ a.slot }}">
 <div><span class="key">{{ a.letter }}</span></div>
 <div class="text answer-text">{{ a.text }}</div>
-<div class="ranks">Rank: {% for r in range(1, answers|length + 1) %}
-<label><input type="radio" name="rank_{{ a.slot }}" value="{{ r }}"
-id="rank-{{ a.slot }}-{{ r }}"> {{ r }}</label>
-{% endfor %}</div></div>{% endfor %}
-<p class="muted" id="order"></p>
+{% with slot = a.slot, k = answers|length %}{% include "rank_radios.html" %}{% endwith %}</div>{% endfor %}
+{% include "rank_actions.html" %}{% endblock %}
+{% block script %}{% include "rank_script.html" %}{% endblock %}"""
+
+RANK_RADIOS = """<div class="ranks">Rank: {% for r in range(1, k + 1) %}
+<label><input type="radio" name="rank_{{ slot }}" value="{{ r }}"
+id="rank-{{ slot }}-{{ r }}"> {{ r }}</label>
+{% endfor %}</div>"""
+"""One candidate's rank radios (`slot`: its place on the page, `k`: how many), for answers and episodes."""
+
+RANK_ACTIONS = """<p class="muted" id="order"></p>
 <p class="actions">
 <button type="submit" name="action" value="rank" id="submit-rank">Submit ranking</button>
 <button type="submit" name="action" value="all_bad" id="submit-all-bad">All bad</button>
 <button type="submit" name="action" value="skip" id="submit-skip">Skip</button>
-</p></form>{% endblock %}
-{% block script %}{% include "rank_script.html" %}{% endblock %}"""
+</p></form>"""
 
 RANK_SCRIPT = """<script nonce="{{ nonce }}">
 (function () {
@@ -186,6 +191,8 @@ TEMPLATES = {
     "done.html": DONE,
     "item.html": ITEM,
     "rank_script.html": RANK_SCRIPT,
+    "rank_radios.html": RANK_RADIOS,
+    "rank_actions.html": RANK_ACTIONS,
     "episodes.html": EPISODES,
     "message.html": MESSAGE,
     "admin.html": ADMIN,
