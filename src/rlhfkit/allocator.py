@@ -15,6 +15,7 @@ glibc's own MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, and on anything but
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import platform
@@ -46,3 +47,15 @@ def _apply() -> bool:
         return False
     done = [libc.mallopt(param, ctypes.c_int(KEEP)) for param in (_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD)]
     return done == [1, 1]  # mallopt returns 1 on success
+
+
+def release_freed_memory() -> None:
+    """Free what only reference cycles keep alive (`gc.collect`), then hand the heap's free memory back to
+    the kernel (glibc's `malloc_trim(0)`): between the stages of a pipeline, which run in one process, so
+    that a stage's peak is its own and not added to the memory the stages before it freed but kept."""
+    import gc
+
+    gc.collect()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -177,15 +177,31 @@ def pipeline(
     seeds: Annotated[
         int, typer.Option(help="Run seeds 0..N-1 in OUTPUT/seed-N and report the win rate's mean and spread.")
     ] = 0,
+    env: Annotated[
+        str | None,
+        typer.Option(
+            help="RLHF for agents in an environment: support or commons (default runs/pipeline-ENV)."
+        ),
+    ] = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:
-    """The main job: SFT -> simulated feedback -> reward model -> PPO/GRPO -> evaluation -> report."""
+    """The main job: SFT -> simulated feedback -> reward model -> PPO/GRPO -> evaluation -> report. With
+    --env, for agents: SFT -> ranked episodes -> reward model -> RL on the return, RLHF -> agent-eval."""
     from rlhfkit.config import load_config
     from rlhfkit.errors import ConfigError
     from rlhfkit.pipeline import QUICK, PipelineConfig, run_pipeline, run_seeds
 
     def go() -> None:
+        if env is not None:
+            from rlhfkit.agent_pipeline import load_agent_config, run_agent_pipeline
+
+            if seeds:
+                raise ConfigError(
+                    "--seeds is not supported with --env: run each seed with --set seed=N --output DIR"
+                )
+            run_agent_pipeline(load_agent_config(env, quick, config, _overrides(set_, output=output)))
+            return
         sets = (QUICK if quick else []) + _overrides(set_, output=output)
         cfg = load_config(PipelineConfig, config, sets)
         if seeds < 0:

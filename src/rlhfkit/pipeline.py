@@ -3,6 +3,7 @@
     rlhfkit pipeline                      # the embedded default model and the bundled data
     rlhfkit pipeline --quick              # the same chain on a tiny random model, in a minute or two
     rlhfkit pipeline --set rl.algorithm=grpo --set gold=my_module:my_preference
+    rlhfkit pipeline --env support        # RLHF for agents: `rlhfkit.agent_pipeline`
 
 Stages, each in its own directory of the run (`runs/pipeline` by default):
   sft/        A. supervised fine-tuning on the bundled demonstrations (the reference policy)
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from rlhfkit.allocator import release_freed_memory
 from rlhfkit.config import claim_run_dir, setting
 from rlhfkit.console import console
 from rlhfkit.errors import ConfigError
@@ -252,13 +254,67 @@ def collect_feedback(
     return stats
 
 
-# ---------------------------------------------------------------------------------------- pipeline
-class Pipeline:
-    def __init__(self, cfg: PipelineConfig) -> None:
-        self.cfg = cfg
-        self.out = Path(cfg.output)
-        self.dirs = {name: self.out / name for name in ("sft", "feedback", "rm", "rl", "eval")}
+# ---------------------------------------------------------------------------------------- stages
+class StagedRun:
+    """Named stages run in order, each a method `stage_<name>` writing into OUTPUT/<name> (the last, "report",
+    into OUTPUT itself). A stage that finished is skipped when the command runs again (the report is always
+    rebuilt); an interrupted one resumes from its last checkpoint. OUTPUT/pipeline.json records each finished
+    stage's status and seconds, `config.yaml` the settings (`config.claim_run_dir`: other settings in the
+    same OUTPUT are refused). Between stages, the memory the last one freed goes back to the kernel
+    (`allocator.release_freed_memory`). `rlhfkit pipeline` and `rlhfkit pipeline --env`
+    (`rlhfkit.agent_pipeline`) are two such runs."""
+
+    stages: tuple[str, ...] = STAGES
+
+    def __init__(self, settings: Any, output: str) -> None:
+        self.settings = settings  # a config dataclass with `keep_checkpoints`
+        self.out = Path(output)
+        self.dirs = {name: self.out / name for name in self.stages if name != "report"}
         self.state_path = self.out / "pipeline.json"
+
+    def check(self) -> None:
+        """Refuse bad settings before anything is written."""
+
+    def first_state(self) -> dict[str, Any]:
+        """What pipeline.json holds besides the stages (the run's model, ...)."""
+        return {}
+
+    def load_state(self) -> dict[str, Any]:
+        if self.state_path.is_file():
+            return json.loads(self.state_path.read_text(encoding="utf-8"))
+        return {**self.first_state(), "stages": {}}
+
+    def run(self) -> dict[str, Any]:
+        self.check()
+        claim_run_dir(self.settings, self.out)
+        state = self.load_state()
+        for name in self.stages:
+            done = state["stages"].get(name, {}).get("status") == "done"
+            if done and name != "report":
+                console.print(
+                    f"[bold]pipeline[/]: {name} already done ({state['stages'][name]['seconds']:.0f} s)"
+                )
+                continue
+            console.rule(f"[bold]pipeline: {name}")
+            t0 = time.perf_counter()
+            previous = state["stages"].get(name, {}).get("seconds", 0.0) if not done else 0.0
+            getattr(self, f"stage_{name}")()
+            release_freed_memory()  # the stage's models: gone before the next stage loads its own
+            seconds = previous + time.perf_counter() - t0
+            state["stages"][name] = {"status": "done", "seconds": round(seconds, 1)}
+            state["total_seconds"] = round(sum(s["seconds"] for s in state["stages"].values()), 1)
+            write_atomic(self.state_path, json.dumps(state, indent=2))
+            checkpoints = self.dirs[name] / "checkpoints" if name in self.dirs else None
+            if checkpoints is not None and checkpoints.is_dir() and not self.settings.keep_checkpoints:
+                shutil.rmtree(checkpoints)  # after the stage is recorded done: it is never resumed again
+        return state
+
+
+# ---------------------------------------------------------------------------------------- pipeline
+class Pipeline(StagedRun):
+    def __init__(self, cfg: PipelineConfig) -> None:
+        super().__init__(cfg, cfg.output)
+        self.cfg = cfg
 
     # -- stage configs: the pipeline wires the paths; everything else comes from the sections
     def _train(self, train: TrainConfig) -> TrainConfig:
@@ -367,41 +423,13 @@ class Pipeline:
         console.print(f"report: {path}")
 
     # -- orchestration
-    def load_state(self) -> dict[str, Any]:
-        if self.state_path.is_file():
-            return json.loads(self.state_path.read_text(encoding="utf-8"))
-        return {
-            "model": self.cfg.model,
-            "algorithm": self.cfg.rl.algorithm,
-            "gold": self.cfg.gold,
-            "stages": {},
-        }
-
-    def run(self) -> dict[str, Any]:
+    def check(self) -> None:
         from rlhfkit.rewards.panel import load_gold
 
         load_gold(self.cfg.gold)  # a wrong gold is an error now, not after the SFT stage
-        claim_run_dir(self.cfg, self.out)
-        state = self.load_state()
-        for name in STAGES:
-            done = state["stages"].get(name, {}).get("status") == "done"
-            if done and name != "report":
-                console.print(
-                    f"[bold]pipeline[/]: {name} already done ({state['stages'][name]['seconds']:.0f} s)"
-                )
-                continue
-            console.rule(f"[bold]pipeline: {name}")
-            t0 = time.perf_counter()
-            previous = state["stages"].get(name, {}).get("seconds", 0.0) if not done else 0.0
-            getattr(self, f"stage_{name}")()
-            seconds = previous + time.perf_counter() - t0
-            state["stages"][name] = {"status": "done", "seconds": round(seconds, 1)}
-            state["total_seconds"] = round(sum(s["seconds"] for s in state["stages"].values()), 1)
-            write_atomic(self.state_path, json.dumps(state, indent=2))
-            checkpoints = self.dirs[name] / "checkpoints" if name in self.dirs else None
-            if checkpoints is not None and checkpoints.is_dir() and not self.cfg.keep_checkpoints:
-                shutil.rmtree(checkpoints)  # after the stage is recorded done: it is never resumed again
-        return state
+
+    def first_state(self) -> dict[str, Any]:
+        return {"model": self.cfg.model, "algorithm": self.cfg.rl.algorithm, "gold": self.cfg.gold}
 
 
 def run_pipeline(cfg: PipelineConfig) -> dict[str, Any]:

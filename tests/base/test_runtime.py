@@ -1,4 +1,5 @@
-"""glibc malloc keeps freed memory (rlhfkit.allocator): on by default, off on request, and it does keep it."""
+"""glibc malloc keeps freed memory (rlhfkit.allocator): on by default, off on request, and it does keep it;
+`release_freed_memory` hands it back."""
 
 from __future__ import annotations
 
@@ -18,14 +19,18 @@ def rss():
 before = rss()
 x = torch.ones(50 * 2**20)  # 200 MB, touched
 del x
+if RELEASE:
+    from rlhfkit.allocator import release_freed_memory
+    release_freed_memory()
 print(applied, round(rss() - before))
 """
 
 
-def probe(**env: str) -> tuple[bool, int]:
+def probe(release: bool = False, **env: str) -> tuple[bool, int]:
     clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "RLHFKIT_MALLOC")}
+    code = f"RELEASE = {release}\n{PROBE}"
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], env={**clean, **env}, capture_output=True, text=True, check=True
     ).stdout.split()
     return out[0] == "True", int(out[1])
 
@@ -39,3 +44,5 @@ def test_freed_memory_is_kept_by_default_and_returned_when_asked():
     assert not applied and kept < 20, kept  # glibc's default: a block this large goes back to the kernel
     applied, _ = probe(MALLOC_MMAP_THRESHOLD_="65536")  # the user's own glibc setting wins
     assert not applied
+    applied, kept = probe(release=True)  # between a pipeline's stages: the kept memory goes back
+    assert applied and kept < 20, kept

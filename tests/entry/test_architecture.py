@@ -166,7 +166,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("rewards", {"rewards"}),
     ("trainers", {"trainers"}),
     ("applications", {"chat", "evaluation", "serve", "opro", "feedback"}),
-    ("entry points", {"pipeline", "cli"}),
+    ("entry points", {"pipeline", "agent_pipeline", "cli"}),
 ]
 """docs/ARCHITECTURE.md's layer table: each layer is folders (or, for the base and the entry points,
 modules at the package root) of rlhfkit/."""

@@ -22,7 +22,7 @@ With several models, each later one is also compared with the first on the same 
 difference of success with its 95% interval (`paired_difference`), the measure of a training step's gain.
 
 Written to `output`: agent_eval.json (settings, per-environment results, weights, overall scores, paired),
-episodes.jsonl (every episode, turn by turn) and report.html.
+episodes.jsonl (every episode, turn by turn, with its success and value metrics) and report.html.
 """
 
 from __future__ import annotations
@@ -197,11 +197,20 @@ def paired_difference(
     """Success of `other` minus `base` on the same tasks (matched by task id): the mean of d_i in {-1, 0, 1}
     with a normal interval mean +- z s / sqrt(n) (s: sample sd of the d_i), and the tasks each one won alone.
     Tighter than comparing the two models' intervals: the tasks' difficulty cancels."""
-    mine = {e.task_id: succeeded(e, threshold) for e in base}
-    d = [float(succeeded(e, threshold)) - float(mine[e.task_id]) for e in other if e.task_id in mine]
+    mine = {e.task_id: float(succeeded(e, threshold)) for e in base}
+    theirs = {e.task_id: float(succeeded(e, threshold)) for e in other}
+    return paired_values(mine, theirs, confidence, worst_sd=1.0)
+
+
+def paired_values(
+    base: Mapping[str, float], other: Mapping[str, float], confidence: float = 0.95, worst_sd: float = 0.0
+) -> dict[str, Any]:
+    """`other` minus `base` over the keys (tasks) both have, as `paired_difference` (any per-task value: a
+    value metric, a self-play lake's survival); `worst_sd` stands in for the sd of a single difference."""
+    d = [value - base[key] for key, value in other.items() if key in base]
     if not d:
         raise ValueError("paired_difference: the two runs share no task")
-    mean, se = mean_and_stderr(d, worst_sd=1.0)
+    mean, se = mean_and_stderr(d, worst_sd=worst_sd)
     z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)
     return {"n": len(d), "difference": mean, "low": mean - z * se, "high": mean + z * se, "stderr": se,
             "won": sum(x > 0 for x in d), "lost": sum(x < 0 for x in d)}  # fmt: skip
@@ -325,8 +334,10 @@ def run_agent_eval(cfg: AgentEvalConfig) -> dict[str, Any]:
                     bar.update(task, completed=len(done))
                 episodes[model][name], results[model][name] = done, summarize(done, cfg.success_threshold)
                 lines += [
-                    json.dumps({"model": model, "env": name, **e.to_json()}, ensure_ascii=False) for e in done
-                ]
+                    json.dumps({"model": model, "env": name, "success": succeeded(e, cfg.success_threshold),
+                                "metrics": e.info.get("metrics") or {}, **e.to_json()}, ensure_ascii=False)
+                    for e in done
+                ]  # fmt: skip
     success = {m: {e: r["success"] for e, r in envs.items()} for m, envs in results.items()}
     overall, weights = overall_scores(success)
     note = (

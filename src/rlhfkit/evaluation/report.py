@@ -264,11 +264,12 @@ def headline_html(ev: dict[str, Any]) -> str:
     return table_html(["Metric", "Reference (before)", "Policy (after)", "Notes"], rows, numeric=(1, 2))
 
 
-def timings_html(pipeline: dict[str, Any]) -> str:
+def timings_html(pipeline: dict[str, Any], known: Sequence[str] = STAGES) -> str:
+    """Each stage's status and time from pipeline.json, the `known` stages first, in that order."""
     stages = pipeline.get("stages")
     if not isinstance(stages, dict):
         stages = {}
-    order = [s for s in STAGES if s in stages] + [s for s in stages if s not in STAGES]
+    order = [s for s in known if s in stages] + [s for s in stages if s not in known]
     rows, total = [], 0.0
     for name in order:
         info = stages[name] if isinstance(stages[name], dict) else {}

@@ -55,8 +55,10 @@ def make_tiny_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     intermediate_size: int = 128,
+    context: int = 1024,
 ) -> Path:
-    """Write a tiny random Llama (+ tokenizer) as a plain transformers directory; returns its path."""
+    """Write a tiny random Llama (+ tokenizer) as a plain transformers directory; returns its path. `context`
+    is its `max_position_embeddings` (agent environments' prompts run to thousands of characters)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = make_tokenizer()
@@ -69,7 +71,7 @@ def make_tiny_model(
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=context,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
