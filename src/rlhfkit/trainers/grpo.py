@@ -203,7 +203,8 @@ class GRPOTrainer(RLTrainer):
         def env_return(
             prompts: list[str], completions: list[str], rollout: Any, records: list[Any]
         ) -> torch.Tensor:
-            return torch.tensor([r.episode.reward for r in records], dtype=torch.float32)  # (B,)
+            # (B,) on the CPU in float32, as every scorer returns its scores (the trainer moves them)
+            return torch.tensor([r.episode.reward for r in records], dtype=torch.float32)
 
         components.append(RewardComponent("env", weights[-1], env_return, source=f"env {cfg.env}"))
         return RewardMix(components)
