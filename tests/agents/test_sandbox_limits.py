@@ -189,8 +189,8 @@ def test_the_cgroup_mechanism_is_found_and_cleaned_up(tmp_path, fresh_cap):
     parents = sandbox.pids_cgroup_parents()
     cap = process_cap()
     if cap.kind != "cgroup":
-        # by design: which mechanism applies depends on the machine; the rlimit one has its own test
-        pytest.skip(f"no writable pids cgroup here ({parents}); the rlimit mechanism applies")
+        reason = f"no writable pids cgroup here ({parents}); the rlimit mechanism applies"
+        pytest.skip(reason)  # by design: the mechanism depends on the machine; the rlimit one has its test
     assert cap.parent in parents
     result = sandbox.run_sandboxed(f"{BOMB}; sleep 5", tmp_path, timeout=1, max_processes=8)
     assert result.process_limit and result.timed_out

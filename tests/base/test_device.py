@@ -125,8 +125,8 @@ def test_tf32_on_cuda_through_the_new_settings_only(machine, monkeypatch: pytest
     """torch 2.9+ refuses to read a TF32 state set through a mix of `fp32_precision` (which transformers and
     TRL use) and the legacy flags: a CUDA run sets the new ones alone, where torch has them."""
     if not hasattr(torch.backends, "fp32_precision"):
-        # by design: older torch has only the legacy flags, which the code then sets (nothing to check here)
-        pytest.skip(f"torch {torch.__version__} has only the legacy TF32 flags")
+        reason = f"torch {torch.__version__} has only the legacy TF32 flags"
+        pytest.skip(reason)  # by design: older torch has only the legacy flags, which the code then sets
     machine(gpus=1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
 
