@@ -320,8 +320,9 @@ class ScriptedLLM:
     def __init__(self, factor: float = 1.0) -> None:
         self.factor, self.batches = factor, []
 
-    def chat(self, conversations, sampling, n=1, seed=None, tools=None):
+    def chat(self, conversations, sampling, n=1, seed=None, tools=None, keys=None):
         assert tools and tools[0]["function"]["name"] == "fish"
+        assert keys is None or len(set(keys)) == len(keys) == len(conversations)
         self.batches.append(len(conversations))
         out = []
         for messages in conversations:
@@ -332,6 +333,9 @@ class ScriptedLLM:
             content, calls = parse_tool_calls(f"Fair.<tool_call>\n{body}\n</tool_call>")
             out.append([Completion(content, 9, "stop", tuple(calls))])
         return out
+
+    def forget(self, keys):
+        pass
 
 
 def test_self_play_batches_every_seat_a_month_and_reports_the_lakes():
@@ -383,3 +387,26 @@ def test_the_tiny_model_through_the_episode_runner_and_self_play(tiny_model: Pat
     games = self_play(llm, tasks[:1], SamplingConfig(max_new_tokens=8))
     assert games[0].info["reason"] in ("season_end", "collapse")
     assert all(s.turns == 2 and s.tokens > 0 for s in games[0].seats)
+
+
+def test_self_play_keeps_each_seats_cache_and_plays_the_same_games(tiny_model: Path):
+    from rlhfkit.chat.llm import LocalLLM
+
+    tasks = CommonsEnvironment(months=3).tasks("test")[:2]
+    env = CommonsEnvironment(months=3)
+    sampling = SamplingConfig(max_new_tokens=8, temperature=1.0)
+    kept, plain = LocalLLM(str(tiny_model)), LocalLLM(str(tiny_model), keep_cache=False)
+    prefilled, generate = [], kept.caches.generate
+
+    def recording(keys, sequences, config, generator=None):
+        rollout = generate(keys, sequences, config, generator)
+        prefilled.append((int(rollout.prompt_mask.sum()), sum(len(s) for s in sequences)))
+        return rollout
+
+    kept.caches.generate = recording
+    games, again = self_play(kept, tasks, sampling, 0, env), self_play(plain, tasks, sampling, 0, env)
+    for a, b in zip(games, again, strict=True):
+        assert a.info == b.info and [s.messages for s in a.seats] == [s.messages for s in b.seats]
+    assert len(prefilled) == 3 and prefilled[0][0] == prefilled[0][1]  # month 1: every token is new
+    assert all(new < 0.5 * total for new, total in prefilled[1:])  # later months: the season so far is kept
+    assert len(kept.caches) == 0  # every lake is over: its seats' caches are freed

@@ -24,7 +24,7 @@ message.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,18 +59,27 @@ class LLM(Protocol):
         n: int = 1,
         seed: int | None = None,
         tools: list[Message] | None = None,
+        keys: Sequence[Hashable] | None = None,
     ) -> list[list[Completion]]:
         """`n` completions for each conversation (its next assistant turn), in input order; with `tools`
-        (OpenAI schemas) the model may call them."""
+        (OpenAI schemas) the model may call them. `keys` (one per conversation, `n` 1) name conversations
+        that continue over calls: a local model keeps each one's KV cache until `forget`."""
+        ...
+
+    def forget(self, keys: Sequence[Hashable]) -> None:
+        """Free what is kept for these conversations (they are over)."""
         ...
 
 
 class LocalLLM:
     """A model rlhfkit loads itself (directory, registered name), sampled with the rollout engine."""
 
-    def __init__(self, model: str, batch_size: int = 32, trust_remote_code: bool = False) -> None:
+    def __init__(
+        self, model: str, batch_size: int = 32, trust_remote_code: bool = False, keep_cache: bool = True
+    ) -> None:
         from rlhfkit.models.loading import load_causal_lm
         from rlhfkit.rollout import RolloutEngine
+        from rlhfkit.rollout.turns import TurnCaches
 
         policy, tokenizer = load_causal_lm(model, trust_remote_code=trust_remote_code)
         policy.requires_grad_(False).eval()
@@ -78,6 +87,7 @@ class LocalLLM:
         self.engine = RolloutEngine(policy, tokenizer)
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.caches = TurnCaches(self.engine, keep=keep_cache)  # by conversation key (`chat(keys=...)`)
 
     def chat(
         self,
@@ -86,6 +96,7 @@ class LocalLLM:
         n: int = 1,
         seed: int | None = None,
         tools: list[Message] | None = None,
+        keys: Sequence[Hashable] | None = None,
     ) -> list[list[Completion]]:
         from dataclasses import replace
 
@@ -94,10 +105,10 @@ class LocalLLM:
 
         if tools is None:
             prompts = [prompt_ids(self.tokenizer, list(messages)) for messages in conversations]
-            return self.complete(prompts, sampling, n, seed)
+            return self.complete(prompts, sampling, n, seed, keys=keys)
         prompts = [chat_prompt_ids(self.tokenizer, list(messages), tools) for messages in conversations]
         out = []
-        for answers in self.complete(prompts, sampling, n, seed):
+        for answers in self.complete(prompts, sampling, n, seed, keys=keys):
             parsed = [parse_tool_calls(a.text) for a in answers]
             out.append(
                 [
@@ -114,14 +125,21 @@ class LocalLLM:
         n: int = 1,
         seed: int | None = None,
         label: str | None = None,
+        keys: Sequence[Hashable] | None = None,
     ) -> list[list[Completion]]:
         """`n` completions of each token-id prompt, in order (`chat` after the chat template; `rlhfkit
-        generate`), with a progress bar named `label` (None: none)."""
+        generate`), with a progress bar named `label` (None: none). With `keys` each prompt continues the
+        key's earlier one (`rollout.turns.TurnCaches`: only the tokens after the kept prefix are prefilled),
+        in the same batches and with the same draws as without, so a seed gives the same answers."""
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
         rows = [p for p in prompts for _ in range(n)]  # the n samples of a prompt side by side
         generator = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**63)
-        generation = self.engine.sample_texts(rows, sampling, generator, self.batch_size, label)
+        if keys is not None and (n != 1 or len(keys) != len(prompts)):
+            raise ValueError("chat with keys takes one key per conversation and n=1")
+        generation = self.engine.sample_texts(
+            rows, sampling, generator, self.batch_size, label, self.caches if keys else None, keys
+        )
         tokens = [int(t) for r in generation.rollouts for t in r.lengths]
         ended = [bool(e) for r in generation.rollouts for e in r.ended]
         flat = [
@@ -129,6 +147,9 @@ class LocalLLM:
             for text, count, stop in zip(generation.texts, tokens, ended, strict=True)
         ]
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def forget(self, keys: Sequence[Hashable]) -> None:
+        self.caches.drop(keys)
 
 
 class EndpointLLM:
@@ -168,7 +189,9 @@ class EndpointLLM:
         n: int = 1,
         seed: int | None = None,
         tools: list[Message] | None = None,
+        keys: Sequence[Hashable] | None = None,
     ) -> list[list[Completion]]:
+        """As `LLM.chat`; `keys` are not sent (the server reuses a conversation's prefix if it can)."""
         from concurrent.futures import ThreadPoolExecutor
 
         if n < 1:
@@ -194,6 +217,9 @@ class EndpointLLM:
 
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(conversations)))) as pool:
             return list(pool.map(one, range(len(conversations))))
+
+    def forget(self, keys: Sequence[Hashable]) -> None:
+        """Nothing is kept here."""
 
     @staticmethod
     def _completions(reply: dict[str, Any], n: int) -> list[Completion]:

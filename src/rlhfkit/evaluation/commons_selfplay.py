@@ -12,7 +12,8 @@ there (`commons.read_turn`: the first fish call counts, no call is a catch of 0)
 a task are ignored: only its lake (fishers, capacity, stock, regrowth, threshold, months) is played.
 
 A seat's conversation grows a month at a time, so a local model must fit `months` turns in its context (the
-caller's `sampling.max_new_tokens` bounds each turn); a call that fails raises (no partial results).
+caller's `sampling.max_new_tokens` bounds each turn); it keeps each seat's KV cache from month to month, so
+a month costs its new tokens, not the season so far. A call that fails raises (no partial results).
 """
 
 from __future__ import annotations
@@ -98,23 +99,29 @@ def self_play(
     env: CommonsEnvironment | None = None,
 ) -> list[Game]:
     """Play every task's lake with `llm` in every seat (see the module docstring): one `llm.chat` call per
-    month for all seats of all lakes still running, seeded `seed + month` (None: unseeded)."""
+    month for all seats of all lakes still running, seeded `seed + month` (None: unseeded). Each seat is a
+    keyed conversation, so a local model prefills only the month's new tokens (`LLM.chat`'s `keys`)."""
     env = env or CommonsEnvironment()
     tools = env.tool_schemas()
     config = replace(sampling, stop_at_eos=True)
     tables = [Table(env, task) for task in tasks]
     month = 0
-    while running := [t for t in tables if not t.fishery.over]:
-        seats = [(t, i) for t in running for i in range(t.fishery.n)]
-        month_seed = None if seed is None else seed + month
-        replies = [
-            r[0] for r in llm.chat([t.messages[i] for t, i in seats], config, 1, month_seed, tools=tools)
-        ]
-        at = 0
-        for table in running:
-            table.play(replies[at : at + table.fishery.n])
-            at += table.fishery.n
-        month += 1
+    try:
+        while running := [(k, t) for k, t in enumerate(tables) if not t.fishery.over]:
+            seats = [(k, t, i) for k, t in running for i in range(t.fishery.n)]
+            month_seed = None if seed is None else seed + month
+            conversations = [t.messages[i] for _, t, i in seats]
+            keys = [(k, i) for k, _, i in seats]  # a seat's conversation goes on: its cache is kept
+            replies = [r[0] for r in llm.chat(conversations, config, 1, month_seed, tools=tools, keys=keys)]
+            at = 0
+            for k, table in running:
+                table.play(replies[at : at + table.fishery.n])
+                at += table.fishery.n
+                if table.fishery.over:
+                    llm.forget([(k, i) for i in range(table.fishery.n)])
+            month += 1
+    finally:
+        llm.forget([(k, i) for k, t in enumerate(tables) for i in range(t.fishery.n)])
     return [t.game() for t in tables]
 
 

@@ -37,9 +37,9 @@ Where this departs from ``model.generate`` and why:
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -51,6 +51,9 @@ from rlhfkit.rollout.cuda import StaticCacheBackend, static_backend_supported
 from rlhfkit.rollout.generic import GenericBackend
 from rlhfkit.rollout.hf_static import HFStaticBackend
 from rlhfkit.rollout.llama_cpu import LlamaCPUBackend, llama_fast_path_supported
+
+if TYPE_CHECKING:
+    from rlhfkit.rollout.turns import TurnCaches
 
 BACKENDS = ("llama_cpu", "cuda_static", "hf_static", "generic")
 
@@ -312,15 +315,23 @@ class RolloutEngine:
         generator: torch.Generator | None = None,
         batch_size: int = 0,
         label: str | None = None,
+        caches: TurnCaches | None = None,
+        keys: Sequence[Hashable] | None = None,
     ) -> Generation:
         """Answers to token-id prompts, sampled in batches of `batch_size` rows (0: one batch) in order,
-        with a progress bar named `label` (None: none): one rollout per batch and the decoded texts."""
+        with a progress bar named `label` (None: none): one rollout per batch and the decoded texts. With
+        `caches` (of this engine) and a key per prompt, each prompt continues its key's kept cache
+        (`TurnCaches.generate`: the same draws, so the same answers for a seed)."""
         size = batch_size or len(prompt_ids)
         out = Generation()
         with progress(label is not None) as bar:
             task = bar.add_task(label or "", total=len(prompt_ids), status="")
             for lo in range(0, len(prompt_ids), size):
-                rollout = self.generate(prompt_ids[lo : lo + size], sampling, generator)
+                rows = prompt_ids[lo : lo + size]
+                if caches is not None and keys is not None:
+                    rollout = caches.generate(keys[lo : lo + size], rows, sampling, generator)
+                else:
+                    rollout = self.generate(rows, sampling, generator)
                 out.rollouts.append(rollout)
                 out.texts += self.decode(rollout)
                 bar.update(task, completed=len(out.texts))
