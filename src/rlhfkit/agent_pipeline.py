@@ -8,7 +8,8 @@ simulated people who rank whole episodes.
 Stages, each in its own directory of the run (`runs/pipeline-ENV` by default):
   sft/       A. supervised fine-tuning on the environment's demonstrations (honest, sustainable episodes
              played through the environment itself), one record per assistant turn (SFT learns a record's
-             last turn); the last `sft_eval_demos` demonstrations are held out whole
+             last turn), or with `sft.assistant_turns=all` each demonstration whole, every turn learned in
+             one sequence; the last `sft_eval_demos` demonstrations are held out whole
   episodes/  the SFT policy plays `episodes.k` episodes of each of `episodes.tasks` train tasks; a panel of
              simulated annotators ranks each group by the gold preference over episodes (`gold`: honesty and
              policy first for support, sustainability and fairness for commons) with label noise:
@@ -93,7 +94,7 @@ class AgentPipelineConfig:
     `assets/agents/ENV_demos.jsonl`)."""
     sft_demos: int = setting(0, ge=0)
     """How many demonstrations SFT may draw on, the file's first (0: all; `sft.train.max_steps` bounds how
-    many of their turn records it learns from)."""
+    many of their records it learns from: turn records, or whole ones with `sft.assistant_turns=all`)."""
     sft_eval_demos: int = setting(4, ge=0)
     """Demonstrations held out (the file's last ones, whole) for SFT's evaluation loss (0: none)."""
     agent: AgentLimits = field(default_factory=AgentLimits)
@@ -376,11 +377,17 @@ class AgentPipeline(StagedRun):
 
     # -- stages
     def stage_sft(self) -> None:
-        from rlhfkit.agents.demos import turn_records
-        from rlhfkit.data.records import load_sft
         from rlhfkit.trainers.sft import run_sft
 
-        cfg = self.sft_config()
+        self.write_sft_demos()
+        run_sft(self.sft_config())
+
+    def write_sft_demos(self) -> None:
+        """sft/demos.jsonl and sft/demos_eval.jsonl (the last `sft_eval_demos` demonstrations): with
+        `sft.assistant_turns=all` the demonstrations as they are, else one record per assistant turn."""
+        from rlhfkit.agents.demos import turn_records
+        from rlhfkit.data.records import load_sft
+
         path = self.demos_path()
         load_sft(path)  # validated: errors name file:line:field
         demos = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -391,10 +398,11 @@ class AgentPipeline(StagedRun):
                 f"demos: {path} has {len(demos)} demonstrations, sft_eval_demos={held} holds them all"
             )
         parts = {"demos.jsonl": demos[: len(demos) - held], "demos_eval.jsonl": demos[len(demos) - held :]}
+        whole = self.cfg.sft.assistant_turns == "all"
         for name, part in parts.items():
-            lines = [json.dumps(r, ensure_ascii=False) + "\n" for d in part for r in turn_records(d)]
+            records = part if whole else [r for d in part for r in turn_records(d)]
+            lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
             write_atomic(self.dirs["sft"] / name, "".join(lines))
-        run_sft(cfg)
 
     def stage_episodes(self) -> None:
         from rlhfkit.feedback.simulated_episodes import simulate_feedback

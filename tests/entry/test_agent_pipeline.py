@@ -263,3 +263,22 @@ def test_settings_come_from_the_preset_then_the_config_file_then_set(tmp_path: P
     path.write_text("env: commons\n")
     with pytest.raises(ConfigError, match="--env support, but the settings say env=commons"):
         load_agent_config("support", False, path)
+
+
+def test_sft_learns_turn_records_or_with_all_assistant_turns_whole_demonstrations(tmp_path: Path):
+    """The SFT stage's data: one record per assistant turn by default; `sft.assistant_turns=all` writes the
+    demonstrations whole (each learned in one sequence), the held-out one too."""
+    from rlhfkit.agent_pipeline import AgentPipeline, load_agent_config
+    from rlhfkit.agents.demos import demos_path, turn_records
+
+    def written(*sets: str) -> tuple[list[dict], list[dict]]:
+        out = tmp_path / f"run{len(sets)}"
+        AgentPipeline(load_agent_config("support", True, None, [f"output={out}", *sets])).write_sft_demos()
+        return rows(out / "sft" / "demos.jsonl"), rows(out / "sft" / "demos_eval.jsonl")
+
+    demos = rows(demos_path("support"))[:13]  # --quick: sft_demos=12, then sft_eval_demos=1
+    train, held = written()
+    assert train == [r for d in demos[:12] for r in turn_records(d)] and held == turn_records(demos[12])
+    assert len(train) > 24  # two or three assistant turns a demonstration
+    train, held = written("sft.assistant_turns=all")
+    assert train == demos[:12] and held == demos[12:]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tests.conftest import MEMORY_ROWS
+from tests.conftest import MEMORY_ROWS, write_jsonl
 from tests.helpers import sft_config
 
 from rlhfkit.data.encoding import prompt_answer_ids
@@ -122,3 +122,124 @@ def test_loss_and_gradients_equal_plain_cross_entropy(tiny_model: Path, memory_d
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-4)
     for g, p in zip(got, model.parameters(), strict=True):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------ assistant_turns: all
+# One conversation of three assistant turns; with the ChatML template and the character tokenizer every
+# character is a token and each special token one more: "<|im_start|>user\nHi<|im_end|>\n" is 10 tokens.
+TURNS = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "2+2?"},
+    {"role": "assistant", "content": "4"},
+    {"role": "tool", "content": "ok"},
+    {"role": "assistant", "content": "Done."},
+]
+
+
+def labelled_runs(tokenizer, ids: tuple[int, ...], mask: tuple[int, ...]) -> list[str]:
+    """The decoded text of each run of labelled tokens."""
+    from rlhfkit.data.episode_tokens import turn_spans
+
+    return [tokenizer.decode(ids[a:b]) for a, b in turn_spans(mask)]
+
+
+def test_all_assistant_turns_label_each_turn_and_its_end_token_once(tiny_model: Path, tmp_path: Path):
+    from transformers import AutoTokenizer
+
+    from rlhfkit.trainers.sft import SFTTrainer, prepare_sft
+
+    pair = {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "completion": [{"role": "assistant", "content": "Yo"}],
+    }
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": TURNS}, pair])
+    cfg = sft_config(tiny_model, data, tmp_path / "o", "assistant_turns=all")
+    (conversation, plain), _ = prepare_sft(cfg)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert conversation.label_mask is not None
+    assert labelled_runs(tokenizer, conversation.input_ids, conversation.label_mask) == [
+        "Hello.<|im_end|>",
+        "4<|im_end|>",
+        "Done.<|im_end|>",
+    ]  # no system, user or tool text, no "<|im_start|>assistant\n", no newline after an end token
+    whole = tokenizer.apply_chat_template(TURNS, tokenize=False).removesuffix("\n")
+    assert tokenizer.decode(conversation.input_ids) == whole  # it ends where the last turn does
+    assert tokenizer.decode(conversation.input_ids[: conversation.answer_start]).endswith(
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    _, last_plain = prepare_sft(sft_config(tiny_model, data, tmp_path / "p"))[0]
+    assert plain == last_plain and plain.label_mask is None  # a prompt/completion record is unaffected
+
+    batch = SFTTrainer(cfg, [], []).collate([plain, conversation])
+    assert batch["num_items"] == 3 + (7 + 2 + 6)  # "Yo<|im_end|>"; "Hello.", "4", "Done." with their ends
+    row = batch["label_mask"][1, : len(conversation)].tolist()
+    assert row == [bool(m) for m in conversation.label_mask]
+
+
+def test_all_turns_in_one_sequence_sum_the_losses_of_one_record_per_turn(tiny_model: Path, tmp_path: Path):
+    """A causal model reads each turn after the same prefix in both encodings, so the summed token losses of
+    the one sequence equal the sum of the last-turn losses of each turn's record (conversation up to it)."""
+    from rlhfkit.agents.demos import turn_records
+    from rlhfkit.trainers.sft import SFTTrainer, prepare_sft
+
+    whole = write_jsonl(tmp_path / "whole.jsonl", [{"messages": TURNS}])
+    turns = write_jsonl(tmp_path / "turns.jsonl", turn_records({"messages": TURNS}))
+    cfg = sft_config(tiny_model, whole, tmp_path / "a", "assistant_turns=all")
+    (conversation,), _ = prepare_sft(cfg)
+    per_turn, _ = prepare_sft(sft_config(tiny_model, turns, tmp_path / "b"))
+    assert len(per_turn) == 3
+    trainer = SFTTrainer(cfg, [conversation], [])
+    with torch.no_grad():
+        batch = trainer.collate([conversation])
+        loss, _ = trainer.loss(trainer.model, batch)
+        parts = [trainer.collate([ex]) for ex in per_turn]
+        losses = [trainer.loss(trainer.model, part)[0] for part in parts]
+    assert batch["num_items"] == sum(p["num_items"] for p in parts) == 15
+    torch.testing.assert_close(loss, torch.stack(losses).sum(), rtol=1e-5, atol=1e-5)
+    assert abs(float(loss) - float(losses[-1])) > 1.0  # the earlier turns do count
+
+
+def test_a_too_long_conversation_is_an_error_or_is_cut_where_max_length_falls(
+    tiny_model: Path, tmp_path: Path
+):
+    from transformers import AutoTokenizer
+
+    from rlhfkit.errors import DataError
+    from rlhfkit.trainers.sft import prepare_sft
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+             {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]  # fmt: skip
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": short}])
+
+    def encode(*sets: str):
+        return prepare_sft(sft_config(tiny_model, data, tmp_path / "o", "assistant_turns=all", *sets))[0]
+
+    # user 10 tokens, assistant 1 + 10 + 6 + 2 = 19, user 1 + 5 + 4 + 2 = 12, last assistant 1 + 10 + 1 + 1
+    with pytest.raises(DataError) as info:
+        encode("data.max_length=40")
+    assert str(info.value) == (
+        f"{data}:1: field 'messages': is 54 tokens long, more than max_length=40 "
+        "(raise max_length or set truncation: true)"
+    )
+    (cut,) = encode("data.max_length=40", "data.truncation=true")  # cut in the second user turn
+    assert len(cut) == 40 and labelled_runs(tokenizer, cut.input_ids, cut.label_mask) == ["Hello.<|im_end|>"]
+    (cut,) = encode("data.max_length=25", "data.truncation=true")  # 21 tokens, then 4 of the first answer
+    assert labelled_runs(tokenizer, cut.input_ids, cut.label_mask) == ["Hell"]
+    assert encode("data.max_length=21", "data.truncation=true") == []  # nothing left to learn: dropped
+
+    # far too long: refused on characters before tokenising (the longest token, <|endoftext|>, is 13
+    # characters, so 40 tokens hold at most (40 + 8) * 13 = 624), or cut there first
+    huge = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "x" * 700},
+            {"role": "user", "content": "more"}, {"role": "assistant", "content": "y"}]  # fmt: skip
+    write_jsonl(data, [{"messages": huge}])
+    with pytest.raises(DataError) as info:
+        encode("data.max_length=40")
+    assert str(info.value) == (
+        f"{data}:1: field 'messages': is 707 characters long, far more than max_length=40 tokens hold "
+        "(raise max_length or set truncation: true)"
+    )
+    (cut,) = encode("data.max_length=40", "data.truncation=true")
+    assert labelled_runs(tokenizer, cut.input_ids, cut.label_mask) == ["x" * 19]  # 40 - 21 tokens of it

@@ -7,6 +7,8 @@ Conventions (the field's, as in TRL):
   EOS is not trained on, so the model learns to stop at EOS).
 - Plain strings are used as they are: ids(prompt) + ids(answer) + [EOS].
 - A mixed record (string prompt, message answer or the reverse) is treated as a conversation.
+- A whole conversation whose every assistant turn is learned (`encode_conversation`) is rendered once; its
+  label mask holds each assistant turn's text and end-of-turn token, as the answer of the last-turn path.
 
 Shapes: B batch, T tokens.
 """
@@ -19,7 +21,7 @@ from typing import Any, cast
 
 import torch
 
-from rlhfkit.data.episode_tokens import episode_tokens, flag_positions
+from rlhfkit.data.episode_tokens import Render, conversation_tokens, episode_tokens, flag_positions
 from rlhfkit.data.records import Answer, DataSettings, PreferenceRecord, RankingRecord, load_preferences
 from rlhfkit.data.trajectories import TrajectoryRecord
 from rlhfkit.errors import ConfigError, DataError
@@ -124,6 +126,9 @@ class SequenceExample:
     answer_start: int
     path: str = ""
     line: int = 0
+    label_mask: tuple[int, ...] | None = None
+    """1 on each token to learn, one per input id (a conversation's assistant turns, `encode_conversation`);
+    None: every token from `answer_start` on."""
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -170,6 +175,76 @@ def encode_pair(
             return None
         a_ids = a_ids[: max_length - len(p_ids)]
     return SequenceExample(tuple(p_ids + a_ids), len(p_ids), path, line)
+
+
+def _first_turns(messages: list[dict[str, str]], limit: int) -> list[dict[str, str]]:
+    """The messages that hold a conversation's first `limit` characters of content, the last one cut."""
+    kept, left = [], limit
+    for message in messages:
+        if left <= 0:
+            break
+        kept.append({**message, "content": message["content"][:left]})
+        left -= len(message["content"])
+    return kept
+
+
+def _render(tokenizer: Any) -> Render:
+    """The plain chat template as text, as `prompt_answer_ids` renders a conversation."""
+    return lambda messages, gen: tokenizer.apply_chat_template(
+        messages, add_generation_prompt=gen, tokenize=False
+    )
+
+
+def encode_conversation(
+    tokenizer: Any,
+    messages: list[dict[str, str]],
+    *,
+    max_length: int,
+    truncation: bool,
+    path: str,
+    line: int,
+    field: str,
+) -> SequenceExample | None:
+    """Encode a conversation once with every assistant turn labelled: each turn's text and end-of-turn token,
+    never the other turns nor the generation prompt (`<|im_start|>assistant\\n`) that opens a turn. The
+    context is everything before the first assistant turn that follows another turn; the sequence ends
+    where the last assistant turn does (`data.episode_tokens.conversation_tokens`).
+
+    Too long with truncation off: a DataError naming the record. With truncation on: the sequence is cut at
+    `max_length`, so the turns (or the part of one) beyond it are not learned, and the turns before it still
+    are; None when not one labelled token is left. Lengths are checked on characters first (`char_limit`)."""
+    limit = char_limit(tokenizer, max_length)
+    chars = text_chars(messages)
+    if chars > limit:
+        if not truncation:
+            raise DataError(
+                path, line, field,
+                f"is {chars} characters long, far more than max_length={max_length} tokens hold "
+                "(raise max_length or set truncation: true)",
+            )  # fmt: skip
+        messages = _first_turns(messages, limit)  # the cut lies beyond every token that can be kept
+    first = next((i for i, m in enumerate(messages) if i and m["role"] == "assistant"), None)
+    if first is None:
+        return None  # the cut left no assistant turn
+    try:
+        tokens = conversation_tokens(tokenizer, messages[:first], messages[first:], _render(tokenizer))
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}: set assistant_turns: last to learn each conversation's last turn only"
+        ) from exc
+    ids = tokens.prompt_ids + tokens.completion_ids
+    mask = (0,) * len(tokens.prompt_ids) + tokens.loss_mask
+    if len(ids) > max_length:
+        if not truncation:
+            raise DataError(
+                path, line, field,
+                f"is {len(ids)} tokens long, more than max_length={max_length} "
+                "(raise max_length or set truncation: true)",
+            )  # fmt: skip
+        ids, mask = ids[:max_length], mask[:max_length]
+    if not any(mask[1:]):  # the first token is never a label: nothing predicts it
+        return None
+    return SequenceExample(ids, len(tokens.prompt_ids), path, line, mask)
 
 
 @dataclass(frozen=True)

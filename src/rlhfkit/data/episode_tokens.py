@@ -11,15 +11,22 @@ Rendering: the text of the whole conversation is cut right after the last assist
 token and tokenised once; a token belongs to an assistant turn when its first character lies between the
 turn's generation prompt and its end-of-turn token (character offsets of a fast tokenizer), so the turns'
 boundaries are the template's, and the episode's tokens are those of one tokenisation of the whole text.
+The same rule encodes an SFT conversation whose every assistant turn is learned (`sft.assistant_turns:
+all`, `data.encoding.encode_conversation`), rendered there with the plain chat template as SFT's last-turn
+path renders it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from rlhfkit.data.chat_tools import render_messages
 from rlhfkit.data.trajectories import EpisodeTokens, TrajectoryRecord
 from rlhfkit.errors import ConfigError, DataError
+
+Render = Callable[[list[dict[str, Any]], bool], str]
+"""Renders a conversation as text: render(messages, add_generation_prompt)."""
 
 
 def turn_spans(loss_mask: tuple[int, ...] | list[int]) -> list[tuple[int, int]]:
@@ -43,9 +50,22 @@ def _turn_end(text: str, end_texts: list[str]) -> int:
 def rendered_tokens(
     tokenizer: Any, prompt: list[dict[str, Any]], tools: list[dict[str, Any]] | None, messages: list[Any]
 ) -> EpisodeTokens:
-    """The episode's tokens as the chat template renders it (see the module docstring)."""
+    """The episode's tokens as the chat template renders it with its tools (see the module docstring)."""
+    return conversation_tokens(
+        tokenizer, prompt, messages, lambda m, gen: render_messages(tokenizer, m, tools, gen)
+    )
+
+
+def conversation_tokens(
+    tokenizer: Any, prompt: list[dict[str, Any]], messages: list[Any], render: Render
+) -> EpisodeTokens:
+    """`prompt` + `messages` as `render` writes them, tokenised once and cut right after the last assistant
+    turn: (the prompt's ids up to the first turn's generation prompt, the rest, 1 on each assistant turn of
+    `messages`: its text and end-of-turn token). Needs a fast tokenizer and a template that only appends."""
     if not getattr(tokenizer, "is_fast", False):
-        raise ConfigError("episodes without their token ids need a fast tokenizer (character offsets)")
+        raise ConfigError(
+            "the assistant turns of a rendered conversation need a fast tokenizer (character offsets)"
+        )
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     messages = messages[: last + 1]
     end_texts = [tokenizer.eos_token or ""]
@@ -55,16 +75,16 @@ def rendered_tokens(
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        start = render_messages(tokenizer, prompt + messages[:i], tools, add_generation_prompt=True)
-        text = render_messages(tokenizer, prompt + messages[: i + 1], tools, add_generation_prompt=False)
+        start = render(prompt + messages[:i], True)
+        text = render(prompt + messages[: i + 1], False)
         if not text.startswith(start) or (spans and not start.startswith(spans[-1][2])):
             raise ConfigError(
                 "the model's chat template renders earlier turns differently once more turns follow; "
-                "episodes need a template that only appends"
+                "episodes and conversations learned turn by turn need a template that only appends"
             )
         end = _turn_end(text, end_texts)
         spans.append((len(start), end, text[:end]))
-    prompt_chars = len(render_messages(tokenizer, prompt, tools, add_generation_prompt=True))
+    prompt_chars = len(render(prompt, True))
     full = spans[-1][2]
     encoded = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = list(encoded["input_ids"]), encoded["offset_mapping"]

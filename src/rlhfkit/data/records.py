@@ -12,7 +12,8 @@ A message is ``{"role": R, "content": S}`` with R one of system, user, assistant
 string (non-empty for user and assistant); other keys are dropped.
 
 * SFT: ``{"prompt": P, "completion": A}``, or ``{"messages": [...]}`` ending with an assistant
-  turn, normalised to ``prompt = messages[:-1]`` and ``completion = [messages[-1]]``.
+  turn, normalised to ``prompt = messages[:-1]`` and ``completion = [messages[-1]]`` (SFT learns that
+  last turn; with ``assistant_turns: all`` it learns every assistant turn of ``conversation``).
   Checked in order: messages, or prompt then completion (a row may not mix the two forms).
 * Preference pair: ``{"prompt": P, "chosen": A, "rejected": A, "margin": x}``; margin is an
   optional finite number (default 0.0). Checked in order: prompt, chosen, rejected
@@ -78,6 +79,13 @@ class SFTRecord:
     source: Source
     answer_field: str = dataclasses.field(default="completion", compare=False)
     """The field the answer came from ("messages" for a conversation), for error messages."""
+
+    @property
+    def conversation(self) -> list[dict[str, str]] | None:
+        """The whole conversation of a `messages` record (None for a prompt/completion record)."""
+        if self.answer_field != "messages" or not isinstance(self.prompt, list):
+            return None
+        return [*self.prompt, *self.completion] if isinstance(self.completion, list) else None
 
 
 @dataclass(frozen=True)

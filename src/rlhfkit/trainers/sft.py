@@ -5,6 +5,10 @@
 Loss: mean cross-entropy over the answer tokens of the whole global batch (prompt tokens masked by
 default; `completion_only_loss: false` trains on the prompt too). The EOS that ends every answer is a
 label, so the model learns to stop; the pad token is distinct from EOS so it is never masked away.
+A `{"messages": [...]}` record teaches its last assistant turn; with `assistant_turns: all` it is one
+sequence whose every assistant turn is labelled (TRL's `assistant_only_loss`): for a causal model its
+summed loss is that of one record per turn, each holding the conversation up to the turn, at the cost of
+one pass over the conversation instead of a pass over each of its prefixes.
 
 Where we depart from a plain `model(input_ids, labels=...)`:
 - the output layer (576 x 49,152 for SmolLM2, ~20% of the FLOPs) runs only on the positions that have a
@@ -21,11 +25,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Literal, cast
 
 import torch
 
-from rlhfkit.data.encoding import SequenceExample, encode_answer, pad
+from rlhfkit.data.encoding import SequenceExample, encode_answer, encode_conversation, pad
 from rlhfkit.data.records import DATA_RENAMED, DataSettings, SFTRecord, load_sft
 from rlhfkit.device import resolve_runtime
 from rlhfkit.losses import token_logprobs_entropy
@@ -52,19 +56,37 @@ class SFTConfig(StageConfig):
     """Output directory: the fine-tuned model (transformers format), metrics, checkpoints."""
     completion_only_loss: bool = True
     """Train on answer tokens only (prompt tokens masked)."""
+    assistant_turns: Literal["last", "all"] = "last"
+    """Which assistant turns of a `messages` record are learned: the last (the rest is its prompt), or all,
+    the conversation encoded once with each assistant turn's text and end-of-turn token labelled (needs a
+    fast tokenizer and a chat template that only appends; with `data.truncation` a too-long conversation
+    is cut at `data.max_length`, its later turns not learned). Prompt/completion records are unaffected."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-5, batch_size=8, epochs=2.0))
     """The shared training loop."""
 
     RENAMED: ClassVar[dict[str, str]] = DATA_RENAMED
 
 
-def encode_sft(records: list[SFTRecord], tokenizer: Any, data: DataSettings) -> list[SequenceExample]:
-    """Tokenise and length-check every record before training starts (errors name file:line:field)."""
-    examples = (
-        encode_answer(tokenizer, rec, rec.completion, rec.answer_field, data.max_length, data.truncation)
-        for rec in records
-    )
-    return [ex for ex in examples if ex is not None]
+def encode_sft(
+    records: list[SFTRecord], tokenizer: Any, data: DataSettings, assistant_turns: str = "last"
+) -> list[SequenceExample]:
+    """Tokenise and length-check every record before training starts (errors name file:line:field); records
+    truncation left with nothing to learn are dropped. `assistant_turns`: see `SFTConfig`."""
+    examples = []
+    for rec in records:
+        conversation = rec.conversation if assistant_turns == "all" else None
+        if conversation is not None:
+            example = encode_conversation(
+                tokenizer, conversation, max_length=data.max_length, truncation=data.truncation,
+                path=rec.source.path, line=rec.source.line, field=rec.answer_field,
+            )  # fmt: skip
+        else:
+            example = encode_answer(
+                tokenizer, rec, rec.completion, rec.answer_field, data.max_length, data.truncation
+            )
+        if example is not None:
+            examples.append(example)
+    return examples
 
 
 class SFTTrainer(SupervisedTrainer[SequenceExample]):
@@ -91,7 +113,10 @@ class SFTTrainer(SupervisedTrainer[SequenceExample]):
         label_mask = attention_mask.bool().clone()  # (B, T)
         if self.stage.completion_only_loss:
             for i, ex in enumerate(examples):
-                label_mask[i, : ex.answer_start] = False
+                if ex.label_mask is not None:  # a conversation's assistant turns (assistant_turns: all)
+                    label_mask[i, : len(ex)] = torch.tensor(ex.label_mask, dtype=torch.bool)
+                else:
+                    label_mask[i, : ex.answer_start] = False
         else:
             label_mask[:, 0] = False  # the first token has no prediction
         num_items = int(label_mask[:, 1:].sum())
@@ -144,7 +169,11 @@ def prepare_sft(cfg: SFTConfig) -> tuple[list[SequenceExample], list[SequenceExa
     """Read, validate and tokenise the data (nothing is written anywhere until this succeeds)."""
     train_records, eval_records = cfg.data.split(load_sft, cfg.train.seed, "demonstrations")
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    return encode_sft(train_records, tokenizer, cfg.data), encode_sft(eval_records, tokenizer, cfg.data)
+    turns = cfg.assistant_turns
+    return (
+        encode_sft(train_records, tokenizer, cfg.data, turns),
+        encode_sft(eval_records, tokenizer, cfg.data, turns),
+    )
 
 
 def run_sft(cfg: SFTConfig) -> dict[str, float]:
