@@ -255,7 +255,8 @@ def claim_run_dir(cfg: Any, out: Path, write: bool = True) -> None:
     (when `write`: one process of a distributed run writes). A run directory belongs to one config."""
     saved = out / "config.yaml"
     if saved.is_file():
-        diff = config_diff(yaml.safe_load(saved.read_text(encoding="utf-8")) or {}, to_dict(cfg))
+        saved_settings = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        diff = config_diff(saved_settings, to_dict(cfg), defaults=_defaults(cfg))
         if diff:
             raise ConfigError(
                 f"{out} holds a run with a different configuration ({'; '.join(diff[:3])}); "
@@ -302,20 +303,37 @@ def accept_changes(cfg: Any, out: Path, safe: Sequence[str]) -> list[str]:
     return []
 
 
-def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+def _changed_keys(
+    old: dict[str, Any], new: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None
+) -> list[tuple[str, Any, Any]]:
     out = []
     for key in sorted(set(old) | set(new)):
         a, b = old.get(key), new.get(key)
+        default = (defaults or {}).get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _changed_keys(a, b, f"{prefix}{key}.")
+            out += _changed_keys(a, b, f"{prefix}{key}.", default if isinstance(default, dict) else None)
+        elif key not in old and defaults is not None and key in defaults and b == default:
+            continue  # a setting added since the run was saved, at its default: the run had that behaviour
         elif a != b:
             out.append((f"{prefix}{key}", a, b))
     return out
 
 
-def config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Human-readable differences between two config dicts (for refusing to resume a different run)."""
-    return [f"{key}: {a!r} -> {b!r}" for key, a, b in _changed_keys(old, new, prefix)]
+def _defaults(cfg: Any) -> dict[str, Any] | None:
+    """The settings of `cfg`'s class at their defaults (None when it cannot be built without arguments)."""
+    try:
+        return to_dict(type(cfg)())
+    except TypeError:
+        return None
+
+
+def config_diff(
+    old: dict[str, Any], new: dict[str, Any], prefix: str = "", defaults: dict[str, Any] | None = None
+) -> list[str]:
+    """Human-readable differences between two config dicts (for refusing to resume a different run). With
+    `defaults` (the config class's), a key the old config lacks is no difference where the new config holds
+    its default: a setting added to rlhfkit since the run was saved, which a default keeps as it was."""
+    return [f"{key}: {a!r} -> {b!r}" for key, a, b in _changed_keys(old, new, prefix, defaults)]
 
 
 def import_spec(spec: str, setting: str) -> Any:

@@ -63,3 +63,19 @@ def test_a_users_module_in_the_working_directory_is_found(tmp_path, monkeypatch)
     assert import_spec("my_rewards_xyz:ok", "reward_fn")([], []) == [1.0]
     with pytest.raises(ConfigError, match="reward_fn 'no_such_module_xyz:f'"):
         import_spec("no_such_module_xyz:f", "reward_fn")
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_while_that_setting_is_at_its_default(tmp_path):
+    import yaml
+
+    from rlhfkit.config import claim_run_dir, to_dict
+
+    saved = to_dict(load_config(PipelineConfig, None, ["rl.grpo.train.lr=2e-4"]))
+    del saved["sft"]["assistant_turns"], saved["rl"]["grpo"]["train"]["sharding"]  # not yet settings then
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    claim_run_dir(load_config(PipelineConfig, None, ["rl.grpo.train.lr=2e-4"]), tmp_path)  # no error
+    with pytest.raises(ConfigError, match=r"sft.assistant_turns: None -> 'all'"):
+        claim_run_dir(load_config(PipelineConfig, None, ["rl.grpo.train.lr=2e-4", "sft.assistant_turns=all"]),
+                      tmp_path)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"rl.grpo.train.lr: 0.0002 -> 1e-05"):
+        claim_run_dir(load_config(PipelineConfig, None, []), tmp_path)  # a saved setting changed
