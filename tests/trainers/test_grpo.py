@@ -63,7 +63,7 @@ def test_beta_zero_loads_no_reference(tiny_model: Path, tmp_path: Path):
     assert "kl" not in train_rows(tmp_path / "b0")[0]
 
 
-def test_equal_rewards_give_no_update_with_dynamic_sampling(tiny_model: Path, tmp_path: Path):
+def test_equal_rewards_give_no_update_with_dynamic_sampling(tiny_model: Path, tmp_path: Path, capsys):
     from safetensors.torch import load_file
 
     out = tmp_path / "flat"
@@ -77,6 +77,7 @@ def test_equal_rewards_give_no_update_with_dynamic_sampling(tiny_model: Path, tm
     rows = train_rows(out)
     assert [r["skipped"] for r in rows] == [1.0, 1.0]
     assert all(r["zero_variance_groups"] == 1.0 for r in rows)
+    assert "grpo step 2/2 skipped (no group to learn from)" in capsys.readouterr().err  # not "loss nan"
     before, after = (
         load_file(str(tiny_model / "model.safetensors")),
         load_file(str(out / "model.safetensors")),

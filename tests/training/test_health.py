@@ -66,6 +66,12 @@ def test_repeat_share_counts_rows_with_an_ngram_said_often_enough():
     assert repeat_share(ids, mask, n=3, count=3) == pytest.approx(1 / 3)  # row 0: (1, 2, 3) x 3
     assert repeat_share(ids, mask, n=2, count=3) == pytest.approx(2 / 3)  # row 2: (1, 2) x 3 too
     assert repeat_share(ids, torch.zeros_like(mask), n=2, count=2) == 0.0  # masked tokens never count
+    turns = torch.tensor(
+        [[7, 1, 2, 3, 0, 0, 1, 2, 3, 0, 1, 2, 3, 8], [1, 2, 3, 1, 2, 3, 1, 2, 3, 0, 0, 0, 5, 5]]
+    )
+    by_turn = torch.tensor([[1, 1, 1, 1, 0, 0, 1, 1, 1, 0, 1, 1, 1, 1], [1] * 9 + [0] * 3 + [1] * 2])
+    assert repeat_share(turns, by_turn, n=3, count=3) == pytest.approx(1 / 2)  # row 0: once a turn, no loop
+    assert repeat_share(turns, torch.ones_like(by_turn), n=3, count=3) == 1.0  # one run: row 0 loops too
 
 
 def test_each_check_fires_on_its_own_signal_and_not_before():

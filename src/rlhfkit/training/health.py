@@ -8,8 +8,9 @@ the trainers already log each iteration and compares them with the run's own sta
   entropy     policy entropy < `entropy_floor` x its start value (collapse)  entropy
   kl          KL to the reference > `kl_max`, or grows by > `kl_rate` in     kl (per answer, nats)
               one iteration (blow-up)
-  looping     the share of samples that repeat a token n-gram rises by more  repeat_share
-              than `repeat_rise` above its start
+  looping     the share of samples that repeat a token n-gram (within one    repeat_share
+              answer or turn) rises by more than `repeat_rise` above its
+              start
   unfinished  the share of samples that never reach EOS rises by more than  eos_rate
               `unfinished_rise` above its start
   length      the mean answer length leaves [start / length_factor,           answer_length
@@ -78,18 +79,29 @@ class HealthConfig:
 
 
 def repeat_share(ids: torch.Tensor, mask: torch.Tensor, n: int, count: int) -> float:
-    """Share of rows (B,) whose masked tokens (B, T) contain some n-gram at least `count` times."""
+    """Share of rows (B,) in which one run of masked tokens (B, T) contains some n-gram at least `count`
+    times. A run is an answer, or one assistant turn of an agent episode (observations are masked out):
+    a tool call's syntax said once a turn is no loop, the same phrase three times in one turn is."""
     loops = 0
     for row, m in zip(ids.tolist(), mask.bool().tolist(), strict=True):
-        tokens = [t for t, keep in zip(row, m, strict=True) if keep]
-        seen: dict[tuple[int, ...], int] = {}
-        for i in range(len(tokens) - n + 1):
-            gram = tuple(tokens[i : i + n])
-            seen[gram] = seen.get(gram, 0) + 1
-            if seen[gram] >= count:
-                loops += 1
-                break
+        runs, run = [], []
+        for token, keep in zip(row, m, strict=True):
+            if keep:
+                run.append(token)
+            elif run:
+                runs, run = [*runs, run], []
+        loops += any(_repeats(tokens, n, count) for tokens in [*runs, run])
     return loops / max(len(ids), 1)
+
+
+def _repeats(tokens: list[int], n: int, count: int) -> bool:
+    seen: dict[tuple[int, ...], int] = {}
+    for i in range(len(tokens) - n + 1):
+        gram = tuple(tokens[i : i + n])
+        seen[gram] = seen.get(gram, 0) + 1
+        if seen[gram] >= count:
+            return True
+    return False
 
 
 def _finite(value: Any) -> TypeGuard[float]:

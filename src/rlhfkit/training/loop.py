@@ -446,7 +446,10 @@ class TrainLoop:
                 metrics["tokens_per_s"] = (self.tokens_seen - start_tokens) / max(elapsed, 1e-9)
                 if self.step % max(self.cfg.log_every, 1) == 0 or self.step == total:
                     self.log("train", metrics)
-                status = f"loss {metrics.get('loss', float('nan')):.4f}"
+                status = (
+                    "skipped (no group to learn from)" if metrics.get("skipped")
+                    else f"loss {metrics.get('loss', float('nan')):.4f}"
+                )  # fmt: skip
                 bar.update(task, completed=self.step, status=status)
                 plain_every = max(1, total // 50)
                 if bar.disable and self.is_main and (self.step % plain_every == 0 or self.step == total):
