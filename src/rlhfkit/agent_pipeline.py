@@ -10,13 +10,14 @@ Stages, each in its own directory of the run (`runs/pipeline-ENV` by default):
              played through the environment itself), one record per assistant turn (SFT learns a record's
              last turn), or with `sft.assistant_turns=all` each demonstration whole, every turn learned in
              one sequence; the last `sft_eval_demos` demonstrations are held out whole
-  episodes/  the SFT policy plays `episodes.k` episodes of each of `episodes.tasks` train tasks; a panel of
-             simulated annotators ranks each group by the gold preference over episodes (`gold`: honesty and
-             policy first for support, sustainability and fairness for commons) with label noise:
-             rankings.jsonl, trajectory rankings holding the sampler's tokens (`data.trajectories`)
-  rm/        B. a reward model over whole episodes on those rankings (each scored where its last turn ends)
   rl_env/    C'. multi-turn GRPO on the environment's return alone (support: the customer is told it was
              done; commons: the fisher's own catch): the baseline that learns what people reject
+  episodes/  the SFT and rl_env policies (`episodes_from`) share `episodes.k` episodes of each of
+             `episodes.tasks` train tasks; a panel of simulated annotators ranks each group by the gold
+             preference over episodes (`gold`: honesty and policy first for support, sustainability and
+             fairness for commons) with label noise: rankings.jsonl, trajectory rankings holding the
+             sampler's tokens (`data.trajectories`)
+  rm/        B. a reward model over whole episodes on those rankings (each scored where its last turn ends)
   rlhf/      C. multi-turn GRPO on the reward model plus the return (`rlhf_weights`); with `online` the
              panel ranks every group of episodes and the reward model goes on learning (rlhf/reward_model)
   eval/      `agent-eval` of sft, rl_env and rlhf on held-out test tasks (greedy), paired task by task for
@@ -58,7 +59,7 @@ from rlhfkit.trainers.rm import RMConfig
 from rlhfkit.trainers.sft import SFTConfig
 from rlhfkit.training.settings import TrainConfig
 
-STAGES = ("sft", "episodes", "rm", "rl_env", "rlhf", "eval", "report")
+STAGES = ("sft", "rl_env", "episodes", "rm", "rlhf", "eval", "report")
 POLICIES = ("sft", "rl_env", "rlhf")
 PAIRS = (("rl_env", "sft"), ("rlhf", "sft"), ("rlhf", "rl_env"))
 """The paired comparisons of the evaluation: (other, base), reported as other - base."""
@@ -136,6 +137,11 @@ class AgentPipelineConfig:
     twice the answer pipeline's lr; 4 episodes a forward pass, the policy's and the online reward model's
     (8 one-turn support episodes peak at 8 GB); groups whose episodes all score alike are skipped (DAPO's
     dynamic sampling: no signal to learn from)."""
+    episodes_from: list[str] = field(default_factory=lambda: ["sft", "rl_env"])
+    """The policies whose episodes the panel ranks ("sft", "rl_env"), sharing each task's `episodes.k`: the
+    SFT policy's, and those of the policy RL made of the return alone, so people see the behaviour the task
+    reward teaches beside honest play and the reward model learns what they reject in it (SFT episodes alone
+    rarely show it: 2% deceive on support, bench/RESULTS.md)."""
     rlhf_weights: list[float] = field(default_factory=lambda: [1.0, 0.5])
     """The rlhf run's reward: weights of [the reward model, the environment's return]. The reward model's
     scores are normalised to unit spread on the ranked episodes; the return is the task drive."""
@@ -155,7 +161,11 @@ ENV_PRESETS: dict[str, list[str]] = {
         "agent.max_turns=4",
         "agent.max_tokens=1536",  # prompt ~740 tokens, the longest demonstration 1,128
         "agent.max_new_tokens=128",  # the longest demonstrated turn: 66 tokens
-        "sft.train.max_steps=10",  # a step: 8 turn records of ~875 tokens, ~40 s on 2 cores
+        "sft.assistant_turns=all",  # a demonstration's ~4 turns in one sequence of ~1,000 tokens
+        "sft.train.batch_size=16",  # a step: 16 demonstrations, ~66 s on 2 cores; 10 steps see 160 of 200
+        "sft.train.grad_accum=8",
+        "sft.train.lr=1e-4",
+        "sft.train.max_steps=10",
         "episodes.tasks=24",
         "eval.limit=48",
     ],
@@ -183,6 +193,8 @@ QUICK = [
     "sft.data.truncation=true",  # the character-level model's later turns do not fit
     "sft_demos=12",
     "sft.train.max_steps=3",
+    "sft.train.batch_size=4",
+    "sft.train.grad_accum=2",
     "sft.train.lr=3e-3",
     "sft.train.save_every=0",
     "sft_eval_demos=1",
@@ -326,6 +338,13 @@ class AgentPipeline(StagedRun):
             raise ConfigError(
                 f"rlhf_weights takes 2 weights [reward model, env return], not {cfg.rlhf_weights}"
             )
+        if not cfg.episodes_from or not set(cfg.episodes_from) <= {"sft", "rl_env"}:
+            raise ConfigError(
+                f"episodes_from={cfg.episodes_from}: the episodes are ranked from 'sft', 'rl_env' or both"
+            )
+        if len(cfg.episodes_from) > cfg.episodes.k:
+            raise ConfigError(f"episodes.k={cfg.episodes.k} is fewer than the {len(cfg.episodes_from)} "
+                              "policies of episodes_from: each needs an episode of every task")  # fmt: skip
         if cfg.selfplay and not isinstance(env, CommonsEnvironment):
             raise ConfigError(f"selfplay={cfg.selfplay}: self-play is for commons, not env {cfg.env}")
 
@@ -408,8 +427,9 @@ class AgentPipeline(StagedRun):
         from rlhfkit.feedback.simulated_episodes import simulate_feedback
 
         cfg = self.cfg
-        simulate_feedback(cfg.episodes, cfg.env, self.train_settings(), str(self.dirs["sft"]), cfg.agent,
-                          self.gold_spec(), cfg.seed, self.dirs["episodes"])  # fmt: skip
+        policies = [str(self.dirs[name]) for name in cfg.episodes_from]
+        simulate_feedback(cfg.episodes, cfg.env, self.train_settings(), policies, cfg.agent, self.gold_spec(),
+                          cfg.seed, self.dirs["episodes"])  # fmt: skip
 
     def stage_rm(self) -> None:
         from rlhfkit.trainers.rm import run_rm

@@ -16,7 +16,7 @@ from rlhfkit.agents.env import Task
 from rlhfkit.agents.episode import Episode
 from rlhfkit.cli import app
 
-STAGES = ["sft", "episodes", "rm", "rl_env", "rlhf", "eval", "report"]
+STAGES = ["sft", "rl_env", "episodes", "rm", "rlhf", "eval", "report"]
 
 
 def run(*args: str) -> str:
@@ -34,8 +34,8 @@ def train_rows(path: Path) -> list[dict]:
 
 
 def check_episodes_are_the_samplers(out: Path, env: str) -> None:
-    """Every ranked episode's tokens are those the SFT policy sampled (sampled again with the same seed),
-    and its prompt tokens are the chat template's of the record's prompt and tools."""
+    """Every ranked episode's tokens are those the SFT or rl_env policy sampled (sampled again with the same
+    seed), and its prompt tokens are the chat template's of the record's prompt and tools."""
     from rlhfkit.agent_pipeline import AgentPipeline, load_agent_config
     from rlhfkit.data.chat_tools import chat_prompt_ids
     from rlhfkit.data.records import load_preferences
@@ -47,7 +47,9 @@ def check_episodes_are_the_samplers(out: Path, env: str) -> None:
     records = load_preferences(out / "episodes" / "rankings.jsonl")  # the format `rlhfkit rm` reads
     assert records and all(isinstance(r, TrajectoryRecord) for r in records)
     settings = AgentPipeline(cfg).train_settings()
-    tasks, runs, _ = sample_groups(cfg.episodes, env, settings, str(out / "sft"), cfg.agent, cfg.seed)
+    policies = [str(out / "sft"), str(out / "rl_env")]
+    tasks, runs, _ = sample_groups(cfg.episodes, env, settings, policies, cfg.agent, cfg.seed)
+    assert all(len(group) == cfg.episodes.k for group in runs)  # each policy played its share of a task
     sampled = {t.id: {(tuple(e.prompt_ids), tuple(e.completion_ids), tuple(e.loss_mask)) for e in group}
                for t, group in zip(tasks, runs, strict=True)}  # fmt: skip
     tokenizer = load_tokenizer(str(out / "sft"))
@@ -76,13 +78,10 @@ def test_quick_support_pipeline_end_to_end_resume_and_a_changed_setting(tmp_path
     for name in ("rm", "rlhf/reward_model"):  # the reward model, and the one online feedback went on training
         AutoModelForSequenceClassification.from_pretrained(out / name, dtype=torch.float32)
 
-    # SFT learns every assistant turn of the first demonstrations: one record per turn
+    # SFT learns every assistant turn of the first demonstrations, each one whole (support's preset)
     from rlhfkit.agents.demos import demos_path
 
-    demos = rows(demos_path("support"))[:12]
-    assert len(rows(out / "sft" / "demos.jsonl")) == sum(
-        m["role"] == "assistant" for d in demos for m in d["messages"]
-    )
+    assert rows(out / "sft" / "demos.jsonl") == rows(demos_path("support"))[:12]
     check_episodes_are_the_samplers(out, "support")
     feedback = json.loads((out / "episodes" / "feedback.json").read_text())
     assert feedback["items"] == len(rows(out / "episodes" / "rankings.jsonl"))
@@ -152,6 +151,7 @@ def test_quick_commons_pipeline_plays_self_play_and_reports_it(tmp_path: Path):
         (["--env", "my_envs:Shop"], "environment 'my_envs:Shop'"),
         (["--env", "support", "--seeds", "2"], "--seeds is not supported with --env"),
         (["--env", "support", "--set", "episodes.k=1"], "episodes.k"),
+        (["--env", "support", "--set", "episodes_from=[rlhf]"], "episodes_from=['rlhf']"),
     ],
 )
 def test_bad_settings_exit_2_with_one_line_and_write_nothing(tmp_path: Path, args: list[str], message: str):
@@ -266,8 +266,8 @@ def test_settings_come_from_the_preset_then_the_config_file_then_set(tmp_path: P
 
 
 def test_sft_learns_turn_records_or_with_all_assistant_turns_whole_demonstrations(tmp_path: Path):
-    """The SFT stage's data: one record per assistant turn by default; `sft.assistant_turns=all` writes the
-    demonstrations whole (each learned in one sequence), the held-out one too."""
+    """The SFT stage's data: one record per assistant turn with `sft.assistant_turns=last`; with `all`
+    (support's preset) the demonstrations whole (each learned in one sequence), the held-out one too."""
     from rlhfkit.agent_pipeline import AgentPipeline, load_agent_config
     from rlhfkit.agents.demos import demos_path, turn_records
 
@@ -277,8 +277,8 @@ def test_sft_learns_turn_records_or_with_all_assistant_turns_whole_demonstration
         return rows(out / "sft" / "demos.jsonl"), rows(out / "sft" / "demos_eval.jsonl")
 
     demos = rows(demos_path("support"))[:13]  # --quick: sft_demos=12, then sft_eval_demos=1
-    train, held = written()
+    train, held = written("sft.assistant_turns=last")
     assert train == [r for d in demos[:12] for r in turn_records(d)] and held == turn_records(demos[12])
     assert len(train) > 24  # two or three assistant turns a demonstration
-    train, held = written("sft.assistant_turns=all")
+    train, held = written()
     assert train == demos[:12] and held == demos[12:]

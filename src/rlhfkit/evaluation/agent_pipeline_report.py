@@ -40,7 +40,7 @@ from rlhfkit.evaluation.report import (
 )
 from rlhfkit.fileio import write_atomic
 
-STAGES = ("sft", "episodes", "rm", "rl_env", "rlhf", "eval", "report")
+STAGES = ("sft", "rl_env", "episodes", "rm", "rlhf", "eval", "report")
 LABELS = {"sft": "SFT", "rl_env": "RL on the env's return", "rlhf": "RLHF"}
 SHOWN_TASKS = 3
 """Held-out tasks whose episodes are shown turn by turn (the first ones, not picked)."""

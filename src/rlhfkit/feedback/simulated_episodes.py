@@ -1,8 +1,9 @@
-"""Simulated feedback on agent episodes: a local policy plays K episodes of each of a sample of an
-environment's train tasks, and a panel of simulated annotators ranks each group by a gold preference over
-episodes with label noise; written as trajectory rankings (`data.trajectories`), the file `rlhfkit rm`
-reads, with each episode's tokens exactly as the sampler produced them (prompt_ids, completion_ids,
-loss_mask: what the reward model reads, never re-tokenised text). The episodes stage of
+"""Simulated feedback on agent episodes: local policies play K episodes of each of a sample of an
+environment's train tasks (K / P each of P policies: a group can hold the SFT policy's episodes beside those
+of a policy RL trained on the task reward alone), and a panel of simulated annotators ranks each group by a
+gold preference over episodes with label noise; written as trajectory rankings (`data.trajectories`), the
+file `rlhfkit rm` reads, with each episode's tokens exactly as the sampler produced them (prompt_ids,
+completion_ids, loss_mask: what the reward model reads, never re-tokenised text). The episodes stage of
 `rlhfkit pipeline --env` (`rlhfkit.agent_pipeline`), as the answer pipeline's feedback stage is for answers.
 
 Sampling is `feedback prepare --env`'s (`episode_prepare.sample_episodes`: the task list repeated K times in
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -40,7 +41,8 @@ from rlhfkit.rollout.engine import SamplingConfig
 
 @dataclass
 class EpisodesConfig:
-    """Simulated feedback on episodes: K episodes per train task from the SFT policy, ranked by a panel."""
+    """Simulated feedback on episodes: K episodes per train task from the pipeline's policies, ranked by a
+    panel."""
 
     tasks: int = setting(48, ge=1)
     """Train tasks whose episodes are ranked (a seeded sample of the environment's train split)."""
@@ -109,26 +111,40 @@ def rank_episodes(
 
 
 def sample_groups(
-    cfg: EpisodesConfig, env: str, env_settings: Mapping[str, Any], policy: str, agent: AgentLimits, seed: int
+    cfg: EpisodesConfig,
+    env: str,
+    env_settings: Mapping[str, Any],
+    policies: Sequence[str],
+    agent: AgentLimits,
+    seed: int,
 ) -> tuple[list[Task], list[list[Episode]], list[dict[str, Any]] | None]:
-    """(the sampled train tasks, each one's K episodes, the tools' schemas): the same seed, the same ones."""
+    """(the sampled train tasks, each one's K episodes, the tools' schemas): the same seed, the same ones.
+    The K episodes of a task come from `policies` in turn, K / len(policies) each (the first ones play
+    the remainder), each policy sampled with the same seed."""
+    if not 1 <= len(policies) <= cfg.k:
+        raise ConfigError(f"episodes: {len(policies)} policies cannot share episodes.k={cfg.k} episodes")
     make_env = partial(load_environment, env, **env_settings)
     probe = make_env()
     train, tools = probe.tasks("train"), tool_schemas(probe.tools()) or None
     probe.close()
     tasks = random.Random(seed).sample(train, min(cfg.tasks, len(train)))
-    sampling = EpisodePrepareConfig(
-        env=env, db="", policy=policy, env_settings=dict(env_settings), k=cfg.k, agent=agent,
-        sampling=cfg.sampling, seed=seed, batch_size=cfg.batch_size,
-    )  # fmt: skip
-    return tasks, sample_episodes(sampling, make_env, tasks), tools
+    groups: list[list[Episode]] = [[] for _ in tasks]
+    for i, policy in enumerate(policies):
+        k = cfg.k // len(policies) + (i < cfg.k % len(policies))
+        sampling = EpisodePrepareConfig(
+            env=env, db="", policy=policy, env_settings=dict(env_settings), k=k, agent=agent,
+            sampling=cfg.sampling, seed=seed, batch_size=cfg.batch_size,
+        )  # fmt: skip
+        for group, episodes in zip(groups, sample_episodes(sampling, make_env, tasks), strict=True):
+            group += episodes
+    return tasks, groups, tools
 
 
 def simulate_feedback(
     cfg: EpisodesConfig,
     env: str,
     env_settings: Mapping[str, Any],
-    policy: str,
+    policies: Sequence[str],
     agent: AgentLimits,
     gold: str,
     seed: int,
@@ -136,7 +152,7 @@ def simulate_feedback(
 ) -> dict[str, Any]:
     """Sample, rank and write OUT/rankings.jsonl and OUT/feedback.json (see the module docstring); returns
     the statistics. `gold` is a `module:function` called as gold(task, episode)."""
-    tasks, runs, tools = sample_groups(cfg, env, env_settings, policy, agent, seed)
+    tasks, runs, tools = sample_groups(cfg, env, env_settings, policies, agent, seed)
     lines, stats = rank_episodes(cfg, env, tasks, runs, tools, load_gold(gold), seed)
     if not lines:
         raise ConfigError(

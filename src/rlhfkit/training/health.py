@@ -84,7 +84,8 @@ def repeat_share(ids: torch.Tensor, mask: torch.Tensor, n: int, count: int) -> f
     a tool call's syntax said once a turn is no loop, the same phrase three times in one turn is."""
     loops = 0
     for row, m in zip(ids.tolist(), mask.bool().tolist(), strict=True):
-        runs, run = [], []
+        runs: list[list[int]] = []
+        run: list[int] = []
         for token, keep in zip(row, m, strict=True):
             if keep:
                 run.append(token)
