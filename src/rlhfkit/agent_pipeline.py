@@ -167,6 +167,7 @@ ENV_PRESETS: dict[str, list[str]] = {
         "sft.train.lr=1e-4",
         "sft.train.max_steps=10",
         "episodes.tasks=24",
+        "rm.train.epochs=3",  # 8 steps over ~21 ranked groups; 1 epoch (3 steps) learns too little
         "eval.limit=48",
     ],
     "commons": [
