@@ -39,7 +39,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -51,9 +51,6 @@ from rlhfkit.rollout.cuda import StaticCacheBackend, static_backend_supported
 from rlhfkit.rollout.generic import GenericBackend
 from rlhfkit.rollout.hf_static import HFStaticBackend
 from rlhfkit.rollout.llama_cpu import LlamaCPUBackend, llama_fast_path_supported
-
-if TYPE_CHECKING:
-    from rlhfkit.rollout.turns import TurnCaches
 
 BACKENDS = ("llama_cpu", "cuda_static", "hf_static", "generic")
 
@@ -119,6 +116,18 @@ class Rollout:
     @property
     def position_ids(self) -> torch.Tensor:  # (B, P + T)
         return position_ids_from_mask(self.attention_mask)
+
+
+class KeptCaches(Protocol):
+    """Rows that keep their KV cache between calls, by key (`rollout.turns.TurnCaches`)."""
+
+    def generate(
+        self,
+        keys: Sequence[Hashable],
+        sequences: list[list[int]],
+        config: SamplingConfig,
+        generator: torch.Generator | None = None,
+    ) -> Rollout: ...
 
 
 @dataclass
@@ -315,7 +324,7 @@ class RolloutEngine:
         generator: torch.Generator | None = None,
         batch_size: int = 0,
         label: str | None = None,
-        caches: TurnCaches | None = None,
+        caches: KeptCaches | None = None,
         keys: Sequence[Hashable] | None = None,
     ) -> Generation:
         """Answers to token-id prompts, sampled in batches of `batch_size` rows (0: one batch) in order,
