@@ -16,9 +16,15 @@ time, and that the results and episodes are the same. The untuned model answers 
 never calls the tool), so only a multi-turn environment shows the difference: ``commons``, where every
 turn is a month of the season whatever the model writes.
 
+``selfplay``: `commons_selfplay.self_play` of ``--limit`` test lakes (every seat the model, ``--turns``
+months) through `LocalLLM` with each seat's cache kept from month to month, and without
+(``keep_cache=False``: every month prefills every seat's season so far), A B A B: wall time and whether the
+games are the same.
+
 Usage:
   python bench/bench_episode_kv.py turns [--turns 12] [--episodes 2] [--obs-tokens 150] [--new-tokens 32]
   python bench/bench_episode_kv.py agent-eval [--env commons] [--limit 4] [--turns 12] [--new-tokens 32]
+  python bench/bench_episode_kv.py selfplay [--limit 2] [--turns 12] [--new-tokens 32]
 """
 
 from __future__ import annotations
@@ -221,9 +227,45 @@ def run_agent_eval(args: argparse.Namespace) -> None:
         print(f"| {name} | {wall:.1f} | {samp:.1f} |")
 
 
+def run_selfplay(args: argparse.Namespace) -> None:
+    from rlhfkit.agents.commons import CommonsEnvironment
+    from rlhfkit.chat.llm import LocalLLM
+    from rlhfkit.evaluation.commons_selfplay import self_play
+    from rlhfkit.rollout.engine import SamplingConfig
+
+    env = CommonsEnvironment(months=args.turns)
+    tasks = env.tasks("test")[: args.limit]
+    seats = sum(len(t.data["names"]) for t in tasks)
+    sampling = SamplingConfig(max_new_tokens=args.new_tokens, temperature=1.0)
+    models = {keep: LocalLLM(args.model, keep_cache=keep) for keep in (True, False)}
+    print(f"self-play of {len(tasks)} lakes ({seats} seats), {args.turns} months, {args.new_tokens} tokens "
+          f"a turn, seed {args.seed}, threads {torch.get_num_threads()}")  # fmt: skip
+    walls: dict[bool, list[float]] = {True: [], False: []}
+    games: dict[bool, Any] = {}
+    for rnd in range(1 - args.warmup, args.rounds + 1):
+        for keep in (True, False):
+            start = time.perf_counter()
+            games[keep] = self_play(models[keep], tasks, sampling, args.seed, env)
+            wall = time.perf_counter() - start
+            print(f"  {'warm-up' if rnd == 0 else f'round {rnd}'} {'kept' if keep else 'full'}: {wall:.1f}s")
+            if rnd:
+                walls[keep].append(wall)
+    same = [[s.messages for s in g.seats] for g in games[True]] == [
+        [s.messages for s in g.seats] for g in games[False]
+    ]
+    months = [g.info["metrics"]["survival_months"] for g in games[True]]
+    print(f"same games: {same}; months played per lake: {months}")
+    print()
+    print("| path | wall (s) |")
+    print("|---|---:|")
+    for keep in (False, True):
+        name = "KV kept across months" if keep else "full prefill each month"
+        print(f"| {name} | {statistics.median(walls[keep]):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["turns", "agent-eval"])
+    ap.add_argument("what", choices=["turns", "agent-eval", "selfplay"])
     ap.add_argument("--model", default=REGISTERED)
     ap.add_argument("--turns", type=int, default=12)
     ap.add_argument("--episodes", type=int, default=2)
@@ -242,6 +284,8 @@ def main() -> None:
     Timing.install()
     if args.what == "turns":
         run_turns(args)
+    elif args.what == "selfplay":
+        run_selfplay(args)
     else:
         run_agent_eval(args)
 
