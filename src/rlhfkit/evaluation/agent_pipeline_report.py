@@ -40,7 +40,6 @@ from rlhfkit.evaluation.report import (
 )
 from rlhfkit.fileio import write_atomic
 
-STAGES = ("sft", "rl_env", "episodes", "rm", "rlhf", "eval", "report")
 LABELS = {"sft": "SFT", "rl_env": "RL on the env's return", "rlhf": "RLHF"}
 SHOWN_TASKS = 3
 """Held-out tasks whose episodes are shown turn by turn (the first ones, not picked)."""
@@ -227,7 +226,7 @@ def build_agent_report(run_dir: str | Path, output: str | Path | None = None) ->
         body.append(f"<h2>Self-play: every seat is the policy ({sp['lakes']} lakes)</h2>" + selfplay_html(sp))
     body.append("<h2>Feedback on episodes</h2>")
     body.append(feedback_html(fb) if fb else note_html("No episodes/feedback.json in this run."))
-    body.append("<h2>Stage timings</h2>" + timings_html(pipeline, STAGES))
+    body.append("<h2>Stage timings</h2>" + timings_html(pipeline, ()))  # as they ran: pipeline.json's order
 
     plots: dict[str, tuple[bytes, str]] = {}
     rl = {LABELS[n]: with_env_return(read_metrics(run / n / "metrics.jsonl")) for n in ("rl_env", "rlhf")}

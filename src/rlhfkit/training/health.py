@@ -84,14 +84,13 @@ def repeat_share(ids: torch.Tensor, mask: torch.Tensor, n: int, count: int) -> f
     a tool call's syntax said once a turn is no loop, the same phrase three times in one turn is."""
     loops = 0
     for row, m in zip(ids.tolist(), mask.bool().tolist(), strict=True):
-        runs: list[list[int]] = []
-        run: list[int] = []
+        runs: list[list[int]] = [[]]
         for token, keep in zip(row, m, strict=True):
             if keep:
-                run.append(token)
-            elif run:
-                runs, run = [*runs, run], []
-        loops += any(_repeats(tokens, n, count) for tokens in [*runs, run])
+                runs[-1].append(token)
+            elif runs[-1]:
+                runs.append([])
+        loops += any(_repeats(tokens, n, count) for tokens in runs)
     return loops / max(len(ids), 1)
 
 
